@@ -1,0 +1,173 @@
+package attest
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/google/renameio/v2"
+)
+
+// Sessions hands out a valid session, attesting only when there is none:
+// concurrent callers in one process share one in-flight attestation, and
+// with a FileStore so do separate processes (exec mode runs one per layer).
+type Sessions struct {
+	Broker Appraiser
+	State  *State
+	// TPM opens the node's TPM for one operation. The TPM is opened per use
+	// because swtpm serves one connection at a time.
+	TPM func(ctx context.Context) (*TPM, error)
+	// Store shares sessions across processes; nil keeps them in memory.
+	Store *FileStore
+	Now   func() time.Time
+
+	mu  sync.Mutex
+	cur *Session
+}
+
+// Get returns a session valid for this node's current state.
+func (m *Sessions) Get(ctx context.Context) (*Session, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := time.Now
+	if m.Now != nil {
+		now = m.Now
+	}
+	if m.Store != nil {
+		unlock, err := m.Store.Lock(ctx)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+		m.cur = m.Store.Load()
+	}
+	t, err := m.TPM(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Close()
+	if m.cur != nil && m.cur.Broker == m.State.Broker && m.cur.Node == m.State.Name {
+		plat, err := t.ReadPlatform()
+		if err != nil {
+			return nil, err
+		}
+		if m.cur.StillValid(now(), plat) {
+			return m.cur, nil
+		}
+	}
+	s, err := NewSession(ctx, m.Broker, t, m.State)
+	if err != nil {
+		return nil, err
+	}
+	m.cur = s
+	if m.Store != nil {
+		if err := m.Store.Save(s); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// Invalidate drops s if it is still the current session, e.g. after the
+// broker said it ended.
+func (m *Sessions) Invalidate(ctx context.Context, s *Session) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.cur != nil && bytes.Equal(m.cur.Token, s.Token) {
+		m.cur = nil
+	}
+	if m.Store == nil {
+		return nil
+	}
+	unlock, err := m.Store.Lock(ctx)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if cur := m.Store.Load(); cur != nil && bytes.Equal(cur.Token, s.Token) {
+		return m.Store.Delete()
+	}
+	return nil
+}
+
+// FileStore keeps the session in a directory, which should be on tmpfs
+// (/run/attested) so a session never outlives a reboot on disk. The file is
+// 0600 in a 0700 directory; the session key is short-lived and useless
+// without this node's broker session.
+type FileStore struct {
+	Dir string
+}
+
+const (
+	sessionFile = "session.json"
+	lockFile    = "session.lock"
+)
+
+// Lock takes the cross-process lock, waiting at most until ctx ends.
+func (f *FileStore) Lock(ctx context.Context) (func(), error) {
+	if err := os.MkdirAll(f.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("attest: session dir: %w", err)
+	}
+	fd, err := os.OpenFile(filepath.Join(f.Dir, lockFile), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("attest: session lock: %w", err)
+	}
+	for {
+		err := syscall.Flock(int(fd.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { syscall.Flock(int(fd.Fd()), syscall.LOCK_UN); fd.Close() }, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			fd.Close()
+			return nil, fmt.Errorf("attest: session lock: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			fd.Close()
+			return nil, fmt.Errorf("attest: waiting for another attestation on this node: %w", ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// Load returns the stored session, or nil if there is none or it is
+// unreadable (a new attestation replaces it).
+func (f *FileStore) Load() *Session {
+	data, err := os.ReadFile(filepath.Join(f.Dir, sessionFile))
+	if err != nil {
+		return nil
+	}
+	var s Session
+	if json.Unmarshal(data, &s) != nil || len(s.Token) == 0 {
+		return nil
+	}
+	return &s
+}
+
+// Save stores the session atomically.
+func (f *FileStore) Save(s *Session) error {
+	data, err := json.Marshal(s)
+	if err != nil {
+		return err
+	}
+	if err := renameio.WriteFile(filepath.Join(f.Dir, sessionFile), data, 0o600); err != nil {
+		return fmt.Errorf("attest: save session: %w", err)
+	}
+	return nil
+}
+
+// Delete removes the stored session.
+func (f *FileStore) Delete() error {
+	err := os.Remove(filepath.Join(f.Dir, sessionFile))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("attest: drop session: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,183 @@
+// Package attest is the node side of attested: it opens the node's TPM,
+// enrolls its EK and attestation key with the broker, produces quotes bound
+// to a broker nonce and a session key, and keeps the resulting session.
+package attest
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/go-attestation/attest"
+	"github.com/google/go-tpm-tools/simulator"
+)
+
+// DefaultTPMTimeout bounds one TPM command. Key creation on a slow TPM takes
+// seconds; nothing legitimate takes longer than this.
+const DefaultTPMTimeout = 30 * time.Second
+
+// TPM is an open TPM: its command channel and go-attestation's view of it.
+type TPM struct {
+	ch  channel
+	dev *attest.TPM
+}
+
+// channel is a TPM command channel (go-attestation's CommandChannelTPM20).
+type channel interface {
+	io.ReadWriteCloser
+	MeasurementLog() ([]byte, error)
+}
+
+// OpenTPM opens the TPM named by spec:
+//
+//	/dev/tpmrm0 (any device path)   the kernel resource manager
+//	swtpm://127.0.0.1:2321          swtpm's TCP data channel
+//	simulator                       the in-process go-tpm-tools simulator
+//
+// ctx bounds the connection and, for swtpm, every command.
+func OpenTPM(ctx context.Context, spec string) (*TPM, error) {
+	var ch channel
+	var err error
+	switch {
+	case spec == "":
+		return nil, errors.New("attest: no TPM configured (--tpm /dev/tpmrm0 | swtpm://HOST:PORT | simulator)")
+	case spec == "simulator":
+		ch, err = openSimulator()
+	case strings.HasPrefix(spec, "swtpm://"):
+		ch, err = openSwtpm(ctx, strings.TrimPrefix(spec, "swtpm://"))
+	case strings.HasPrefix(spec, "/"):
+		ch, err = openDevice(spec)
+	default:
+		return nil, fmt.Errorf("attest: TPM %q: want a device path, swtpm://HOST:PORT or simulator", spec)
+	}
+	if err != nil {
+		return nil, err
+	}
+	dev, err := attest.OpenTPM(&attest.OpenConfig{CommandChannel: ch})
+	if err != nil {
+		ch.Close()
+		return nil, fmt.Errorf("attest: open TPM %s: %w", spec, err)
+	}
+	return &TPM{ch: ch, dev: dev}, nil
+}
+
+// Close releases the TPM connection.
+func (t *TPM) Close() error { return t.dev.Close() }
+
+// device is a TPM character device; each read returns one whole response.
+type device struct{ *os.File }
+
+func (device) MeasurementLog() ([]byte, error) { return nil, errNoLog }
+
+var errNoLog = errors.New("attest: no event log configured")
+
+func openDevice(path string) (channel, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("attest: open TPM device: %w", err)
+	}
+	return device{f}, nil
+}
+
+// swtpmConn speaks swtpm's TCP data channel: raw TPM commands and
+// responses. TCP may split a response across reads, so Read assembles the
+// whole response from its header's size before handing it over, as a
+// device would. Every command carries a deadline.
+type swtpmConn struct {
+	c       net.Conn
+	timeout time.Duration
+	pending []byte
+}
+
+func openSwtpm(ctx context.Context, addr string) (channel, error) {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("attest: connect to swtpm at %s: %w", addr, err)
+	}
+	timeout := DefaultTPMTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		timeout = time.Until(dl)
+	}
+	return &swtpmConn{c: c, timeout: timeout}, nil
+}
+
+const maxResponse = 1 << 20
+
+func (s *swtpmConn) Write(cmd []byte) (int, error) {
+	s.pending = nil
+	if err := s.c.SetDeadline(time.Now().Add(s.timeout)); err != nil {
+		return 0, err
+	}
+	if _, err := s.c.Write(cmd); err != nil {
+		return 0, fmt.Errorf("attest: swtpm write: %w", err)
+	}
+	var hdr [10]byte
+	if _, err := io.ReadFull(s.c, hdr[:]); err != nil {
+		return 0, fmt.Errorf("attest: swtpm response: %w", err)
+	}
+	size := binary.BigEndian.Uint32(hdr[2:6])
+	if size < 10 || size > maxResponse {
+		return 0, fmt.Errorf("attest: swtpm response size %d out of range", size)
+	}
+	resp := make([]byte, size)
+	copy(resp, hdr[:])
+	if _, err := io.ReadFull(s.c, resp[10:]); err != nil {
+		return 0, fmt.Errorf("attest: swtpm response body: %w", err)
+	}
+	s.pending = resp
+	return len(cmd), nil
+}
+
+func (s *swtpmConn) Read(p []byte) (int, error) {
+	if s.pending == nil {
+		return 0, errors.New("attest: swtpm read without a command")
+	}
+	n := copy(p, s.pending)
+	s.pending = s.pending[n:]
+	if len(s.pending) == 0 {
+		s.pending = nil
+	}
+	return n, nil
+}
+
+func (s *swtpmConn) Close() error                    { return s.c.Close() }
+func (s *swtpmConn) MeasurementLog() ([]byte, error) { return nil, errNoLog }
+
+// The go-tpm-tools simulator is one per process (its C state is global), so
+// every OpenTPM("simulator") shares it and Close leaves it running.
+var (
+	simOnce sync.Once
+	sim     *simulator.Simulator
+	simErr  error
+	simMu   sync.Mutex
+)
+
+type simChannel struct{ *simulator.Simulator }
+
+func (simChannel) Close() error                    { simMu.Unlock(); return nil }
+func (simChannel) MeasurementLog() ([]byte, error) { return nil, errNoLog }
+
+func openSimulator() (channel, error) {
+	simOnce.Do(func() { sim, simErr = simulator.Get() })
+	if simErr != nil {
+		return nil, fmt.Errorf("attest: TPM simulator: %w", simErr)
+	}
+	// One user at a time, as with a device without a resource manager.
+	simMu.Lock()
+	return simChannel{sim}, nil
+}
+
+// Simulator returns the process's simulator, for tests that extend PCRs or
+// reset it. It must not be used while a TPM from OpenTPM is open.
+func Simulator() (*simulator.Simulator, error) {
+	simOnce.Do(func() { sim, simErr = simulator.Get() })
+	return sim, simErr
+}

@@ -1,0 +1,179 @@
+package broker
+
+import (
+	"context"
+	"crypto/hpke"
+	"errors"
+	"fmt"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/attested-dev/attested/attest/binding"
+	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/policy"
+	"github.com/attested-dev/attested/broker/store"
+	"github.com/attested-dev/attested/broker/suite"
+	"github.com/attested-dev/attested/keyprovider/annotation"
+)
+
+// GetWrappingKey implements apiv1.BrokerServer. Public parts need no
+// credential: a pipeline that encrypts holds no secret.
+func (s *Server) GetWrappingKey(ctx context.Context, req *apiv1.GetWrappingKeyRequest) (*apiv1.WrappingKey, error) {
+	if !annotation.ValidKeyName(req.GetName()) {
+		return nil, status.Errorf(codes.InvalidArgument, "invalid key name %q", req.GetName())
+	}
+	k, err := s.store.GetKey(ctx, req.GetName(), 0)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "broker %s has no key %q; an admin creates it with 'attested key create %s --policy POLICY'", s.cfg.ID, req.GetName(), req.GetName())
+	}
+	if err != nil {
+		return nil, storeErr("key", err)
+	}
+	return &apiv1.WrappingKey{Name: k.Name, Version: k.Version, Suite: k.Suite, PublicKey: k.PublicKey, BrokerId: s.cfg.ID}, nil
+}
+
+// Unwrap implements apiv1.BrokerServer.
+func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.UnwrapResponse, error) {
+	sess, err := s.store.GetSession(ctx, hashToken(req.GetSessionToken()))
+	if errors.Is(err, store.ErrNotFound) || (err == nil && s.now().After(sess.Expires)) {
+		return nil, status.Error(codes.Unauthenticated, "session unknown, expired or ended; attest again")
+	}
+	if err != nil {
+		return nil, storeErr("session", err)
+	}
+	n, err := s.activeNode(ctx, sess.Node)
+	if err != nil {
+		s.audit(ctx, store.AuditEvent{Kind: "refuse", Node: sess.Node, Reason: status.Convert(err).Message()})
+		return nil, err
+	}
+	if n.ResetCount != sess.ResetCount || n.RestartCount != sess.RestartCount {
+		reason := fmt.Sprintf("node %s rebooted since this session was opened; attest again", n.Name)
+		s.audit(ctx, store.AuditEvent{Kind: "refuse", Node: n.Name, Reason: reason})
+		return nil, status.Error(codes.Unauthenticated, reason)
+	}
+	a, err := annotation.Parse(req.GetAnnotation())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	if a.Broker != s.cfg.ID {
+		return nil, status.Errorf(codes.FailedPrecondition, "layer key was sealed by broker %s, this is broker %s", a.Broker, s.cfg.ID)
+	}
+	claims := policy.Claims{Node: n.Name, PCRs: sess.PCRs}
+	var reasons []string
+	for _, r := range a.Recipients {
+		optsdata, err := s.release(ctx, a, r, claims)
+		if err != nil {
+			reasons = append(reasons, err.Error())
+			s.audit(ctx, store.AuditEvent{Kind: "refuse", Node: n.Name, Key: r.Key, Reason: err.Error()})
+			continue
+		}
+		st, err := suite.Lookup(sess.Suite)
+		if err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		sealed, err := st.Seal(sess.PublicKey, binding.ReleaseInfo(n.Name, sess.PublicKey, r.Key, r.KeyVersion), optsdata)
+		clear(optsdata)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "sealing to session: %v", err)
+		}
+		s.audit(ctx, store.AuditEvent{Kind: "release", Node: n.Name, Key: r.Key, Allowed: true,
+			Reason: fmt.Sprintf("policy satisfied (key %s v%d)", r.Key, r.KeyVersion)})
+		return &apiv1.UnwrapResponse{Sealed: sealed, Key: r.Key, KeyVersion: r.KeyVersion}, nil
+	}
+	return nil, status.Errorf(codes.PermissionDenied, "broker %s refused node %s: %s", s.cfg.ID, n.Name, strings.Join(reasons, "; "))
+}
+
+// release evaluates one recipient's policy and, if it holds, opens the
+// layer key. Errors are refusal reasons for the operator.
+func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotation.Recipient, claims policy.Claims) ([]byte, error) {
+	k, err := s.store.GetKey(ctx, r.Key, r.KeyVersion)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("key %s version %d does not exist on this broker", r.Key, r.KeyVersion)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("key %s: store: %v", r.Key, err)
+	}
+	if k.Suite != r.Suite {
+		return nil, fmt.Errorf("key %s v%d uses suite %s, the layer says %s", r.Key, r.KeyVersion, k.Suite, r.Suite)
+	}
+	p, err := s.policy(ctx, k.Policy)
+	if err != nil {
+		return nil, fmt.Errorf("key %s: %v", r.Key, err)
+	}
+	if res := p.Evaluate(claims); !res.Allowed {
+		return nil, fmt.Errorf("key %s: %s", r.Key, res.Error())
+	}
+	priv, err := s.privateKey(k)
+	if err != nil {
+		return nil, err
+	}
+	st, err := suite.Lookup(k.Suite)
+	if err != nil {
+		return nil, err
+	}
+	optsdata, err := st.OpenWith(priv, annotation.Info(a.Broker, r), r.Ciphertext)
+	if err != nil {
+		return nil, fmt.Errorf("key %s v%d: the layer key does not open (corrupt or altered annotation)", r.Key, r.KeyVersion)
+	}
+	return optsdata, nil
+}
+
+// policy returns the parsed policy, reparsing only when its revision moved.
+func (s *Server) policy(ctx context.Context, name string) (*policy.Policy, error) {
+	rec, err := s.store.GetPolicy(ctx, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, fmt.Errorf("policy %s does not exist, so nothing is released", name)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("policy %s: store: %v", name, err)
+	}
+	s.mu.Lock()
+	c, ok := s.policies[name]
+	s.mu.Unlock()
+	if ok && c.revision == rec.Revision {
+		return c.p, nil
+	}
+	p, err := policy.Parse([]byte(rec.YAML))
+	if err != nil {
+		return nil, fmt.Errorf("stored policy %s no longer parses: %v", name, err)
+	}
+	s.mu.Lock()
+	s.policies[name] = cachedPolicy{revision: rec.Revision, p: p}
+	s.mu.Unlock()
+	return p, nil
+}
+
+// privateKey opens a key version's private part; versions are immutable,
+// so the parsed key is cached.
+func (s *Server) privateKey(k store.Key) (hpke.PrivateKey, error) {
+	id := fmt.Sprintf("%s/%d", k.Name, k.Version)
+	s.mu.Lock()
+	priv, ok := s.keys[id]
+	s.mu.Unlock()
+	if ok {
+		return priv, nil
+	}
+	raw, err := s.master.open(k.SealedPrivate, keyAAD(k.Name, k.Version))
+	if err != nil {
+		return nil, err
+	}
+	defer clear(raw)
+	st, err := suite.Lookup(k.Suite)
+	if err != nil {
+		return nil, err
+	}
+	priv, err = st.KEM.NewPrivateKey(raw)
+	if err != nil {
+		return nil, fmt.Errorf("key %s: private key does not parse", id)
+	}
+	s.mu.Lock()
+	s.keys[id] = priv
+	s.mu.Unlock()
+	return priv, nil
+}
+
+func keyAAD(name string, version uint32) []byte {
+	return fmt.Appendf(nil, "attested/v1/key\x00%s\x00%d", name, version)
+}

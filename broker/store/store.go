@@ -1,0 +1,166 @@
+// Package store holds the broker's durable state: nodes, enrollments, join
+// tokens, nonces, sessions, keys, policies and the audit trail.
+//
+// Every operation that checks and changes state (consume a nonce, take an
+// enrollment, create a node) is atomic, so replicas sharing one database
+// cannot both succeed.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Errors callers branch on.
+var (
+	ErrNotFound = errors.New("not found")
+	ErrExists   = errors.New("already exists")
+)
+
+// NodeState mirrors the API's node states.
+type NodeState string
+
+const (
+	NodePending NodeState = "pending"
+	NodeActive  NodeState = "active"
+	NodeRevoked NodeState = "revoked"
+)
+
+// Node is an enrolled (or pending) node. Its identity is its EK.
+type Node struct {
+	Name          string            `json:"name"`
+	EKFingerprint string            `json:"ekFingerprint"`
+	EKPublic      []byte            `json:"ekPublic"`
+	EKCertificate []byte            `json:"ekCertificate,omitempty"`
+	AKPublic      []byte            `json:"akPublic"`
+	State         NodeState         `json:"state"`
+	Tags          map[string]string `json:"tags,omitempty"`
+	EnrolledAt    time.Time         `json:"enrolledAt"`
+	// Trust is the outcome of the last appraisal.
+	Trust        string         `json:"trust,omitempty"`
+	TrustReason  string         `json:"trustReason,omitempty"`
+	LastAttested time.Time      `json:"lastAttested,omitzero"`
+	ResetCount   uint32         `json:"resetCount"`
+	RestartCount uint32         `json:"restartCount"`
+	ClockSeen    bool           `json:"clockSeen"`
+	LastPCRs     map[int][]byte `json:"lastPCRs,omitempty"`
+}
+
+// Enrollment is a credential activation in flight.
+type Enrollment struct {
+	ID         string    `json:"id"`
+	Node       Node      `json:"node"`
+	SecretHash []byte    `json:"secretHash"`
+	Approved   bool      `json:"approved"`
+	Expires    time.Time `json:"expires"`
+}
+
+// Nonce is a single-use quote challenge.
+type Nonce struct {
+	Node    string    `json:"node"`
+	Expires time.Time `json:"expires"`
+}
+
+// Session is an appraised attestation. Tokens are stored by hash so a copy
+// of the database does not yield usable tokens.
+type Session struct {
+	TokenHash    []byte         `json:"tokenHash"`
+	Node         string         `json:"node"`
+	PublicKey    []byte         `json:"publicKey"`
+	Suite        string         `json:"suite"`
+	PCRs         map[int][]byte `json:"pcrs"`
+	ResetCount   uint32         `json:"resetCount"`
+	RestartCount uint32         `json:"restartCount"`
+	Created      time.Time      `json:"created"`
+	Expires      time.Time      `json:"expires"`
+}
+
+// Key is one version of a wrapping key. The private part is sealed under
+// the broker's master key before it reaches the store.
+type Key struct {
+	Name          string    `json:"name"`
+	Version       uint32    `json:"version"`
+	Policy        string    `json:"policy"`
+	Suite         string    `json:"suite"`
+	PublicKey     []byte    `json:"publicKey"`
+	SealedPrivate []byte    `json:"sealedPrivate"`
+	Created       time.Time `json:"created"`
+}
+
+// Policy is an applied policy document.
+type Policy struct {
+	Name     string    `json:"name"`
+	YAML     string    `json:"yaml"`
+	Revision uint32    `json:"revision"`
+	Updated  time.Time `json:"updated"`
+}
+
+// AuditEvent is one entry of the audit trail. It never holds key material.
+type AuditEvent struct {
+	Seq     uint64    `json:"seq"`
+	Time    time.Time `json:"time"`
+	Kind    string    `json:"kind"`
+	Node    string    `json:"node,omitempty"`
+	Key     string    `json:"key,omitempty"`
+	Allowed bool      `json:"allowed"`
+	Reason  string    `json:"reason,omitempty"`
+	Actor   string    `json:"actor,omitempty"`
+}
+
+// AuditFilter selects audit events; zero fields match everything.
+type AuditFilter struct {
+	Node  string
+	Kind  string
+	Limit int
+}
+
+// Store is the broker's persistence. Implementations must be safe for
+// concurrent use.
+type Store interface {
+	// CreateNode fails with ErrExists if the name or the EK is taken.
+	CreateNode(ctx context.Context, n Node) error
+	GetNode(ctx context.Context, name string) (Node, error)
+	GetNodeByEK(ctx context.Context, fingerprint string) (Node, error)
+	ListNodes(ctx context.Context) ([]Node, error)
+	// UpdateNode applies fn to the node atomically.
+	UpdateNode(ctx context.Context, name string, fn func(*Node) error) (Node, error)
+
+	PutEnrollment(ctx context.Context, e Enrollment) error
+	// TakeEnrollment returns and deletes it, so a challenge answers once.
+	TakeEnrollment(ctx context.Context, id string) (Enrollment, error)
+
+	PutJoinToken(ctx context.Context, hash []byte, expires time.Time) error
+	// ConsumeJoinToken deletes the token and reports whether it was valid.
+	ConsumeJoinToken(ctx context.Context, hash []byte, now time.Time) (bool, error)
+
+	PutNonce(ctx context.Context, nonce []byte, n Nonce) error
+	// ConsumeNonce deletes the nonce and returns it; ErrNotFound if unknown
+	// or already used.
+	ConsumeNonce(ctx context.Context, nonce []byte) (Nonce, error)
+
+	PutSession(ctx context.Context, s Session) error
+	GetSession(ctx context.Context, tokenHash []byte) (Session, error)
+	// DeleteNodeSessions ends every session of a node.
+	DeleteNodeSessions(ctx context.Context, node string) error
+	// Expire drops nonces, sessions, enrollments and join tokens past their
+	// expiry.
+	Expire(ctx context.Context, now time.Time) error
+
+	// CreateKey fails with ErrExists if that name and version exist.
+	CreateKey(ctx context.Context, k Key) error
+	// GetKey returns a version; version 0 means the latest.
+	GetKey(ctx context.Context, name string, version uint32) (Key, error)
+	ListKeys(ctx context.Context) ([]Key, error)
+
+	// PutPolicy stores a policy, bumping its revision.
+	PutPolicy(ctx context.Context, p Policy) (Policy, error)
+	GetPolicy(ctx context.Context, name string) (Policy, error)
+	ListPolicies(ctx context.Context) ([]Policy, error)
+
+	AppendAudit(ctx context.Context, ev AuditEvent) error
+	// ListAudit returns matching events, newest last.
+	ListAudit(ctx context.Context, f AuditFilter) ([]AuditEvent, error)
+
+	Close() error
+}
