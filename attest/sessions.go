@@ -171,3 +171,23 @@ func (f *FileStore) Delete() error {
 	}
 	return nil
 }
+
+// Refresh attests now, replacing the current session, so the broker keeps
+// seeing this node's current state (the agent calls it periodically).
+func (m *Sessions) Refresh(ctx context.Context) (*Session, error) {
+	m.mu.Lock()
+	m.cur = nil
+	m.mu.Unlock()
+	if m.Store != nil {
+		unlock, err := m.Store.Lock(ctx)
+		if err != nil {
+			return nil, err
+		}
+		err = m.Store.Delete()
+		unlock()
+		if err != nil {
+			return nil, err
+		}
+	}
+	return m.Get(ctx)
+}

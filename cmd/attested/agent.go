@@ -1,0 +1,106 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	keyproviderpb "github.com/containers/ocicrypt/utils/keyprovider"
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+
+	"github.com/attested-dev/attested/keyprovider"
+)
+
+func agentCmd(c *config) *cobra.Command {
+	var listen string
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Node daemon: ocicrypt gRPC keyprovider on a unix socket, with a warm attestation session",
+		Long: `Node daemon. Serves ocicrypt's KeyProviderService on a unix socket (0600), keeps an
+attestation session warm in memory and re-attests every --reattest so the broker
+always knows this node's state. Point OCICRYPT_KEYPROVIDER_CONFIG at
+  {"key-providers":{"attested":{"grpc":"unix:///run/attested/keyprovider.sock"}}}`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runAgent(c, listen)
+		},
+	}
+	cmd.Flags().StringVar(&listen, "listen", "unix:///run/attested/keyprovider.sock", "unix socket to serve on")
+	return cmd
+}
+
+func runAgent(c *config, listen string) error {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	path, ok := strings.CutPrefix(listen, "unix://")
+	if !ok || !filepath.IsAbs(path) {
+		return fmt.Errorf("agent: --listen must be unix:///ABSOLUTE/PATH, got %q", listen)
+	}
+	// In-memory sessions: the agent is the one process holding them.
+	h, closeFn, err := newHandler(c, nil)
+	if err != nil {
+		return err
+	}
+	defer closeFn()
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("agent: remove stale socket: %w", err)
+	}
+	// Whoever can connect can ask for layer keys this node may have:
+	// owner only.
+	old := syscall.Umask(0o177)
+	lis, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return fmt.Errorf("agent: listen: %w", err)
+	}
+	g := grpc.NewServer(grpc.MaxRecvMsgSize(keyprovider.MaxRequest))
+	keyproviderpb.RegisterKeyProviderServiceServer(g, &keyprovider.Service{Handler: h, Timeout: c.Timeout})
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if nu, ok := h.Unwrapper.(*keyprovider.NodeUnwrapper); ok {
+		go reattest(ctx, log, nu, c.Reattest, c.Timeout)
+	} else {
+		log.Warn("agent serves wrap only: this node cannot unwrap", "reason", errString(h.Unwrapper))
+	}
+	go func() { <-ctx.Done(); g.GracefulStop() }()
+	log.Info("agent serving", "socket", path)
+	return g.Serve(lis)
+}
+
+// reattest keeps the broker's view of this node current and the session
+// warm, so a pull rarely waits for a quote.
+func reattest(ctx context.Context, log *slog.Logger, nu *keyprovider.NodeUnwrapper, every, timeout time.Duration) {
+	for {
+		cctx, cancel := context.WithTimeout(ctx, timeout)
+		s, err := nu.Sessions.Refresh(cctx)
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			log.Warn("attestation failed", "err", err)
+		} else if err == nil {
+			log.Info("attested", "node", s.Node, "expires", s.Expires.UTC().Format(time.RFC3339))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
+		}
+	}
+}
+
+func errString(u keyprovider.Unwrapper) string {
+	if f, ok := u.(failing); ok {
+		return f.err.Error()
+	}
+	return ""
+}

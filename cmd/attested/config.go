@@ -1,0 +1,97 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"gopkg.in/yaml.v3"
+)
+
+// defaultConfig is read when --config is not given and the file exists.
+const defaultConfig = "/etc/attested/node.yaml"
+
+// config is the node, pipeline and admin configuration. Every field is also
+// a flag; a flag given on the command line wins over the file.
+type config struct {
+	Broker         string        `yaml:"broker"`
+	BrokerCA       string        `yaml:"brokerCA"`
+	AdminTokenFile string        `yaml:"adminTokenFile"`
+	Name           string        `yaml:"name"`
+	TPM            string        `yaml:"tpm"`
+	StateDir       string        `yaml:"stateDir"`
+	RunDir         string        `yaml:"runDir"`
+	CacheDir       string        `yaml:"cacheDir"`
+	Agent          string        `yaml:"agent"`
+	Provider       string        `yaml:"provider"`
+	Timeout        time.Duration `yaml:"timeout"`
+	Reattest       time.Duration `yaml:"reattest"`
+}
+
+func defaults() config {
+	host, _ := os.Hostname()
+	return config{
+		Name:     host,
+		StateDir: "/var/lib/attested",
+		RunDir:   "/run/attested",
+		Provider: "attested",
+		Timeout:  60 * time.Second,
+		Reattest: 2 * time.Minute,
+	}
+}
+
+// configFlags registers every config field as a persistent flag.
+func configFlags(fs *pflag.FlagSet, c *config) {
+	fs.String("config", "", "configuration file (default "+defaultConfig+" if it exists; env ATTESTED_CONFIG)")
+	fs.StringVar(&c.Broker, "broker", c.Broker, "broker address host:port")
+	fs.StringVar(&c.BrokerCA, "broker-ca", c.BrokerCA, "broker CA certificate (PEM); the broker is trusted only through it")
+	fs.StringVar(&c.AdminTokenFile, "admin-token-file", c.AdminTokenFile, "file holding the admin credential (admin commands)")
+	fs.StringVar(&c.Name, "name", c.Name, "this node's name at the broker")
+	fs.StringVar(&c.TPM, "tpm", c.TPM, "TPM: /dev/tpmrm0 | swtpm://HOST:PORT | simulator")
+	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "node state directory (enrollment, 0700)")
+	fs.StringVar(&c.RunDir, "run-dir", c.RunDir, "runtime directory for the session cache (tmpfs, 0700)")
+	fs.StringVar(&c.CacheDir, "cache-dir", c.CacheDir, "public key cache for wrapping (default STATE-DIR/keys when writable)")
+	fs.StringVar(&c.Agent, "agent", c.Agent, "agent socket (unix:///run/attested/keyprovider.sock) that exec mode forwards to when it answers")
+	fs.StringVar(&c.Provider, "provider", c.Provider, "provider name in the ocicrypt config")
+	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one keyprovider request, TPM and broker calls included")
+	fs.DurationVar(&c.Reattest, "reattest", c.Reattest, "agent re-attestation period")
+}
+
+// loadConfig fills c from the config file, then re-applies flags that were
+// set explicitly so they win.
+func loadConfig(cmd *cobra.Command, c *config) error {
+	path, _ := cmd.Flags().GetString("config")
+	explicit := path != ""
+	if !explicit {
+		path = os.Getenv("ATTESTED_CONFIG")
+		explicit = path != ""
+	}
+	if !explicit {
+		path = defaultConfig
+	}
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist) && !explicit:
+		return nil
+	case err != nil:
+		return fmt.Errorf("config: %w", err)
+	}
+	changed := map[string]string{}
+	cmd.Flags().Visit(func(f *pflag.Flag) { changed[f.Name] = f.Value.String() })
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	for name, v := range changed {
+		if err := cmd.Flags().Set(name, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,141 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	keyproviderpb "github.com/containers/ocicrypt/utils/keyprovider"
+	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/attest"
+	"github.com/attested-dev/attested/keyprovider"
+)
+
+func keyproviderCmd(c *config) *cobra.Command {
+	return &cobra.Command{
+		Use:   "keyprovider",
+		Short: "ocicrypt keyprovider, exec mode: one JSON request on stdin, one reply on stdout",
+		Long: `ocicrypt keyprovider, exec mode. Point OCICRYPT_KEYPROVIDER_CONFIG at a file with
+  {"key-providers":{"attested":{"cmd":{"path":"/usr/local/bin/attested","args":["keyprovider"]}}}}
+Errors go to stderr with a non-zero exit; the request is never logged.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			// ocicrypt never cancels a provider; we bound ourselves, and a
+			// watchdog ends the process if something ignores the context.
+			ctx, cancel := context.WithTimeout(context.Background(), c.Timeout)
+			defer cancel()
+			watchdog := time.AfterFunc(c.Timeout+2*time.Second, func() {
+				fmt.Fprintf(os.Stderr, "attested: request did not finish within %s; giving up\n", c.Timeout)
+				os.Exit(1)
+			})
+			defer watchdog.Stop()
+			in, err := io.ReadAll(io.LimitReader(cmd.InOrStdin(), keyprovider.MaxRequest+1))
+			if err != nil {
+				return fmt.Errorf("read request: %w", err)
+			}
+			out, err := serveExec(ctx, c, in)
+			if err != nil {
+				return err
+			}
+			_, err = cmd.OutOrStdout().Write(out)
+			return err
+		},
+	}
+}
+
+// serveExec forwards to the agent when one answers (it holds a warm
+// session in memory), and otherwise serves the request in this process.
+func serveExec(ctx context.Context, c *config, in []byte) ([]byte, error) {
+	if c.Agent != "" {
+		out, err := forwardToAgent(ctx, c.Agent, in)
+		if status.Code(err) != codes.Unavailable {
+			if err != nil {
+				return nil, fmt.Errorf("%s", strings.TrimPrefix(status.Convert(err).Message(), "attested: "))
+			}
+			return out, nil
+		}
+	}
+	h, closeFn, err := newHandler(c, &attest.FileStore{Dir: c.RunDir})
+	if err != nil {
+		return nil, err
+	}
+	defer closeFn()
+	return h.Handle(ctx, in)
+}
+
+func forwardToAgent(ctx context.Context, addr string, in []byte) ([]byte, error) {
+	path := strings.TrimPrefix(addr, "unix://")
+	if _, err := os.Stat(path); err != nil {
+		return nil, status.Error(codes.Unavailable, "no agent socket")
+	}
+	cc, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	defer cc.Close()
+	var op struct {
+		Op string `json:"op"`
+	}
+	_ = json.Unmarshal(in, &op)
+	client := keyproviderpb.NewKeyProviderServiceClient(cc)
+	req := &keyproviderpb.KeyProviderKeyWrapProtocolInput{KeyProviderKeyWrapProtocolInput: in}
+	var resp *keyproviderpb.KeyProviderKeyWrapProtocolOutput
+	if op.Op == "keywrap" {
+		resp, err = client.WrapKey(ctx, req)
+	} else {
+		resp, err = client.UnWrapKey(ctx, req)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return resp.GetKeyProviderKeyWrapProtocolOutput(), nil
+}
+
+// newHandler wires the keyprovider to the broker and, on an enrolled node,
+// to the TPM. A host that is not enrolled can still wrap.
+func newHandler(c *config, store *attest.FileStore) (*keyprovider.Handler, func(), error) {
+	h := &keyprovider.Handler{Name: c.Provider}
+	if c.Broker == "" {
+		h.Unwrapper = failing{fmt.Errorf("no broker configured (--broker or broker: in %s)", defaultConfig)}
+		return h, func() {}, nil
+	}
+	cc, err := dialBroker(c, false)
+	if err != nil {
+		return nil, nil, err
+	}
+	b := apiv1.NewBrokerClient(cc)
+	cacheDir := c.CacheDir
+	if cacheDir == "" {
+		if d, err := os.UserCacheDir(); err == nil {
+			cacheDir = filepath.Join(d, "attested")
+		}
+	}
+	h.Keys = &keyprovider.BrokerKeys{Broker: b, Addr: c.Broker, CacheDir: cacheDir}
+	st, err := attest.LoadState(c.StateDir)
+	if err != nil {
+		h.Unwrapper = failing{err}
+		return h, func() { cc.Close() }, nil
+	}
+	sessions := &attest.Sessions{
+		Broker: b, State: st, Store: store,
+		TPM: func(ctx context.Context) (*attest.TPM, error) { return attest.OpenTPM(ctx, c.TPM) },
+	}
+	h.Unwrapper = &keyprovider.NodeUnwrapper{Broker: b, Sessions: sessions, BrokerID: st.Broker}
+	return h, func() { cc.Close() }, nil
+}
+
+// failing is an Unwrapper for a host that cannot unwrap, saying why.
+type failing struct{ err error }
+
+func (f failing) Unwrap(context.Context, []byte) ([]byte, error) { return nil, f.err }
