@@ -1,0 +1,62 @@
+# attested: make demo (tell the story), make test (everything CI runs).
+GO        ?= go
+BIN       := $(CURDIR)/bin
+ATTESTED  := $(BIN)/attested
+IMGCOPY   := $(BIN)/imgcopy
+GOBIN     := $(shell $(GO) env GOPATH)/bin
+E2E_FLAGS ?= -count=1 -timeout 25m
+
+.PHONY: all build imgcopy deps test unit e2e fuzz bench lint demo proto clean
+
+all: build
+
+build: $(ATTESTED)
+
+# Go tracks the sources; always ask it, it rebuilds only what changed.
+$(ATTESTED): FORCE
+	$(GO) build -o $@ ./cmd/attested
+
+# The image-copy driver is its own module so containers/image stays out of
+# the product's dependencies.
+imgcopy: $(IMGCOPY)
+$(IMGCOPY): FORCE
+	cd test/imgcopy && CGO_ENABLED=0 $(GO) build -tags containers_image_openpgp -o $@ .
+
+deps:
+	./scripts/deps.sh
+
+test: deps unit e2e
+
+unit:
+	$(GO) test -count=1 ./...
+
+e2e: build imgcopy
+	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
+
+# Short fuzzing runs of every parser; the seed corpora also run in 'unit'.
+FUZZTIME ?= 10s
+fuzz:
+	$(GO) test ./keyprovider/annotation -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+	$(GO) test ./keyprovider -run '^$$' -fuzz FuzzHandle -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/policy -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+
+bench: build imgcopy
+	$(GO) test -run '^$$' -bench . -benchtime 200x ./keyprovider/... ./broker/...
+	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e -count=1 -run '^$$' -bench . -benchtime 1x -timeout 20m ./test/e2e/
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+	$(GO) vet ./...
+	$(GOBIN)/staticcheck ./...
+
+demo: deps build imgcopy
+	./scripts/demo.sh
+
+proto:
+	cd broker/api/v1 && protoc --go_out=. --go_opt=paths=source_relative \
+		--go-grpc_out=. --go-grpc_opt=paths=source_relative broker.proto
+
+clean:
+	rm -rf $(BIN)
+
+FORCE:

@@ -1,0 +1,67 @@
+// Package brokertest runs a real broker on loopback for tests: its own data
+// directory, TLS, the embedded store, and clients dialled the way the CLI
+// dials them.
+package brokertest
+
+import (
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+
+	"github.com/attested-dev/attested/broker"
+	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/conn"
+)
+
+// Broker is a running broker and clients for it.
+type Broker struct {
+	Server  *broker.Server
+	DataDir string
+	Addr    string
+	// Node is an unauthenticated client (nodes and pipelines).
+	Node apiv1.BrokerClient
+	// Admin carries the admin credential.
+	Admin apiv1.AdminClient
+	// NoCred is an Admin client without credential.
+	NoCred apiv1.AdminClient
+	grpc   *grpc.Server
+}
+
+// Start runs a broker until the test ends.
+func Start(t testing.TB) *Broker {
+	t.Helper()
+	dir := t.TempDir()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	_, err = broker.Init(broker.InitOptions{DataDir: dir, ID: "broker-test", Listen: lis.Addr().String()})
+	require.NoError(t, err)
+	srv, err := broker.Open(dir, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	require.NoError(t, err)
+	cert, err := broker.LoadServerCertificate(dir)
+	require.NoError(t, err)
+	g := srv.GRPCServer(cert)
+	go g.Serve(lis)
+	b := &Broker{Server: srv, DataDir: dir, Addr: lis.Addr().String(), grpc: g}
+	t.Cleanup(func() { g.Stop(); srv.Close() })
+
+	dial := func(admin bool) *grpc.ClientConn {
+		o := conn.Options{Addr: b.Addr, CAFile: filepath.Join(dir, broker.CACertFile)}
+		if admin {
+			o.AdminTokenFile = filepath.Join(dir, broker.AdminTokenFile)
+		}
+		cc, err := conn.Dial(o)
+		require.NoError(t, err)
+		t.Cleanup(func() { cc.Close() })
+		return cc
+	}
+	plain := dial(false)
+	b.Node = apiv1.NewBrokerClient(plain)
+	b.NoCred = apiv1.NewAdminClient(plain)
+	b.Admin = apiv1.NewAdminClient(dial(true))
+	return b
+}
