@@ -1,0 +1,65 @@
+package policy
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+var (
+	zero = strings.Repeat("0", 64)
+	ones = strings.Repeat("1", 64)
+)
+
+func TestParseAndEvaluate(t *testing.T) {
+	p, err := Parse([]byte("name: prod-eu\npcrs:\n  7: [\"" + zero + "\", \"sha256:" + ones + "\"]\n  0: [\"" + zero + "\"]\n"))
+	require.NoError(t, err)
+	ok := p.Evaluate(Claims{PCRs: map[int][]byte{0: make([]byte, 32), 7: bytes.Repeat([]byte{0x11}, 32)}})
+	assert.True(t, ok.Allowed, ok.Error())
+
+	bad := p.Evaluate(Claims{PCRs: map[int][]byte{0: make([]byte, 32), 7: bytes.Repeat([]byte{0xab}, 32)}})
+	assert.False(t, bad.Allowed)
+	assert.Equal(t, "PCR 7 differs from policy prod-eu: got abababababababab.., want one of 0000000000000000.., 1111111111111111..", bad.Error())
+
+	missing := p.Evaluate(Claims{PCRs: map[int][]byte{7: make([]byte, 32)}})
+	assert.False(t, missing.Allowed)
+	assert.Contains(t, missing.Error(), "PCR 0 is required by policy prod-eu but was not in the quote")
+}
+
+func TestParseRefusesWithLineAndReason(t *testing.T) {
+	for _, tc := range []struct{ doc, want string }{
+		{"", "empty document"},
+		{"name: p\n", "states no requirement"},
+		{"name: p\npcrs:\n  7: []\n", "line 3: PCR 7 lists no accepted values"},
+		{"name: p\npcrs:\n  24: [\"" + zero + "\"]\n", "line 3: PCR index \"24\""},
+		{"name: p\npcrs:\n  x: [\"" + zero + "\"]\n", "line 3: PCR index \"x\""},
+		{"name: p\npcrs:\n  7: [\"abcd\"]\n", "line 3: PCR 7 value \"abcd\" is not a SHA-256 digest"},
+		{"name: p\npcrs:\n  7: [\"" + zero + "\"]\nsecureboot: true\n", "line 4: field secureboot not found"},
+		{"name: 'bad name'\npcrs:\n  7: [\"" + zero + "\"]\n", "line 1: name \"bad name\""},
+		{"name: [\n", "yaml"},
+	} {
+		_, err := Parse([]byte(tc.doc))
+		require.Error(t, err, tc.doc)
+		assert.Contains(t, err.Error(), tc.want, tc.doc)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte("name: prod\npcrs:\n  7: [\"" + zero + "\"]\n"))
+	f.Add([]byte("name: p\npcrs:\n  0: [\"sha256:" + ones + "\", \"" + zero + "\"]\n  23: [\"" + zero + "\"]\n"))
+	f.Add([]byte("name: &a p\npcrs: *a\n"))
+	f.Add([]byte("{name: x, pcrs: {1: [a]}}"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p, err := Parse(data)
+		if err != nil {
+			return
+		}
+		// A policy that parses always states a requirement and refuses
+		// a node that shows no PCRs.
+		require.NotEmpty(t, p.PCRs)
+		require.False(t, p.Evaluate(Claims{}).Allowed)
+	})
+}

@@ -1,0 +1,150 @@
+// Package storetest is the conformance suite every broker store passes.
+package storetest
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/attested-dev/attested/broker/store"
+)
+
+// Run exercises open(t), a fresh empty store per subtest.
+func Run(t *testing.T, open func(t *testing.T) store.Store) {
+	ctx := context.Background()
+	now := time.Now()
+
+	t.Run("NodeIdentityIsUnique", func(t *testing.T) {
+		s := open(t)
+		n := store.Node{Name: "n1", EKFingerprint: "ek1", State: store.NodeActive}
+		require.NoError(t, s.CreateNode(ctx, n))
+		assert.ErrorIs(t, s.CreateNode(ctx, store.Node{Name: "n1", EKFingerprint: "ek2"}), store.ErrExists)
+		assert.ErrorIs(t, s.CreateNode(ctx, store.Node{Name: "n2", EKFingerprint: "ek1"}), store.ErrExists)
+		got, err := s.GetNodeByEK(ctx, "ek1")
+		require.NoError(t, err)
+		assert.Equal(t, "n1", got.Name)
+		_, err = s.GetNode(ctx, "nope")
+		assert.ErrorIs(t, err, store.ErrNotFound)
+		up, err := s.UpdateNode(ctx, "n1", func(n *store.Node) error { n.State = store.NodeRevoked; return nil })
+		require.NoError(t, err)
+		assert.Equal(t, store.NodeRevoked, up.State)
+		nodes, err := s.ListNodes(ctx)
+		require.NoError(t, err)
+		assert.Len(t, nodes, 1)
+	})
+
+	t.Run("NonceIsSingleUseUnderConcurrency", func(t *testing.T) {
+		s := open(t)
+		require.NoError(t, s.PutNonce(ctx, []byte("n"), store.Nonce{Node: "a", Expires: now.Add(time.Minute)}))
+		var wins atomic.Int32
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if _, err := s.ConsumeNonce(ctx, []byte("n")); err == nil {
+					wins.Add(1)
+				}
+			}()
+		}
+		wg.Wait()
+		assert.Equal(t, int32(1), wins.Load())
+	})
+
+	t.Run("JoinTokenSingleUseAndExpiry", func(t *testing.T) {
+		s := open(t)
+		require.NoError(t, s.PutJoinToken(ctx, []byte("t"), now.Add(time.Minute)))
+		ok, err := s.ConsumeJoinToken(ctx, []byte("t"), now)
+		require.NoError(t, err)
+		assert.True(t, ok)
+		ok, err = s.ConsumeJoinToken(ctx, []byte("t"), now)
+		require.NoError(t, err)
+		assert.False(t, ok)
+		require.NoError(t, s.PutJoinToken(ctx, []byte("old"), now.Add(-time.Second)))
+		ok, err = s.ConsumeJoinToken(ctx, []byte("old"), now)
+		require.NoError(t, err)
+		assert.False(t, ok)
+	})
+
+	t.Run("EnrollmentTakenOnce", func(t *testing.T) {
+		s := open(t)
+		require.NoError(t, s.PutEnrollment(ctx, store.Enrollment{ID: "e", Expires: now.Add(time.Minute)}))
+		_, err := s.TakeEnrollment(ctx, "e")
+		require.NoError(t, err)
+		_, err = s.TakeEnrollment(ctx, "e")
+		assert.ErrorIs(t, err, store.ErrNotFound)
+	})
+
+	t.Run("SessionsEndPerNodeAndExpire", func(t *testing.T) {
+		s := open(t)
+		for _, sess := range []store.Session{
+			{TokenHash: []byte("a1"), Node: "a", Expires: now.Add(time.Minute)},
+			{TokenHash: []byte("a2"), Node: "a", Expires: now.Add(time.Minute)},
+			{TokenHash: []byte("b1"), Node: "b", Expires: now.Add(time.Minute)},
+			{TokenHash: []byte("b2"), Node: "b", Expires: now.Add(-time.Minute)},
+		} {
+			require.NoError(t, s.PutSession(ctx, sess))
+		}
+		require.NoError(t, s.DeleteNodeSessions(ctx, "a"))
+		for _, h := range []string{"a1", "a2"} {
+			_, err := s.GetSession(ctx, []byte(h))
+			assert.ErrorIs(t, err, store.ErrNotFound)
+		}
+		_, err := s.GetSession(ctx, []byte("b1"))
+		require.NoError(t, err)
+		require.NoError(t, s.Expire(ctx, now))
+		_, err = s.GetSession(ctx, []byte("b2"))
+		assert.ErrorIs(t, err, store.ErrNotFound)
+		_, err = s.GetSession(ctx, []byte("b1"))
+		assert.NoError(t, err)
+	})
+
+	t.Run("KeyVersions", func(t *testing.T) {
+		s := open(t)
+		require.NoError(t, s.CreateKey(ctx, store.Key{Name: "k", Version: 1}))
+		require.NoError(t, s.CreateKey(ctx, store.Key{Name: "k", Version: 2}))
+		require.NoError(t, s.CreateKey(ctx, store.Key{Name: "k2", Version: 1}))
+		assert.ErrorIs(t, s.CreateKey(ctx, store.Key{Name: "k", Version: 2}), store.ErrExists)
+		latest, err := s.GetKey(ctx, "k", 0)
+		require.NoError(t, err)
+		assert.Equal(t, uint32(2), latest.Version)
+		v1, err := s.GetKey(ctx, "k", 1)
+		require.NoError(t, err)
+		assert.Equal(t, uint32(1), v1.Version)
+		_, err = s.GetKey(ctx, "missing", 0)
+		assert.ErrorIs(t, err, store.ErrNotFound)
+	})
+
+	t.Run("PolicyRevisions", func(t *testing.T) {
+		s := open(t)
+		p, err := s.PutPolicy(ctx, store.Policy{Name: "p", YAML: "a"})
+		require.NoError(t, err)
+		assert.Equal(t, uint32(1), p.Revision)
+		p, err = s.PutPolicy(ctx, store.Policy{Name: "p", YAML: "b"})
+		require.NoError(t, err)
+		assert.Equal(t, uint32(2), p.Revision)
+		got, err := s.GetPolicy(ctx, "p")
+		require.NoError(t, err)
+		assert.Equal(t, "b", got.YAML)
+	})
+
+	t.Run("AuditOrderAndFilter", func(t *testing.T) {
+		s := open(t)
+		for i, k := range []string{"attest", "release", "attest"} {
+			require.NoError(t, s.AppendAudit(ctx, store.AuditEvent{Kind: k, Node: "n", Reason: string(rune('a' + i))}))
+		}
+		all, err := s.ListAudit(ctx, store.AuditFilter{})
+		require.NoError(t, err)
+		require.Len(t, all, 3)
+		assert.Less(t, all[0].Seq, all[2].Seq)
+		att, err := s.ListAudit(ctx, store.AuditFilter{Kind: "attest", Limit: 1})
+		require.NoError(t, err)
+		require.Len(t, att, 1)
+		assert.Equal(t, "c", att[0].Reason, "limit keeps the newest")
+	})
+}
