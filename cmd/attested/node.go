@@ -7,8 +7,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/attest"
+	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 )
 
 func nodeCmd(c *config) *cobra.Command {

@@ -1,0 +1,124 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/attested-dev/attested/test/swtpm"
+)
+
+// suite is what every test shares: the binaries, a source image and the
+// swtpm certificate authority. Everything else is per test.
+var suite struct {
+	dir      string
+	attested string
+	imgcopy  string
+	// srcImage is an OCI layout with srcLayers plaintext layers.
+	srcImage   string
+	srcDiffIDs []string
+	ca         *swtpm.CA
+}
+
+const srcLayers = 4
+
+func TestMain(m *testing.M) {
+	code, err := setupSuite()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		os.Exit(1)
+	}
+	code = m.Run()
+	if suite.dir != "" && os.Getenv("E2E_KEEP") == "" {
+		os.RemoveAll(suite.dir)
+	}
+	os.Exit(code)
+}
+
+func setupSuite() (int, error) {
+	var missing []string
+	for _, p := range append([]string{"docker-registry"}, swtpm.Tools...) {
+		if _, err := exec.LookPath(p); err != nil {
+			missing = append(missing, p)
+		}
+	}
+	if len(missing) > 0 {
+		return 1, fmt.Errorf("%v not found in PATH: run 'make deps' (installs swtpm, swtpm-tools and docker-registry)", missing)
+	}
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		return 1, err
+	}
+	if _, err := os.Stat(filepath.Join(root, "cmd", "attested")); err != nil {
+		return 1, fmt.Errorf("run from test/e2e in the repository: %w", err)
+	}
+	suite.dir, err = os.MkdirTemp("", "attested-e2e-")
+	if err != nil {
+		return 1, err
+	}
+	suite.attested = os.Getenv("ATTESTED_BIN")
+	suite.imgcopy = os.Getenv("IMGCOPY_BIN")
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	if suite.attested == "" {
+		suite.attested = filepath.Join(suite.dir, "attested")
+		wg.Go(func() { errs[0] = goBuild(root, nil, "-o", suite.attested, "./cmd/attested") })
+	}
+	if suite.imgcopy == "" {
+		suite.imgcopy = filepath.Join(suite.dir, "imgcopy")
+		wg.Go(func() {
+			errs[1] = goBuild(filepath.Join(root, "test", "imgcopy"), []string{"CGO_ENABLED=0"},
+				"-tags", "containers_image_openpgp", "-o", suite.imgcopy, ".")
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return 1, err
+	}
+	for _, p := range []*string{&suite.attested, &suite.imgcopy} {
+		if *p, err = filepath.Abs(*p); err != nil {
+			return 1, err
+		}
+		if _, err := os.Stat(*p); err != nil {
+			return 1, err
+		}
+	}
+	suite.ca, err = swtpm.NewCA(filepath.Join(suite.dir, "swtpm-ca"))
+	if err != nil {
+		return 1, err
+	}
+	suite.srcImage = filepath.Join(suite.dir, "src")
+	out, err := exec.Command(suite.imgcopy, "mkimage", "--layers", fmt.Sprint(srcLayers), "--size", "65536", "--out", suite.srcImage).Output()
+	if err != nil {
+		return 1, fmt.Errorf("imgcopy mkimage: %w", err)
+	}
+	var mk struct {
+		DiffIDs []string `json:"diffIDs"`
+	}
+	if err := json.Unmarshal(out, &mk); err != nil || len(mk.DiffIDs) != srcLayers {
+		return 1, fmt.Errorf("imgcopy mkimage printed %q (%v)", out, err)
+	}
+	suite.srcDiffIDs = mk.DiffIDs
+	return 0, nil
+}
+
+func goBuild(dir string, env []string, args ...string) error {
+	start := time.Now()
+	cmd := exec.Command("go", append([]string{"build"}, args...)...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("go build %v in %s: %v\n%s", args, dir, err, out)
+	}
+	fmt.Fprintf(os.Stderr, "e2e: built %s in %s\n", args[len(args)-2], time.Since(start).Round(time.Second))
+	return nil
+}

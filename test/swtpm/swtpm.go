@@ -1,0 +1,291 @@
+// Package swtpm runs swtpm (the Debian package) as a test TPM 2.0 over TCP,
+// with its own certificate authority, and gives tests the few TPM commands
+// they need from outside the product: reading and extending PCRs.
+//
+// swtpm's TCP data channel carries raw TPM 2.0 commands and responses and
+// serves one connection at a time, so a test must only talk to it while the
+// code under test is not connected (attested opens it per operation).
+package swtpm
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/tpmutil"
+)
+
+// CA is a per-test swtpm certificate authority: swtpm_setup signs the EK
+// and platform certificates with it instead of the global
+// /var/lib/swtpm-localca.
+type CA struct {
+	// SetupConfig is the swtpm_setup --config file that points at this CA.
+	SetupConfig string
+	Dir         string
+}
+
+// Tools are the programs this package runs.
+var Tools = []string{"swtpm", "swtpm_setup", "swtpm_localca"}
+
+// CheckTools returns an error naming every missing program.
+func CheckTools() error {
+	var missing []string
+	for _, p := range Tools {
+		if _, err := exec.LookPath(p); err != nil {
+			missing = append(missing, p)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%v not found in PATH", missing)
+	}
+	return nil
+}
+
+// NewCA writes swtpm_setup and swtpm_localca configuration for a CA in dir.
+// The CA's keys are created by swtpm_localca on first use.
+func NewCA(dir string) (*CA, error) {
+	localca, err := exec.LookPath("swtpm_localca")
+	if err != nil {
+		return nil, err
+	}
+	caDir := filepath.Join(dir, "ca")
+	if err := os.MkdirAll(caDir, 0o700); err != nil {
+		return nil, err
+	}
+	files := map[string]string{
+		"swtpm-localca.conf":    fmt.Sprintf("statedir = %[1]s\nsigningkey = %[1]s/signkey.pem\nissuercert = %[1]s/issuercert.pem\ncertserial = %[1]s/certserial\n", caDir),
+		"swtpm-localca.options": "--platform-manufacturer attested-e2e\n--platform-version 2.1\n--platform-model swtpm\n",
+	}
+	for name, content := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+			return nil, err
+		}
+	}
+	setup := filepath.Join(dir, "swtpm_setup.conf")
+	content := fmt.Sprintf("create_certs_tool = %s\ncreate_certs_tool_config = %s\ncreate_certs_tool_options = %s\nactive_pcr_banks = sha256\n",
+		localca, filepath.Join(dir, "swtpm-localca.conf"), filepath.Join(dir, "swtpm-localca.options"))
+	if err := os.WriteFile(setup, []byte(content), 0o600); err != nil {
+		return nil, err
+	}
+	return &CA{SetupConfig: setup, Dir: caDir}, nil
+}
+
+// TPM is a running swtpm.
+type TPM struct {
+	t        testing.TB
+	StateDir string
+	LogFile  string
+	Port     int
+	CtrlPort int
+
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// Start manufactures a TPM in stateDir (EK and platform certificates signed
+// by ca) and runs swtpm on two free loopback ports. It is stopped when the
+// test ends.
+func Start(t testing.TB, ca *CA, stateDir string) *TPM {
+	t.Helper()
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		t.Fatalf("swtpm: %v", err)
+	}
+	out, err := exec.Command("swtpm_setup", "--tpm2", "--tpmstate", stateDir,
+		"--create-ek-cert", "--create-platform-cert", "--overwrite", "--config", ca.SetupConfig).CombinedOutput()
+	if err != nil {
+		t.Fatalf("swtpm_setup: %v\n%s", err, out)
+	}
+	s := &TPM{t: t, StateDir: stateDir, LogFile: filepath.Join(filepath.Dir(stateDir), filepath.Base(stateDir)+".swtpm.log")}
+	t.Cleanup(s.Stop)
+	var lastErr error
+	for attempt := 0; attempt < 5; attempt++ {
+		s.Port, s.CtrlPort = freePort(t), freePort(t)
+		if lastErr = s.start(); lastErr == nil {
+			return s
+		}
+	}
+	t.Fatalf("swtpm: %v", lastErr)
+	return nil
+}
+
+// Addr is the data channel address, host:port.
+func (s *TPM) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(s.Port)) }
+
+// URI is the value of attested's --tpm for this TPM.
+func (s *TPM) URI() string { return "swtpm://" + s.Addr() }
+
+func (s *TPM) start() error {
+	log, err := os.OpenFile(s.LogFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer log.Close()
+	cmd := exec.Command("swtpm", "socket", "--tpm2",
+		"--tpmstate", "dir="+s.StateDir,
+		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.Port),
+		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.CtrlPort),
+		"--flags", "not-need-init,startup-clear")
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	s.cmd, s.done = cmd, done
+	// Probe the control port: the data port serves one client at a time
+	// and belongs to the code under test.
+	ctrl := net.JoinHostPort("127.0.0.1", strconv.Itoa(s.CtrlPort))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		select {
+		case <-done:
+			b, _ := os.ReadFile(s.LogFile)
+			return fmt.Errorf("swtpm exited at start (%v):\n%s", cmd.ProcessState, b)
+		default:
+		}
+		if c, err := net.DialTimeout("tcp", ctrl, time.Second); err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			s.Stop()
+			return errors.New("swtpm did not open its control port within 10s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Stop ends swtpm (its state stays in StateDir).
+func (s *TPM) Stop() {
+	if s.cmd == nil {
+		return
+	}
+	select {
+	case <-s.done:
+	default:
+		_ = s.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-s.done:
+		case <-time.After(5 * time.Second):
+			_ = s.cmd.Process.Kill()
+			<-s.done
+		}
+	}
+	s.cmd = nil
+}
+
+// Reboot stops swtpm and starts it again on the same state and ports: PCRs
+// return to their reset values and the TPM's reset counter grows.
+func (s *TPM) Reboot() {
+	s.t.Helper()
+	s.Stop()
+	var err error
+	for attempt := 0; attempt < 50; attempt++ {
+		if err = s.start(); err == nil {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	s.t.Fatalf("swtpm reboot: %v", err)
+}
+
+// ExtendPCR extends the SHA-256 bank of PCR pcr with SHA-256(data), as a
+// boot component's measurement would.
+func (s *TPM) ExtendPCR(pcr int, data []byte) {
+	s.t.Helper()
+	digest := sha256Sum(data)
+	if err := s.with(func(rw io.ReadWriter) error {
+		return tpm2.PCRExtend(rw, tpmutil.Handle(pcr), tpm2.AlgSHA256, digest, "")
+	}); err != nil {
+		s.t.Fatalf("swtpm: extend PCR %d: %v", pcr, err)
+	}
+}
+
+// ReadPCR returns the SHA-256 bank value of PCR pcr.
+func (s *TPM) ReadPCR(pcr int) []byte {
+	s.t.Helper()
+	var v []byte
+	if err := s.with(func(rw io.ReadWriter) error {
+		var err error
+		v, err = tpm2.ReadPCR(rw, pcr, tpm2.AlgSHA256)
+		return err
+	}); err != nil {
+		s.t.Fatalf("swtpm: read PCR %d: %v", pcr, err)
+	}
+	return v
+}
+
+// with runs fn over a fresh data-channel connection. If attested holds the
+// connection, swtpm accepts this one when it lets go.
+func (s *TPM) with(fn func(io.ReadWriter) error) error {
+	c, err := net.DialTimeout("tcp", s.Addr(), 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := c.SetDeadline(time.Now().Add(30 * time.Second)); err != nil {
+		return err
+	}
+	return fn(&conn{c: c})
+}
+
+// conn hands go-tpm each response whole: TCP may split it across reads.
+type conn struct {
+	c    net.Conn
+	resp []byte
+}
+
+func (x *conn) Write(cmd []byte) (int, error) {
+	if _, err := x.c.Write(cmd); err != nil {
+		return 0, err
+	}
+	hdr := make([]byte, 10)
+	if _, err := io.ReadFull(x.c, hdr); err != nil {
+		return 0, fmt.Errorf("response header: %w", err)
+	}
+	size := binary.BigEndian.Uint32(hdr[2:6])
+	if size < 10 || size > 1<<20 {
+		return 0, fmt.Errorf("response size %d out of range", size)
+	}
+	x.resp = make([]byte, size)
+	copy(x.resp, hdr)
+	if _, err := io.ReadFull(x.c, x.resp[10:]); err != nil {
+		return 0, fmt.Errorf("response body: %w", err)
+	}
+	return len(cmd), nil
+}
+
+func (x *conn) Read(p []byte) (int, error) {
+	if len(x.resp) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, x.resp)
+	x.resp = x.resp[n:]
+	return n, nil
+}
+
+func freePort(t testing.TB) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func sha256Sum(b []byte) []byte {
+	h := sha256.Sum256(b)
+	return h[:]
+}
