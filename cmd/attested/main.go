@@ -17,6 +17,13 @@ func main() {
 }
 
 func newRoot() *cobra.Command {
+	root, _ := newRootConfig()
+	return root
+}
+
+// newRootConfig returns the command tree and the configuration its flags
+// and config file fill.
+func newRootConfig() (*cobra.Command, *config) {
 	cfg := defaults()
 	root := &cobra.Command{
 		Use:           "attested",
@@ -37,5 +44,5 @@ func newRoot() *cobra.Command {
 		policyCmd(&cfg),
 		auditCmd(&cfg),
 	)
-	return root
+	return root, &cfg
 }
