@@ -107,7 +107,11 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	if _, err := s.store.UpdateNode(ctx, n.Name, func(n *store.Node) error {
 		n.ResetCount, n.RestartCount, n.ClockSeen = clock.ResetCount, clock.RestartCount, true
 		n.LastAttested, n.LastPCRs = now, pcrs
-		n.Trust, n.TrustReason = "trusted", "quote verified"
+		if n.Trust != "untrusted" {
+			// A verified quote alone does not clear a policy refusal; the
+			// next release or refusal decides.
+			n.Trust, n.TrustReason = "trusted", "quote verified"
+		}
 		return nil
 	}); err != nil {
 		return nil, storeErr("node", err)

@@ -80,9 +80,26 @@ func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 		}
 		s.audit(ctx, store.AuditEvent{Kind: "release", Node: n.Name, Key: r.Key, Allowed: true,
 			Reason: fmt.Sprintf("policy satisfied (key %s v%d)", r.Key, r.KeyVersion)})
+		s.setTrust(ctx, n, "trusted", "released key "+r.Key)
 		return &apiv1.UnwrapResponse{Sealed: sealed, Key: r.Key, KeyVersion: r.KeyVersion}, nil
 	}
-	return nil, status.Errorf(codes.PermissionDenied, "broker %s refused node %s: %s", s.cfg.ID, n.Name, strings.Join(reasons, "; "))
+	reason := strings.Join(reasons, "; ")
+	s.setTrust(ctx, n, "untrusted", reason)
+	return nil, status.Errorf(codes.PermissionDenied, "broker %s refused node %s: %s", s.cfg.ID, n.Name, reason)
+}
+
+// setTrust records the node's trust status when it changes, so the hot
+// path writes nothing while a node keeps passing.
+func (s *Server) setTrust(ctx context.Context, n store.Node, trust, reason string) {
+	if n.Trust == trust && (trust == "trusted" || n.TrustReason == reason) {
+		return
+	}
+	if _, err := s.store.UpdateNode(ctx, n.Name, func(n *store.Node) error {
+		n.Trust, n.TrustReason = trust, reason
+		return nil
+	}); err != nil {
+		s.log.Warn("recording trust status failed", "node", n.Name, "err", err)
+	}
 }
 
 // release evaluates one recipient's policy and, if it holds, opens the

@@ -31,19 +31,21 @@ var suite struct {
 const srcLayers = 4
 
 func TestMain(m *testing.M) {
-	code, err := setupSuite()
-	if err != nil {
+	if err := setupSuite(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
+		if suite.dir != "" {
+			os.RemoveAll(suite.dir)
+		}
 		os.Exit(1)
 	}
-	code = m.Run()
+	code := m.Run()
 	if suite.dir != "" && os.Getenv("E2E_KEEP") == "" {
 		os.RemoveAll(suite.dir)
 	}
 	os.Exit(code)
 }
 
-func setupSuite() (int, error) {
+func setupSuite() error {
 	var missing []string
 	for _, p := range append([]string{"docker-registry"}, swtpm.Tools...) {
 		if _, err := exec.LookPath(p); err != nil {
@@ -51,18 +53,18 @@ func setupSuite() (int, error) {
 		}
 	}
 	if len(missing) > 0 {
-		return 1, fmt.Errorf("%v not found in PATH: run 'make deps' (installs swtpm, swtpm-tools and docker-registry)", missing)
+		return fmt.Errorf("%v not found in PATH: run 'make deps' (installs swtpm, swtpm-tools and docker-registry)", missing)
 	}
 	root, err := filepath.Abs("../..")
 	if err != nil {
-		return 1, err
+		return err
 	}
 	if _, err := os.Stat(filepath.Join(root, "cmd", "attested")); err != nil {
-		return 1, fmt.Errorf("run from test/e2e in the repository: %w", err)
+		return fmt.Errorf("run from test/e2e in the repository: %w", err)
 	}
 	suite.dir, err = os.MkdirTemp("", "attested-e2e-")
 	if err != nil {
-		return 1, err
+		return err
 	}
 	suite.attested = os.Getenv("ATTESTED_BIN")
 	suite.imgcopy = os.Getenv("IMGCOPY_BIN")
@@ -81,33 +83,33 @@ func setupSuite() (int, error) {
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
-		return 1, err
+		return err
 	}
 	for _, p := range []*string{&suite.attested, &suite.imgcopy} {
 		if *p, err = filepath.Abs(*p); err != nil {
-			return 1, err
+			return err
 		}
 		if _, err := os.Stat(*p); err != nil {
-			return 1, err
+			return err
 		}
 	}
 	suite.ca, err = swtpm.NewCA(filepath.Join(suite.dir, "swtpm-ca"))
 	if err != nil {
-		return 1, err
+		return err
 	}
 	suite.srcImage = filepath.Join(suite.dir, "src")
 	out, err := exec.Command(suite.imgcopy, "mkimage", "--layers", fmt.Sprint(srcLayers), "--size", "65536", "--out", suite.srcImage).Output()
 	if err != nil {
-		return 1, fmt.Errorf("imgcopy mkimage: %w", err)
+		return fmt.Errorf("imgcopy mkimage: %w", err)
 	}
 	var mk struct {
 		DiffIDs []string `json:"diffIDs"`
 	}
 	if err := json.Unmarshal(out, &mk); err != nil || len(mk.DiffIDs) != srcLayers {
-		return 1, fmt.Errorf("imgcopy mkimage printed %q (%v)", out, err)
+		return fmt.Errorf("imgcopy mkimage printed %q (%v)", out, err)
 	}
 	suite.srcDiffIDs = mk.DiffIDs
-	return 0, nil
+	return nil
 }
 
 func goBuild(dir string, env []string, args ...string) error {
