@@ -19,35 +19,24 @@ func nodeCmd(c *config) *cobra.Command {
 		Short: "Enroll this node's TPM (EK and a new attestation key) with the broker",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cc, err := dialBroker(c, false)
-			if err != nil {
-				return err
-			}
-			defer cc.Close()
-			ctx, cancel := context.WithTimeout(context.Background(), c.Timeout)
-			defer cancel()
-			b := apiv1.NewBrokerClient(cc)
-			info, err := b.Info(ctx, &apiv1.InfoRequest{})
-			if err != nil {
-				return err
-			}
-			t, err := attest.OpenTPM(ctx, c.TPM)
-			if err != nil {
-				return err
-			}
-			defer t.Close()
-			st, n, err := attest.Enroll(ctx, b, t, attest.EnrollOptions{Name: c.Name, JoinToken: joinToken, BrokerID: info.GetBrokerId()})
-			if err != nil {
-				return err
-			}
-			if err := st.Save(c.StateDir); err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "node %s enrolled with broker %s (EK %s..)\n", n.GetName(), info.GetBrokerId(), n.GetEkFingerprint()[:16])
-			if n.GetState() == apiv1.NodeState_NODE_STATE_PENDING {
-				fmt.Fprintf(cmd.OutOrStdout(), "waiting for approval: an admin runs 'attested node approve %s'\n", n.GetName())
-			}
-			return nil
+			return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error {
+				info, err := b.Info(ctx, &apiv1.InfoRequest{})
+				if err != nil {
+					return err
+				}
+				st, n, err := attest.Enroll(ctx, b, t, attest.EnrollOptions{Name: c.Name, JoinToken: joinToken, BrokerID: info.GetBrokerId()})
+				if err != nil {
+					return err
+				}
+				if err := st.Save(c.StateDir); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s enrolled with broker %s (EK %s..)\n", n.GetName(), info.GetBrokerId(), n.GetEkFingerprint()[:16])
+				if n.GetState() == apiv1.NodeState_NODE_STATE_PENDING {
+					fmt.Fprintf(cmd.OutOrStdout(), "waiting for approval: an admin runs 'attested node approve %s'\n", n.GetName())
+				}
+				return nil
+			})
 		},
 	}
 	enroll.Flags().StringVar(&joinToken, "join-token", "", "single-use join token from 'attested node token create' (else admin approval is needed)")
@@ -60,25 +49,15 @@ func nodeCmd(c *config) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			cc, err := dialBroker(c, false)
-			if err != nil {
-				return err
-			}
-			defer cc.Close()
-			ctx, cancel := context.WithTimeout(context.Background(), c.Timeout)
-			defer cancel()
-			t, err := attest.OpenTPM(ctx, c.TPM)
-			if err != nil {
-				return err
-			}
-			defer t.Close()
-			s, err := attest.NewSession(ctx, apiv1.NewBrokerClient(cc), t, st)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "node %s attested: quote verified by broker %s; session valid until %s (TPM reset %d, restart %d)\n",
-				st.Name, st.Broker, s.Expires.UTC().Format(time.RFC3339), s.ResetCount, s.RestartCount)
-			return nil
+			return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error {
+				s, err := attest.NewSession(ctx, b, t, st)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s attested: quote verified by broker %s; session valid until %s (TPM reset %d, restart %d)\n",
+					st.Name, st.Broker, s.Expires.UTC().Format(time.RFC3339), s.ResetCount, s.RestartCount)
+				return nil
+			})
 		},
 	}
 	var ttl time.Duration
@@ -151,4 +130,22 @@ func stateName(s apiv1.NodeState) string {
 		return "revoked"
 	}
 	return "unknown"
+}
+
+// withNode runs fn with a broker client and this node's TPM, both bounded
+// by the configured timeout.
+func withNode(c *config, fn func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error) error {
+	cc, err := dialBroker(c, false)
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), c.Timeout)
+	defer cancel()
+	t, err := attest.OpenTPM(ctx, c.TPM)
+	if err != nil {
+		return err
+	}
+	defer t.Close()
+	return fn(ctx, apiv1.NewBrokerClient(cc), t)
 }

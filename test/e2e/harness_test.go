@@ -81,7 +81,7 @@ type worldOptions struct {
 // key "app" under it and pushes an image encrypted for it.
 func newWorld(t *testing.T, o worldOptions) *world {
 	t.Helper()
-	dir, err := os.MkdirTemp(suite.dir, "w")
+	dir, err := os.MkdirTemp(shared.dir, "w")
 	require.NoError(t, err)
 	w := &world{t: t, dir: dir}
 	t.Cleanup(func() {
@@ -103,7 +103,7 @@ func newWorld(t *testing.T, o worldOptions) *world {
 		}
 		w.image = "docker://" + w.registry + "/app:1"
 		r := w.imgcopy(w.node1, m, "copy", "--quiet", "--encryption-key", "provider:attested:key=app",
-			"--dest-tls-verify=false", "oci:"+suite.srcImage+":latest", w.image)
+			"--dest-tls-verify=false", "oci:"+shared.srcImage+":latest", w.image)
 		require.NoError(t, r.err, "encrypt: %s", r.stderr)
 	}
 	return w
@@ -260,7 +260,7 @@ func (w *world) run(o runOpts, label, bin string, args ...string) result {
 
 // attested runs the binary with node n's configuration.
 func (w *world) attested(n *node, args ...string) result {
-	return w.run(runOpts{}, "attested "+strings.Join(args, " "), suite.attested, append([]string{"--config", n.cfg}, args...)...)
+	return w.run(runOpts{}, "attested "+strings.Join(args, " "), shared.attested, append([]string{"--config", n.cfg}, args...)...)
 }
 
 // admin runs an admin command, which must succeed, and returns its stdout.
@@ -275,7 +275,7 @@ func (w *world) admin(args ...string) string {
 func (w *world) imgcopy(n *node, m mode, args ...string) result {
 	w.t.Helper()
 	env := []string{"OCICRYPT_KEYPROVIDER_CONFIG=" + n.ocicryptConfig(m)}
-	return w.run(runOpts{env: env}, fmt.Sprintf("imgcopy(%s,%s) %s", n.name, m, args[0]), suite.imgcopy, args...)
+	return w.run(runOpts{env: env}, fmt.Sprintf("imgcopy(%s,%s) %s", n.name, m, args[0]), shared.imgcopy, args...)
 }
 
 // pull decrypts the world's image on node n into a fresh OCI layout.
@@ -308,7 +308,7 @@ func (w *world) refusedPull(n *node, m mode) (string, result) {
 		b, err := os.ReadFile(filepath.Join(out, "blobs", "sha256", e.Name()))
 		require.NoError(w.t, err)
 		if d := diffID(b); d != "" {
-			require.NotContains(w.t, suite.srcDiffIDs, d, "a refused pull wrote a decrypted layer")
+			require.NotContains(w.t, shared.srcDiffIDs, d, "a refused pull wrote a decrypted layer")
 		}
 	}
 	return r.msg(), r
@@ -362,7 +362,7 @@ func (w *world) startBroker() {
 	t := w.t
 	w.brokerDir = filepath.Join(w.dir, "broker")
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	r := w.run(runOpts{}, "broker init", suite.attested, "broker", "init", "--data-dir", w.brokerDir, "--listen", addr)
+	r := w.run(runOpts{}, "broker init", shared.attested, "broker", "init", "--data-dir", w.brokerDir, "--listen", addr)
 	require.NoError(t, r.err, "broker init: %s", r.stderr)
 	m := brokerIDRe.FindSubmatch(r.stdout)
 	require.NotNil(t, m, "broker init printed %q", r.stdout)
@@ -385,7 +385,7 @@ func (w *world) startBroker() {
 // serveBroker starts 'attested broker serve' on addr (the broker's data
 // stays in brokerDir, so this also restarts a stopped broker).
 func (w *world) serveBroker(addr string) error {
-	p := w.start("broker", suite.attested, "broker", "serve", "--data-dir", w.brokerDir, "--listen", addr)
+	p := w.start("broker", shared.attested, "broker", "serve", "--data-dir", w.brokerDir, "--listen", addr)
 	err := w.waitReady(p, "broker", func() error {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
@@ -472,7 +472,7 @@ func (w *world) newNode(name string) *node {
 	n.stateDir = filepath.Join(n.dir, "state")
 	n.runDir = filepath.Join(n.dir, "run")
 	n.sock = filepath.Join(n.runDir, "kp.sock")
-	n.tpm = swtpm.Start(w.t, suite.ca, filepath.Join(n.dir, "tpm"))
+	n.tpm = swtpm.Start(w.t, shared.ca, filepath.Join(n.dir, "tpm"))
 	n.cfg = n.writeConfig("node.yaml", 20*time.Second)
 	return n
 }
@@ -517,7 +517,7 @@ func (n *node) ocicryptConfig(m mode) string {
 	switch m {
 	case execMode:
 		cfg = map[string]any{"key-providers": map[string]any{"attested": map[string]any{
-			"cmd": map[string]any{"path": suite.attested, "args": []string{"keyprovider", "--config", n.cfg}}}}}
+			"cmd": map[string]any{"path": shared.attested, "args": []string{"keyprovider", "--config", n.cfg}}}}}
 	case grpcMode:
 		if n.agent == nil || n.agent.exited() {
 			n.startAgent(n.enrolled())
@@ -546,7 +546,7 @@ func (n *node) startAgent(waitAttest bool) {
 	if waitAttest {
 		before, _ = w.quotes(n)
 	}
-	n.agent = w.start("agent-"+n.name, suite.attested, "agent", "--config", n.cfg, "--listen", "unix://"+n.sock)
+	n.agent = w.start("agent-"+n.name, shared.attested, "agent", "--config", n.cfg, "--listen", "unix://"+n.sock)
 	require.NoError(w.t, w.waitReady(n.agent, "agent socket", func() error {
 		c, err := net.Dial("unix", n.sock)
 		if err == nil {
@@ -570,7 +570,7 @@ func (n *node) startAgent(waitAttest bool) {
 // keyprovider sends one exec-mode request to 'attested keyprovider'.
 func (n *node) keyprovider(req []byte, secretReply bool) result {
 	return n.w.run(runOpts{stdin: req, secretStdout: secretReply}, "attested keyprovider ("+n.name+")",
-		suite.attested, "keyprovider", "--config", n.cfg)
+		shared.attested, "keyprovider", "--config", n.cfg)
 }
 
 // --- images ----------------------------------------------------------------
@@ -588,7 +588,7 @@ type inspected struct {
 
 func (w *world) inspect(ref string) inspected {
 	w.t.Helper()
-	r := w.run(runOpts{}, "imgcopy inspect", suite.imgcopy, "inspect", "--tls-verify=false", ref)
+	r := w.run(runOpts{}, "imgcopy inspect", shared.imgcopy, "inspect", "--tls-verify=false", ref)
 	require.NoError(w.t, r.err, "inspect %s: %s", ref, r.stderr)
 	var in inspected
 	require.NoError(w.t, json.Unmarshal(r.stdout, &in))
@@ -602,7 +602,7 @@ func (w *world) verifyDecrypted(dir string) {
 	t.Helper()
 	in := w.inspect("oci:" + dir + ":latest")
 	require.Len(t, in.Layers, srcLayers)
-	require.Equal(t, suite.srcDiffIDs, in.DiffIDs)
+	require.Equal(t, shared.srcDiffIDs, in.DiffIDs)
 	for i, l := range in.Layers {
 		require.NotContains(t, l.MediaType, "encrypted", "layer %d", i)
 		require.NotContains(t, l.Annotations, providerAnnotation, "layer %d", i)
@@ -610,7 +610,7 @@ func (w *world) verifyDecrypted(dir string) {
 		require.True(t, ok, l.Digest)
 		blob, err := os.ReadFile(filepath.Join(dir, "blobs", "sha256", hexd))
 		require.NoError(t, err)
-		require.Equal(t, suite.srcDiffIDs[i], diffID(blob), "layer %d content differs from the original", i)
+		require.Equal(t, shared.srcDiffIDs[i], diffID(blob), "layer %d content differs from the original", i)
 	}
 }
 

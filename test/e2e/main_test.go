@@ -16,9 +16,9 @@ import (
 	"github.com/attested-dev/attested/test/swtpm"
 )
 
-// suite is what every test shares: the binaries, a source image and the
+// shared is what every test shares: the binaries, a source image and the
 // swtpm certificate authority. Everything else is per test.
-var suite struct {
+var shared struct {
 	dir      string
 	attested string
 	imgcopy  string
@@ -33,14 +33,14 @@ const srcLayers = 4
 func TestMain(m *testing.M) {
 	if err := setupSuite(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
-		if suite.dir != "" {
-			os.RemoveAll(suite.dir)
+		if shared.dir != "" {
+			os.RemoveAll(shared.dir)
 		}
 		os.Exit(1)
 	}
 	code := m.Run()
-	if suite.dir != "" && os.Getenv("E2E_KEEP") == "" {
-		os.RemoveAll(suite.dir)
+	if shared.dir != "" && os.Getenv("E2E_KEEP") == "" {
+		os.RemoveAll(shared.dir)
 	}
 	os.Exit(code)
 }
@@ -62,30 +62,30 @@ func setupSuite() error {
 	if _, err := os.Stat(filepath.Join(root, "cmd", "attested")); err != nil {
 		return fmt.Errorf("run from test/e2e in the repository: %w", err)
 	}
-	suite.dir, err = os.MkdirTemp("", "attested-e2e-")
+	shared.dir, err = os.MkdirTemp("", "attested-e2e-")
 	if err != nil {
 		return err
 	}
-	suite.attested = os.Getenv("ATTESTED_BIN")
-	suite.imgcopy = os.Getenv("IMGCOPY_BIN")
+	shared.attested = os.Getenv("ATTESTED_BIN")
+	shared.imgcopy = os.Getenv("IMGCOPY_BIN")
 	var wg sync.WaitGroup
 	errs := make([]error, 2)
-	if suite.attested == "" {
-		suite.attested = filepath.Join(suite.dir, "attested")
-		wg.Go(func() { errs[0] = goBuild(root, nil, "-o", suite.attested, "./cmd/attested") })
+	if shared.attested == "" {
+		shared.attested = filepath.Join(shared.dir, "attested")
+		wg.Go(func() { errs[0] = goBuild(root, nil, "-o", shared.attested, "./cmd/attested") })
 	}
-	if suite.imgcopy == "" {
-		suite.imgcopy = filepath.Join(suite.dir, "imgcopy")
+	if shared.imgcopy == "" {
+		shared.imgcopy = filepath.Join(shared.dir, "imgcopy")
 		wg.Go(func() {
 			errs[1] = goBuild(filepath.Join(root, "test", "imgcopy"), []string{"CGO_ENABLED=0"},
-				"-tags", "containers_image_openpgp", "-o", suite.imgcopy, ".")
+				"-tags", "containers_image_openpgp", "-o", shared.imgcopy, ".")
 		})
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	for _, p := range []*string{&suite.attested, &suite.imgcopy} {
+	for _, p := range []*string{&shared.attested, &shared.imgcopy} {
 		if *p, err = filepath.Abs(*p); err != nil {
 			return err
 		}
@@ -93,12 +93,12 @@ func setupSuite() error {
 			return err
 		}
 	}
-	suite.ca, err = swtpm.NewCA(filepath.Join(suite.dir, "swtpm-ca"))
+	shared.ca, err = swtpm.NewCA(filepath.Join(shared.dir, "swtpm-ca"))
 	if err != nil {
 		return err
 	}
-	suite.srcImage = filepath.Join(suite.dir, "src")
-	out, err := exec.Command(suite.imgcopy, "mkimage", "--layers", fmt.Sprint(srcLayers), "--size", "65536", "--out", suite.srcImage).Output()
+	shared.srcImage = filepath.Join(shared.dir, "src")
+	out, err := exec.Command(shared.imgcopy, "mkimage", "--layers", fmt.Sprint(srcLayers), "--size", "65536", "--out", shared.srcImage).Output()
 	if err != nil {
 		return fmt.Errorf("imgcopy mkimage: %w", err)
 	}
@@ -108,7 +108,7 @@ func setupSuite() error {
 	if err := json.Unmarshal(out, &mk); err != nil || len(mk.DiffIDs) != srcLayers {
 		return fmt.Errorf("imgcopy mkimage printed %q (%v)", out, err)
 	}
-	suite.srcDiffIDs = mk.DiffIDs
+	shared.srcDiffIDs = mk.DiffIDs
 	return nil
 }
 
