@@ -2,6 +2,7 @@ package attest
 
 import (
 	"context"
+	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -75,4 +76,16 @@ func Enroll(ctx context.Context, b Enrollment, t *TPM, o EnrollOptions) (*State,
 	}
 	sum := sha256.Sum256(ekDER)
 	return &State{Name: o.Name, Broker: o.BrokerID, EKFingerprint: hex.EncodeToString(sum[:]), AKBlob: blob}, fin.GetNode(), nil
+}
+
+// EK returns the TPM's endorsement public key.
+func (t *TPM) EK() (crypto.PublicKey, error) {
+	eks, err := t.dev.EKs()
+	if err != nil {
+		return nil, fmt.Errorf("attest: read EK: %w", err)
+	}
+	if len(eks) == 0 {
+		return nil, errors.New("attest: the TPM reports no endorsement key")
+	}
+	return eks[0].Public, nil
 }

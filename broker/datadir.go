@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/ecdsa"
@@ -49,6 +50,12 @@ type Config struct {
 	SessionTTL time.Duration `yaml:"sessionTTL"`
 	// NonceTTL bounds how long a node has to answer a challenge.
 	NonceTTL time.Duration `yaml:"nonceTTL"`
+	// EKRoots lists PEM files or directories of TPM manufacturer CAs that
+	// EK certificates must chain to. Empty trusts none.
+	EKRoots []string `yaml:"ekRoots,omitempty"`
+	// RequireEKCertificate refuses TPMs that present no EK certificate
+	// chaining to EKRoots.
+	RequireEKCertificate bool `yaml:"requireEKCertificate,omitempty"`
 }
 
 // Defaults for a new broker.
@@ -144,7 +151,9 @@ func LoadConfig(dataDir string) (*Config, error) {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
 	var cfg Config
-	if err := yaml.Unmarshal(data, &cfg); err != nil {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
 		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
 	}
 	if cfg.ID == "" || cfg.AdminTokenSHA256 == "" {

@@ -41,10 +41,10 @@ func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest)
 		return nil, status.Errorf(codes.InvalidArgument, "EK public key is not PKIX DER: %v", err)
 	}
 	fp := EKFingerprint(req.GetEkPublic())
-	if len(req.GetEkCertificate()) > 0 {
-		if err := checkEKCertMatches(req.GetEkCertificate(), req.GetEkPublic()); err != nil {
-			return nil, status.Error(codes.InvalidArgument, err.Error())
-		}
+	ekIssuer, err := s.checkEKCertificate(req.GetEkCertificate(), req.GetEkPublic())
+	if err != nil {
+		s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: err.Error()})
+		return nil, status.Error(codes.PermissionDenied, err.Error())
 	}
 	ak := req.GetAk()
 	if ak == nil {
@@ -97,7 +97,7 @@ func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest)
 		ID: hex.EncodeToString(randomBytes(16)),
 		Node: store.Node{
 			Name: req.GetName(), EKFingerprint: fp, EKPublic: req.GetEkPublic(),
-			EKCertificate: req.GetEkCertificate(), AKPublic: ak.GetPublic(),
+			EKCertificate: req.GetEkCertificate(), EKIssuer: ekIssuer, AKPublic: ak.GetPublic(),
 		},
 		SecretHash: sum[:],
 		Approved:   approved,
@@ -141,23 +141,44 @@ func (s *Server) EnrollFinish(ctx context.Context, req *apiv1.EnrollFinishReques
 	if !e.Approved {
 		reason = "enrolled; waiting for admin approval ('attested node approve " + n.Name + "')"
 	}
+	if n.EKIssuer != "" {
+		reason += "; EK certificate verified (issuer " + n.EKIssuer + ")"
+	}
 	s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: n.Name, Allowed: true, Reason: reason})
 	return &apiv1.EnrollFinishResponse{Node: nodeToAPI(n)}, nil
 }
 
-func checkEKCertMatches(certDER, ekPKIX []byte) error {
-	cert, err := attest.ParseEKCertificate(certDER)
+// checkEKCertificate verifies the EK certificate, when there is one, chains
+// to a configured manufacturer root and certifies this EK. It returns the
+// issuer of a verified certificate, or "" when the TPM has none (then a
+// join token or admin approval is what admits it).
+func (s *Server) checkEKCertificate(certDER, ekPKIX []byte) (string, error) {
+	if len(certDER) == 0 {
+		if s.cfg.RequireEKCertificate {
+			return "", errors.New("EK certificate required: this TPM presented none, and the broker requires one chaining to a trusted manufacturer root")
+		}
+		return "", nil
+	}
+	if !s.ekRoots.Configured() {
+		if s.cfg.RequireEKCertificate {
+			return "", errors.New("EK certificate cannot be verified: no manufacturer roots configured")
+		}
+		// Without roots the certificate proves nothing; admission rests on
+		// the join token or approval, as for a TPM without one.
+		return "", nil
+	}
+	cert, err := s.ekRoots.Verify(certDER)
 	if err != nil {
-		return fmt.Errorf("EK certificate does not parse: %v", err)
+		return "", err
 	}
 	der, err := x509.MarshalPKIXPublicKey(cert.PublicKey)
 	if err != nil {
-		return fmt.Errorf("EK certificate public key: %v", err)
+		return "", fmt.Errorf("EK certificate public key: %v", err)
 	}
 	if subtle.ConstantTimeCompare(der, ekPKIX) != 1 {
-		return errors.New("EK certificate is for another key than the EK presented")
+		return "", errors.New("EK certificate is for another key than the EK presented")
 	}
-	return nil
+	return cert.Issuer.String(), nil
 }
 
 // checkAKSignOnly refuses AKs that can also decrypt: go-attestation checks

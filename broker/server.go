@@ -48,6 +48,7 @@ type Server struct {
 	now    func() time.Time
 
 	adminHash []byte
+	ekRoots   *EKRoots
 
 	mu       sync.Mutex
 	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
@@ -86,8 +87,15 @@ func New(o Options) (*Server, error) {
 	if now == nil {
 		now = time.Now
 	}
+	roots, err := LoadEKRoots(o.Config.EKRoots)
+	if err != nil {
+		return nil, err
+	}
+	if o.Config.RequireEKCertificate && !roots.Configured() {
+		return nil, fmt.Errorf("broker: requireEKCertificate is set but ekRoots names no root certificate")
+	}
 	return &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
-		adminHash: adminHash, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}}, nil
+		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}}, nil
 }
 
 // Open opens the broker in dataDir with its embedded store.

@@ -7,11 +7,13 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
+	"gopkg.in/yaml.v3"
 
 	"github.com/attested-dev/attested/broker"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
@@ -32,14 +34,23 @@ type Broker struct {
 	grpc   *grpc.Server
 }
 
-// Start runs a broker until the test ends.
-func Start(t testing.TB) *Broker {
+// Start runs a broker until the test ends; configure adjusts broker.yaml
+// before the broker opens.
+func Start(t testing.TB, configure ...func(*broker.Config)) *Broker {
 	t.Helper()
 	dir := t.TempDir()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	_, err = broker.Init(broker.InitOptions{DataDir: dir, ID: "broker-test", Listen: lis.Addr().String()})
+	cfg, err := broker.Init(broker.InitOptions{DataDir: dir, ID: "broker-test", Listen: lis.Addr().String()})
 	require.NoError(t, err)
+	if len(configure) > 0 {
+		for _, f := range configure {
+			f(cfg)
+		}
+		data, err := yaml.Marshal(cfg)
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(filepath.Join(dir, broker.ConfigFile), data, 0o600))
+	}
 	srv, err := broker.Open(dir, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	require.NoError(t, err)
 	cert, err := broker.LoadServerCertificate(dir)

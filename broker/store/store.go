@@ -29,14 +29,17 @@ const (
 
 // Node is an enrolled (or pending) node. Its identity is its EK.
 type Node struct {
-	Name          string            `json:"name"`
-	EKFingerprint string            `json:"ekFingerprint"`
-	EKPublic      []byte            `json:"ekPublic"`
-	EKCertificate []byte            `json:"ekCertificate,omitempty"`
-	AKPublic      []byte            `json:"akPublic"`
-	State         NodeState         `json:"state"`
-	Tags          map[string]string `json:"tags,omitempty"`
-	EnrolledAt    time.Time         `json:"enrolledAt"`
+	Name          string `json:"name"`
+	EKFingerprint string `json:"ekFingerprint"`
+	EKPublic      []byte `json:"ekPublic"`
+	EKCertificate []byte `json:"ekCertificate,omitempty"`
+	// EKIssuer names the manufacturer CA that issued a verified EK
+	// certificate; empty when none was verified.
+	EKIssuer   string            `json:"ekIssuer,omitempty"`
+	AKPublic   []byte            `json:"akPublic"`
+	State      NodeState         `json:"state"`
+	Tags       map[string]string `json:"tags,omitempty"`
+	EnrolledAt time.Time         `json:"enrolledAt"`
 	// Trust is the outcome of the last appraisal.
 	Trust        string         `json:"trust,omitempty"`
 	TrustReason  string         `json:"trustReason,omitempty"`
