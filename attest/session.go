@@ -5,6 +5,8 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"io"
+	"os"
 	"time"
 
 	"github.com/google/go-attestation/attest"
@@ -83,6 +85,38 @@ func (s *Session) StillValid(now time.Time, p Platform) bool {
 		bytes.Equal(s.PCRDigest, p.Digest())
 }
 
+// Logs names the event logs a node sends with its quote; empty sends none.
+type Logs struct {
+	// Firmware is the TCG event log, usually
+	// /sys/kernel/security/tpm0/binary_bios_measurements.
+	Firmware string
+	// IMA is the IMA binary runtime measurement list, usually
+	// /sys/kernel/security/ima/binary_runtime_measurements.
+	IMA string
+}
+
+// MaxLogSize bounds what a node reads and sends.
+const MaxLogSize = 8 << 20
+
+func readLog(path, what string) ([]byte, error) {
+	if path == "" {
+		return nil, nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("attest: %s log: %w", what, err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxLogSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("attest: %s log: %w", what, err)
+	}
+	if len(data) > MaxLogSize {
+		return nil, fmt.Errorf("attest: %s log %s is larger than %d bytes", what, path, MaxLogSize)
+	}
+	return data, nil
+}
+
 // QuoteHook, when set, is called once per TPM quote; tests and metrics
 // count quotes with it.
 var QuoteHook func()
@@ -90,7 +124,7 @@ var QuoteHook func()
 // NewSession asks the broker for a nonce, creates a session key pair,
 // quotes the PCRs over H(nonce, session key, node), and has the broker
 // appraise it. This is the only place a quote happens.
-func NewSession(ctx context.Context, b Appraiser, t *TPM, st *State) (*Session, error) {
+func NewSession(ctx context.Context, b Appraiser, t *TPM, st *State, logs Logs) (*Session, error) {
 	ch, err := b.Challenge(ctx, &apiv1.ChallengeRequest{Node: st.Name})
 	if err != nil {
 		return nil, fmt.Errorf("attest: challenge: %w", err)
@@ -116,8 +150,19 @@ func NewSession(ctx context.Context, b Appraiser, t *TPM, st *State) (*Session, 
 	if err != nil {
 		return nil, err
 	}
+	// Logs are read after the quote: the firmware log is fixed after boot,
+	// and the broker replays the IMA log only up to the quoted PCR 10, so
+	// measurements appended meanwhile do not spoil the evidence.
+	fw, err := readLog(logs.Firmware, "firmware event")
+	if err != nil {
+		return nil, err
+	}
+	ima, err := readLog(logs.IMA, "IMA")
+	if err != nil {
+		return nil, err
+	}
 	req := &apiv1.AttestRequest{Node: st.Name, Nonce: ch.GetNonce(), SessionPublicKey: pub, SessionSuite: s.Name,
-		Quote: q.Quote, Signature: q.Signature}
+		Quote: q.Quote, Signature: q.Signature, EventLog: fw, ImaLog: ima}
 	for _, p := range plat.PCRs {
 		req.Pcrs = append(req.Pcrs, &apiv1.PCR{Index: uint32(p.Index), Digest: p.Digest})
 	}

@@ -26,7 +26,9 @@ type Sessions struct {
 	TPM func(ctx context.Context) (*TPM, error)
 	// Store shares sessions across processes; nil keeps them in memory.
 	Store *FileStore
-	Now   func() time.Time
+	// Logs are sent with every quote.
+	Logs Logs
+	Now  func() time.Time
 
 	mu  sync.Mutex
 	cur *Session
@@ -62,7 +64,7 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 			return m.cur, nil
 		}
 	}
-	s, err := NewSession(ctx, m.Broker, t, m.State)
+	s, err := NewSession(ctx, m.Broker, t, m.State, m.Logs)
 	if err != nil {
 		return nil, err
 	}

@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"crypto"
+	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/attested-dev/attested/attest/binding"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/evidence"
 	"github.com/attested-dev/attested/broker/store"
 	"github.com/attested-dev/attested/broker/suite"
 )
@@ -86,6 +88,14 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	if err != nil {
 		return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, "quote refused: "+err.Error())
 	}
+	facts, err := appraiseLogs(req, pcrs)
+	if err != nil {
+		return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, "evidence refused: "+err.Error())
+	}
+	factsJSON, err := json.Marshal(facts)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "facts: %v", err)
+	}
 	// A TPM's reset counter only grows; going back means old evidence or
 	// another TPM. A change means a reboot, which ends older sessions.
 	if n.ClockSeen && (clock.ResetCount < n.ResetCount || (clock.ResetCount == n.ResetCount && clock.RestartCount < n.RestartCount)) {
@@ -101,12 +111,12 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	now := s.now()
 	sess := store.Session{
 		TokenHash: hashToken(token), Node: n.Name, PublicKey: req.GetSessionPublicKey(), Suite: st.Name,
-		PCRs: pcrs, ResetCount: clock.ResetCount, RestartCount: clock.RestartCount,
+		PCRs: pcrs, ResetCount: clock.ResetCount, RestartCount: clock.RestartCount, Facts: factsJSON,
 		Created: now, Expires: now.Add(s.cfg.SessionTTL),
 	}
 	if _, err := s.store.UpdateNode(ctx, n.Name, func(n *store.Node) error {
 		n.ResetCount, n.RestartCount, n.ClockSeen = clock.ResetCount, clock.RestartCount, true
-		n.LastAttested, n.LastPCRs = now, pcrs
+		n.LastAttested, n.LastPCRs, n.LastFacts = now, pcrs, factsJSON
 		if n.Trust != "untrusted" {
 			// A verified quote alone does not clear a policy refusal; the
 			// next release or refusal decides.
@@ -126,6 +136,26 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Allowed: true, Reason: reason})
 	return &apiv1.AttestResponse{SessionToken: token, ExpiresUnix: sess.Expires.Unix(),
 		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount}, nil
+}
+
+// appraiseLogs replays the event logs, when sent, against the verified
+// PCR values and derives facts from them.
+func appraiseLogs(req *apiv1.AttestRequest, pcrs map[int][]byte) (evidence.Facts, error) {
+	var f evidence.Facts
+	var err error
+	if len(req.GetEventLog()) > 0 {
+		if f, err = evidence.ReplayFirmware(req.GetEventLog(), pcrs); err != nil {
+			return f, err
+		}
+	}
+	if len(req.GetImaLog()) > 0 {
+		ima, err := evidence.ReplayIMA(req.GetImaLog(), pcrs[evidence.IMAPCR])
+		if err != nil {
+			return f, err
+		}
+		f.IMA = append([]evidence.IMAEntry{}, ima...)
+	}
+	return f, nil
 }
 
 func (s *Server) refuseAttest(ctx context.Context, node string, code codes.Code, reason string) error {

@@ -71,6 +71,7 @@ func extendPCR(t *testing.T, idx int, data string) {
 type node struct {
 	b     *brokertest.Broker
 	state *nodeattest.State
+	logs  nodeattest.Logs
 }
 
 func enroll(t *testing.T, b *brokertest.Broker, name string) *node {
@@ -90,7 +91,7 @@ func (n *node) session(t *testing.T) (*nodeattest.Session, error) {
 	t.Helper()
 	tpm := openTPM(t)
 	defer tpm.Close()
-	return nodeattest.NewSession(context.Background(), n.b.Node, tpm, n.state)
+	return nodeattest.NewSession(context.Background(), n.b.Node, tpm, n.state, n.logs)
 }
 
 // policyPinning applies a policy that accepts PCR idx's current value.

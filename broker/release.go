@@ -3,9 +3,11 @@ package broker
 import (
 	"context"
 	"crypto/hpke"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -60,7 +62,10 @@ func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 	if a.Broker != s.cfg.ID {
 		return nil, status.Errorf(codes.FailedPrecondition, "layer key was sealed by broker %s, this is broker %s", a.Broker, s.cfg.ID)
 	}
-	claims := policy.Claims{Node: n.Name, PCRs: sess.PCRs}
+	claims, err := sessionClaims(n, sess, s.now())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
 	var reasons []string
 	for _, r := range a.Recipients {
 		optsdata, err := s.release(ctx, a, r, claims)
@@ -100,6 +105,63 @@ func (s *Server) setTrust(ctx context.Context, n store.Node, trust, reason strin
 	}); err != nil {
 		s.log.Warn("recording trust status failed", "node", n.Name, "err", err)
 	}
+}
+
+// sessionClaims are what a session established about its node.
+func sessionClaims(n store.Node, sess store.Session, now time.Time) (policy.Claims, error) {
+	c := policy.Claims{Node: n.Name, PCRs: sess.PCRs, Tags: n.Tags, SessionAge: now.Sub(sess.Created)}
+	if len(sess.Facts) > 0 {
+		if err := json.Unmarshal(sess.Facts, &c.Facts); err != nil {
+			return c, fmt.Errorf("session facts: %v", err)
+		}
+	}
+	return c, nil
+}
+
+// Explain implements apiv1.BrokerServer: the session's facts and every
+// key's policy evaluated clause by clause. Nothing is released.
+func (s *Server) Explain(ctx context.Context, req *apiv1.ExplainRequest) (*apiv1.ExplainResponse, error) {
+	sess, err := s.store.GetSession(ctx, hashToken(req.GetSessionToken()))
+	if errors.Is(err, store.ErrNotFound) || (err == nil && s.now().After(sess.Expires)) {
+		return nil, status.Error(codes.Unauthenticated, "session unknown, expired or ended; attest again")
+	}
+	if err != nil {
+		return nil, storeErr("session", err)
+	}
+	n, err := s.activeNode(ctx, sess.Node)
+	if err != nil {
+		return nil, err
+	}
+	claims, err := sessionClaims(n, sess, s.now())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	out := &apiv1.ExplainResponse{Node: n.Name, Facts: claims.Facts.Lines()}
+	keys, err := s.store.ListKeys(ctx)
+	if err != nil {
+		return nil, storeErr("keys", err)
+	}
+	seen := map[string]bool{}
+	for i := len(keys) - 1; i >= 0; i-- { // latest version of each key
+		k := keys[i]
+		if seen[k.Name] {
+			continue
+		}
+		seen[k.Name] = true
+		ka := &apiv1.KeyAppraisal{Key: k.Name, Policy: k.Policy}
+		p, err := s.policy(ctx, k.Policy)
+		if err != nil {
+			ka.Clauses = []*apiv1.Clause{{Name: "policy", Detail: err.Error()}}
+		} else {
+			res := p.Evaluate(claims)
+			ka.Allowed = res.Allowed
+			for _, c := range res.Clauses {
+				ka.Clauses = append(ka.Clauses, &apiv1.Clause{Name: c.Name, Ok: c.OK, Detail: c.Detail})
+			}
+		}
+		out.Keys = append(out.Keys, ka)
+	}
+	return out, nil
 }
 
 // release evaluates one recipient's policy and, if it holds, opens the

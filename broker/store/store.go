@@ -8,6 +8,7 @@ package store
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"time"
 )
@@ -48,6 +49,9 @@ type Node struct {
 	RestartCount uint32         `json:"restartCount"`
 	ClockSeen    bool           `json:"clockSeen"`
 	LastPCRs     map[int][]byte `json:"lastPCRs,omitempty"`
+	// LastFacts are the facts of the last accepted evidence (JSON), for
+	// drafting policies from a known-good node.
+	LastFacts json.RawMessage `json:"lastFacts,omitempty"`
 }
 
 // Enrollment is a credential activation in flight.
@@ -75,8 +79,10 @@ type Session struct {
 	PCRs         map[int][]byte `json:"pcrs"`
 	ResetCount   uint32         `json:"resetCount"`
 	RestartCount uint32         `json:"restartCount"`
-	Created      time.Time      `json:"created"`
-	Expires      time.Time      `json:"expires"`
+	// Facts are what the event logs established (JSON).
+	Facts   json.RawMessage `json:"facts,omitempty"`
+	Created time.Time       `json:"created"`
+	Expires time.Time       `json:"expires"`
 }
 
 // Key is one version of a wrapping key. The private part is sealed under

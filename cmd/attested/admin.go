@@ -143,7 +143,24 @@ func policyCmd(c *config) *cobra.Command {
 			})
 		},
 	}
-	cmd.AddCommand(apply, list)
+	var fromNode, name string
+	learn := &cobra.Command{
+		Use: "learn --from-node NODE", Short: "Draft a policy from a node's last accepted evidence (prints YAML)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
+				r, err := a.LearnPolicy(ctx, &apiv1.LearnPolicyRequest{Node: fromNode, Name: name})
+				if err != nil {
+					return err
+				}
+				fmt.Fprint(cmd.OutOrStdout(), r.GetYaml())
+				return nil
+			})
+		},
+	}
+	learn.Flags().StringVar(&fromNode, "from-node", "", "node whose evidence to learn from (required)")
+	learn.Flags().StringVar(&name, "name", "", "policy name (default learned-NODE)")
+	learn.MarkFlagRequired("from-node")
+	cmd.AddCommand(apply, list, learn)
 	return cmd
 }
 

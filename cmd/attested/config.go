@@ -6,11 +6,14 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"gopkg.in/yaml.v3"
+
+	"github.com/attested-dev/attested/attest"
 )
 
 // defaultConfig is read when --config is not given and the file exists.
@@ -31,6 +34,33 @@ type config struct {
 	Provider       string        `yaml:"provider"`
 	Timeout        time.Duration `yaml:"timeout"`
 	Reattest       time.Duration `yaml:"reattest"`
+	EventLog       string        `yaml:"eventLog"`
+	IMALog         string        `yaml:"imaLog"`
+}
+
+// Kernel locations of the logs a device TPM's node sends by default.
+const (
+	kernelEventLog = "/sys/kernel/security/tpm0/binary_bios_measurements"
+	kernelIMALog   = "/sys/kernel/security/ima/binary_runtime_measurements"
+)
+
+// logs returns the event logs to send: configured paths, or for a device
+// TPM the kernel's logs when present. "none" sends none.
+func (c *config) logs() attest.Logs {
+	pick := func(configured, kernel string) string {
+		switch {
+		case configured == "none":
+			return ""
+		case configured != "":
+			return configured
+		case strings.HasPrefix(c.TPM, "/dev/"):
+			if _, err := os.Stat(kernel); err == nil {
+				return kernel
+			}
+		}
+		return ""
+	}
+	return attest.Logs{Firmware: pick(c.EventLog, kernelEventLog), IMA: pick(c.IMALog, kernelIMALog)}
 }
 
 func defaults() config {
@@ -60,6 +90,8 @@ func configFlags(fs *pflag.FlagSet, c *config) {
 	fs.StringVar(&c.Provider, "provider", c.Provider, "provider name in the ocicrypt config")
 	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one keyprovider request, TPM and broker calls included")
 	fs.DurationVar(&c.Reattest, "reattest", c.Reattest, "agent re-attestation period")
+	fs.StringVar(&c.EventLog, "event-log", c.EventLog, "firmware event log sent with quotes (default for /dev TPMs: "+kernelEventLog+"; 'none' to send none)")
+	fs.StringVar(&c.IMALog, "ima-log", c.IMALog, "IMA measurement list sent with quotes (default for /dev TPMs: "+kernelIMALog+"; 'none' to send none)")
 }
 
 // loadConfig fills c from the config file, then re-applies flags that were

@@ -128,7 +128,7 @@ func newHandler(c *config, store *attest.FileStore) (*keyprovider.Handler, func(
 		return h, func() { cc.Close() }, nil
 	}
 	sessions := &attest.Sessions{
-		Broker: b, State: st, Store: store,
+		Broker: b, State: st, Store: store, Logs: c.logs(),
 		TPM: func(ctx context.Context) (*attest.TPM, error) { return attest.OpenTPM(ctx, c.TPM) },
 	}
 	h.Unwrapper = &keyprovider.NodeUnwrapper{Broker: b, Sessions: sessions, BrokerID: st.Broker}

@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -40,26 +42,40 @@ func nodeCmd(c *config) *cobra.Command {
 		},
 	}
 	enroll.Flags().StringVar(&joinToken, "join-token", "", "single-use join token from 'attested node token create' (else admin approval is needed)")
+	var explain bool
 	attestNow := &cobra.Command{
 		Use:   "attest",
 		Short: "Attest once: quote the PCRs and have the broker appraise them",
-		Args:  cobra.NoArgs,
+		Long: `Attest once: quote the PCRs, send them with the event logs, and have the broker
+appraise them. With --explain, show what the broker established and every key's
+policy evaluated clause by clause, pass or fail; nothing is released.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			st, err := attest.LoadState(c.StateDir)
 			if err != nil {
 				return err
 			}
 			return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error {
-				s, err := attest.NewSession(ctx, b, t, st)
+				s, err := attest.NewSession(ctx, b, t, st, c.logs())
 				if err != nil {
 					return err
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "node %s attested: quote verified by broker %s; session valid until %s (TPM reset %d, restart %d)\n",
+				w := cmd.OutOrStdout()
+				fmt.Fprintf(w, "node %s attested: quote verified by broker %s; session valid until %s (TPM reset %d, restart %d)\n",
 					st.Name, st.Broker, s.Expires.UTC().Format(time.RFC3339), s.ResetCount, s.RestartCount)
+				if !explain {
+					return nil
+				}
+				ex, err := b.Explain(ctx, &apiv1.ExplainRequest{SessionToken: s.Token})
+				if err != nil {
+					return err
+				}
+				printExplanation(w, ex)
 				return nil
 			})
 		},
 	}
+	attestNow.Flags().BoolVar(&explain, "explain", false, "show the full appraisal, clause by clause")
 	var ttl time.Duration
 	token := &cobra.Command{Use: "token", Short: "Join tokens (admin)"}
 	tokenCreate := &cobra.Command{
@@ -116,7 +132,35 @@ func nodeCmd(c *config) *cobra.Command {
 			})
 		},
 	}
-	cmd.AddCommand(enroll, attestNow, token, approve, revoke, list)
+	var remove []string
+	tag := &cobra.Command{
+		Use:   "tag NAME [KEY=VALUE]...",
+		Short: "Set or remove asset tags on a node, e.g. region=EU tier=prod (admin)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			set := map[string]string{}
+			for _, kv := range args[1:] {
+				k, v, ok := strings.Cut(kv, "=")
+				if !ok {
+					return fmt.Errorf("tag %q is not KEY=VALUE", kv)
+				}
+				set[k] = v
+			}
+			if len(set) == 0 && len(remove) == 0 {
+				return fmt.Errorf("nothing to do: give KEY=VALUE tags or --remove KEY")
+			}
+			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
+				n, err := a.TagNode(ctx, &apiv1.TagNodeRequest{Name: args[0], Set: set, Remove: remove})
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s tags: %s\n", n.GetName(), sortedTags(n.GetTags()))
+				return nil
+			})
+		},
+	}
+	tag.Flags().StringSliceVar(&remove, "remove", nil, "tag names to remove")
+	cmd.AddCommand(enroll, attestNow, token, approve, revoke, list, tag)
 	return cmd
 }
 
@@ -148,4 +192,28 @@ func withNode(c *config, fn func(ctx context.Context, b apiv1.BrokerClient, t *a
 	}
 	defer t.Close()
 	return fn(ctx, apiv1.NewBrokerClient(cc), t)
+}
+
+func printExplanation(w io.Writer, ex *apiv1.ExplainResponse) {
+	fmt.Fprintf(w, "\nevidence of node %s:\n", ex.GetNode())
+	for _, f := range ex.GetFacts() {
+		fmt.Fprintf(w, "  %s\n", f)
+	}
+	if len(ex.GetKeys()) == 0 {
+		fmt.Fprintln(w, "\nno keys on this broker")
+	}
+	for _, k := range ex.GetKeys() {
+		verdict := "REFUSED"
+		if k.GetAllowed() {
+			verdict = "released"
+		}
+		fmt.Fprintf(w, "\nkey %s (policy %s): would be %s\n", k.GetKey(), k.GetPolicy(), verdict)
+		for _, cl := range k.GetClauses() {
+			mark := "FAIL"
+			if cl.GetOk() {
+				mark = "ok  "
+			}
+			fmt.Fprintf(w, "  %s %-18s %s\n", mark, cl.GetName(), cl.GetDetail())
+		}
+	}
 }

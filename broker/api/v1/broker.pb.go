@@ -850,9 +850,14 @@ type AttestRequest struct {
 	SessionPublicKey []byte `protobuf:"bytes,3,opt,name=session_public_key,json=sessionPublicKey,proto3" json:"session_public_key,omitempty"`
 	SessionSuite     string `protobuf:"bytes,4,opt,name=session_suite,json=sessionSuite,proto3" json:"session_suite,omitempty"`
 	// quote is a TPMS_ATTEST, signature a TPMT_SIGNATURE, over SHA-256 PCRs.
-	Quote         []byte `protobuf:"bytes,5,opt,name=quote,proto3" json:"quote,omitempty"`
-	Signature     []byte `protobuf:"bytes,6,opt,name=signature,proto3" json:"signature,omitempty"`
-	Pcrs          []*PCR `protobuf:"bytes,7,rep,name=pcrs,proto3" json:"pcrs,omitempty"`
+	Quote     []byte `protobuf:"bytes,5,opt,name=quote,proto3" json:"quote,omitempty"`
+	Signature []byte `protobuf:"bytes,6,opt,name=signature,proto3" json:"signature,omitempty"`
+	Pcrs      []*PCR `protobuf:"bytes,7,rep,name=pcrs,proto3" json:"pcrs,omitempty"`
+	// event_log is the TCG firmware event log
+	// (/sys/kernel/security/tpm0/binary_bios_measurements).
+	EventLog []byte `protobuf:"bytes,8,opt,name=event_log,json=eventLog,proto3" json:"event_log,omitempty"`
+	// ima_log is the IMA binary runtime measurement list.
+	ImaLog        []byte `protobuf:"bytes,9,opt,name=ima_log,json=imaLog,proto3" json:"ima_log,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -932,6 +937,20 @@ func (x *AttestRequest) GetSignature() []byte {
 func (x *AttestRequest) GetPcrs() []*PCR {
 	if x != nil {
 		return x.Pcrs
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetEventLog() []byte {
+	if x != nil {
+		return x.EventLog
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetImaLog() []byte {
+	if x != nil {
+		return x.ImaLog
 	}
 	return nil
 }
@@ -1955,6 +1974,396 @@ func (x *ListAuditResponse) GetEvents() []*AuditEvent {
 	return nil
 }
 
+type ExplainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SessionToken  []byte                 `protobuf:"bytes,1,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainRequest) Reset() {
+	*x = ExplainRequest{}
+	mi := &file_broker_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainRequest) ProtoMessage() {}
+
+func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainRequest.ProtoReflect.Descriptor instead.
+func (*ExplainRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *ExplainRequest) GetSessionToken() []byte {
+	if x != nil {
+		return x.SessionToken
+	}
+	return nil
+}
+
+type Clause struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Ok            bool                   `protobuf:"varint,2,opt,name=ok,proto3" json:"ok,omitempty"`
+	Detail        string                 `protobuf:"bytes,3,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Clause) Reset() {
+	*x = Clause{}
+	mi := &file_broker_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Clause) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Clause) ProtoMessage() {}
+
+func (x *Clause) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Clause.ProtoReflect.Descriptor instead.
+func (*Clause) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *Clause) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Clause) GetOk() bool {
+	if x != nil {
+		return x.Ok
+	}
+	return false
+}
+
+func (x *Clause) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+type KeyAppraisal struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Policy        string                 `protobuf:"bytes,2,opt,name=policy,proto3" json:"policy,omitempty"`
+	Allowed       bool                   `protobuf:"varint,3,opt,name=allowed,proto3" json:"allowed,omitempty"`
+	Clauses       []*Clause              `protobuf:"bytes,4,rep,name=clauses,proto3" json:"clauses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyAppraisal) Reset() {
+	*x = KeyAppraisal{}
+	mi := &file_broker_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyAppraisal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyAppraisal) ProtoMessage() {}
+
+func (x *KeyAppraisal) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyAppraisal.ProtoReflect.Descriptor instead.
+func (*KeyAppraisal) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *KeyAppraisal) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *KeyAppraisal) GetPolicy() string {
+	if x != nil {
+		return x.Policy
+	}
+	return ""
+}
+
+func (x *KeyAppraisal) GetAllowed() bool {
+	if x != nil {
+		return x.Allowed
+	}
+	return false
+}
+
+func (x *KeyAppraisal) GetClauses() []*Clause {
+	if x != nil {
+		return x.Clauses
+	}
+	return nil
+}
+
+type ExplainResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// facts are what the broker established from the evidence, one per line.
+	Facts         []string        `protobuf:"bytes,2,rep,name=facts,proto3" json:"facts,omitempty"`
+	Keys          []*KeyAppraisal `protobuf:"bytes,3,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainResponse) Reset() {
+	*x = ExplainResponse{}
+	mi := &file_broker_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainResponse) ProtoMessage() {}
+
+func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainResponse.ProtoReflect.Descriptor instead.
+func (*ExplainResponse) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *ExplainResponse) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetFacts() []string {
+	if x != nil {
+		return x.Facts
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetKeys() []*KeyAppraisal {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+type TagNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Set           map[string]string      `protobuf:"bytes,2,rep,name=set,proto3" json:"set,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Remove        []string               `protobuf:"bytes,3,rep,name=remove,proto3" json:"remove,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TagNodeRequest) Reset() {
+	*x = TagNodeRequest{}
+	mi := &file_broker_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TagNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TagNodeRequest) ProtoMessage() {}
+
+func (x *TagNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TagNodeRequest.ProtoReflect.Descriptor instead.
+func (*TagNodeRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *TagNodeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TagNodeRequest) GetSet() map[string]string {
+	if x != nil {
+		return x.Set
+	}
+	return nil
+}
+
+func (x *TagNodeRequest) GetRemove() []string {
+	if x != nil {
+		return x.Remove
+	}
+	return nil
+}
+
+type LearnPolicyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// name of the drafted policy.
+	Name          string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LearnPolicyRequest) Reset() {
+	*x = LearnPolicyRequest{}
+	mi := &file_broker_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LearnPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LearnPolicyRequest) ProtoMessage() {}
+
+func (x *LearnPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LearnPolicyRequest.ProtoReflect.Descriptor instead.
+func (*LearnPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *LearnPolicyRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *LearnPolicyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type LearnPolicyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Yaml          string                 `protobuf:"bytes,1,opt,name=yaml,proto3" json:"yaml,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LearnPolicyResponse) Reset() {
+	*x = LearnPolicyResponse{}
+	mi := &file_broker_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LearnPolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LearnPolicyResponse) ProtoMessage() {}
+
+func (x *LearnPolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LearnPolicyResponse.ProtoReflect.Descriptor instead.
+func (*LearnPolicyResponse) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *LearnPolicyResponse) GetYaml() string {
+	if x != nil {
+		return x.Yaml
+	}
+	return ""
+}
+
 var File_broker_proto protoreflect.FileDescriptor
 
 const file_broker_proto_rawDesc = "" +
@@ -2016,7 +2425,7 @@ const file_broker_proto_rawDesc = "" +
 	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"3\n" +
 	"\x03PCR\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x16\n" +
-	"\x06digest\x18\x02 \x01(\fR\x06digest\"\xed\x01\n" +
+	"\x06digest\x18\x02 \x01(\fR\x06digest\"\xa3\x02\n" +
 	"\rAttestRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12,\n" +
@@ -2024,7 +2433,9 @@ const file_broker_proto_rawDesc = "" +
 	"\rsession_suite\x18\x04 \x01(\tR\fsessionSuite\x12\x14\n" +
 	"\x05quote\x18\x05 \x01(\fR\x05quote\x12\x1c\n" +
 	"\tsignature\x18\x06 \x01(\fR\tsignature\x12+\n" +
-	"\x04pcrs\x18\a \x03(\v2\x17.attested.broker.v1.PCRR\x04pcrs\"\x9e\x01\n" +
+	"\x04pcrs\x18\a \x03(\v2\x17.attested.broker.v1.PCRR\x04pcrs\x12\x1b\n" +
+	"\tevent_log\x18\b \x01(\fR\beventLog\x12\x17\n" +
+	"\aima_log\x18\t \x01(\fR\x06imaLog\"\x9e\x01\n" +
 	"\x0eAttestResponse\x12#\n" +
 	"\rsession_token\x18\x01 \x01(\fR\fsessionToken\x12!\n" +
 	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\x12\x1f\n" +
@@ -2091,12 +2502,39 @@ const file_broker_proto_rawDesc = "" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x14\n" +
 	"\x05limit\x18\x03 \x01(\rR\x05limit\"K\n" +
 	"\x11ListAuditResponse\x126\n" +
-	"\x06events\x18\x01 \x03(\v2\x1e.attested.broker.v1.AuditEventR\x06events*n\n" +
+	"\x06events\x18\x01 \x03(\v2\x1e.attested.broker.v1.AuditEventR\x06events\"5\n" +
+	"\x0eExplainRequest\x12#\n" +
+	"\rsession_token\x18\x01 \x01(\fR\fsessionToken\"D\n" +
+	"\x06Clause\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02ok\x18\x02 \x01(\bR\x02ok\x12\x16\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\x88\x01\n" +
+	"\fKeyAppraisal\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
+	"\x06policy\x18\x02 \x01(\tR\x06policy\x12\x18\n" +
+	"\aallowed\x18\x03 \x01(\bR\aallowed\x124\n" +
+	"\aclauses\x18\x04 \x03(\v2\x1a.attested.broker.v1.ClauseR\aclauses\"q\n" +
+	"\x0fExplainResponse\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
+	"\x05facts\x18\x02 \x03(\tR\x05facts\x124\n" +
+	"\x04keys\x18\x03 \x03(\v2 .attested.broker.v1.KeyAppraisalR\x04keys\"\xb3\x01\n" +
+	"\x0eTagNodeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12=\n" +
+	"\x03set\x18\x02 \x03(\v2+.attested.broker.v1.TagNodeRequest.SetEntryR\x03set\x12\x16\n" +
+	"\x06remove\x18\x03 \x03(\tR\x06remove\x1a6\n" +
+	"\bSetEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"<\n" +
+	"\x12LearnPolicyRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\")\n" +
+	"\x13LearnPolicyResponse\x12\x12\n" +
+	"\x04yaml\x18\x01 \x01(\tR\x04yaml*n\n" +
 	"\tNodeState\x12\x1a\n" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12NODE_STATE_PENDING\x10\x01\x12\x15\n" +
 	"\x11NODE_STATE_ACTIVE\x10\x02\x12\x16\n" +
-	"\x12NODE_STATE_REVOKED\x10\x032\xf0\x04\n" +
+	"\x12NODE_STATE_REVOKED\x10\x032\xc4\x05\n" +
 	"\x06Broker\x12I\n" +
 	"\x04Info\x12\x1f.attested.broker.v1.InfoRequest\x1a .attested.broker.v1.InfoResponse\x12\\\n" +
 	"\x0eGetWrappingKey\x12).attested.broker.v1.GetWrappingKeyRequest\x1a\x1f.attested.broker.v1.WrappingKey\x12^\n" +
@@ -2104,7 +2542,8 @@ const file_broker_proto_rawDesc = "" +
 	"\fEnrollFinish\x12'.attested.broker.v1.EnrollFinishRequest\x1a(.attested.broker.v1.EnrollFinishResponse\x12X\n" +
 	"\tChallenge\x12$.attested.broker.v1.ChallengeRequest\x1a%.attested.broker.v1.ChallengeResponse\x12O\n" +
 	"\x06Attest\x12!.attested.broker.v1.AttestRequest\x1a\".attested.broker.v1.AttestResponse\x12O\n" +
-	"\x06Unwrap\x12!.attested.broker.v1.UnwrapRequest\x1a\".attested.broker.v1.UnwrapResponse2\x93\x06\n" +
+	"\x06Unwrap\x12!.attested.broker.v1.UnwrapRequest\x1a\".attested.broker.v1.UnwrapResponse\x12R\n" +
+	"\aExplain\x12\".attested.broker.v1.ExplainRequest\x1a#.attested.broker.v1.ExplainResponse2\xbc\a\n" +
 	"\x05Admin\x12J\n" +
 	"\tCreateKey\x12$.attested.broker.v1.CreateKeyRequest\x1a\x17.attested.broker.v1.Key\x12U\n" +
 	"\bListKeys\x12#.attested.broker.v1.ListKeysRequest\x1a$.attested.broker.v1.ListKeysResponse\x12Q\n" +
@@ -2115,7 +2554,9 @@ const file_broker_proto_rawDesc = "" +
 	"\n" +
 	"RevokeNode\x12\x1f.attested.broker.v1.NodeRequest\x1a\x18.attested.broker.v1.Node\x12X\n" +
 	"\tListNodes\x12$.attested.broker.v1.ListNodesRequest\x1a%.attested.broker.v1.ListNodesResponse\x12X\n" +
-	"\tListAudit\x12$.attested.broker.v1.ListAuditRequest\x1a%.attested.broker.v1.ListAuditResponseB6Z4github.com/attested-dev/attested/broker/api/v1;apiv1b\x06proto3"
+	"\tListAudit\x12$.attested.broker.v1.ListAuditRequest\x1a%.attested.broker.v1.ListAuditResponse\x12G\n" +
+	"\aTagNode\x12\".attested.broker.v1.TagNodeRequest\x1a\x18.attested.broker.v1.Node\x12^\n" +
+	"\vLearnPolicy\x12&.attested.broker.v1.LearnPolicyRequest\x1a'.attested.broker.v1.LearnPolicyResponseB6Z4github.com/attested-dev/attested/broker/api/v1;apiv1b\x06proto3"
 
 var (
 	file_broker_proto_rawDescOnce sync.Once
@@ -2130,7 +2571,7 @@ func file_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
 var file_broker_proto_goTypes = []any{
 	(NodeState)(0),                  // 0: attested.broker.v1.NodeState
 	(*InfoRequest)(nil),             // 1: attested.broker.v1.InfoRequest
@@ -2166,55 +2607,72 @@ var file_broker_proto_goTypes = []any{
 	(*AuditEvent)(nil),              // 31: attested.broker.v1.AuditEvent
 	(*ListAuditRequest)(nil),        // 32: attested.broker.v1.ListAuditRequest
 	(*ListAuditResponse)(nil),       // 33: attested.broker.v1.ListAuditResponse
-	nil,                             // 34: attested.broker.v1.Node.TagsEntry
+	(*ExplainRequest)(nil),          // 34: attested.broker.v1.ExplainRequest
+	(*Clause)(nil),                  // 35: attested.broker.v1.Clause
+	(*KeyAppraisal)(nil),            // 36: attested.broker.v1.KeyAppraisal
+	(*ExplainResponse)(nil),         // 37: attested.broker.v1.ExplainResponse
+	(*TagNodeRequest)(nil),          // 38: attested.broker.v1.TagNodeRequest
+	(*LearnPolicyRequest)(nil),      // 39: attested.broker.v1.LearnPolicyRequest
+	(*LearnPolicyResponse)(nil),     // 40: attested.broker.v1.LearnPolicyResponse
+	nil,                             // 41: attested.broker.v1.Node.TagsEntry
+	nil,                             // 42: attested.broker.v1.TagNodeRequest.SetEntry
 }
 var file_broker_proto_depIdxs = []int32{
 	5,  // 0: attested.broker.v1.EnrollStartRequest.ak:type_name -> attested.broker.v1.AKParameters
 	0,  // 1: attested.broker.v1.Node.state:type_name -> attested.broker.v1.NodeState
-	34, // 2: attested.broker.v1.Node.tags:type_name -> attested.broker.v1.Node.TagsEntry
+	41, // 2: attested.broker.v1.Node.tags:type_name -> attested.broker.v1.Node.TagsEntry
 	9,  // 3: attested.broker.v1.EnrollFinishResponse.node:type_name -> attested.broker.v1.Node
 	13, // 4: attested.broker.v1.AttestRequest.pcrs:type_name -> attested.broker.v1.PCR
 	18, // 5: attested.broker.v1.ListKeysResponse.keys:type_name -> attested.broker.v1.Key
 	22, // 6: attested.broker.v1.ListPoliciesResponse.policies:type_name -> attested.broker.v1.Policy
 	9,  // 7: attested.broker.v1.ListNodesResponse.nodes:type_name -> attested.broker.v1.Node
 	31, // 8: attested.broker.v1.ListAuditResponse.events:type_name -> attested.broker.v1.AuditEvent
-	1,  // 9: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
-	3,  // 10: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
-	6,  // 11: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
-	8,  // 12: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
-	11, // 13: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
-	14, // 14: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
-	16, // 15: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
-	19, // 16: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
-	20, // 17: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
-	23, // 18: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
-	24, // 19: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
-	26, // 20: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
-	28, // 21: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
-	28, // 22: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
-	29, // 23: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
-	32, // 24: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
-	2,  // 25: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
-	4,  // 26: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
-	7,  // 27: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
-	10, // 28: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
-	12, // 29: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
-	15, // 30: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
-	17, // 31: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
-	18, // 32: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
-	21, // 33: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
-	22, // 34: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
-	25, // 35: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
-	27, // 36: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
-	9,  // 37: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
-	9,  // 38: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
-	30, // 39: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
-	33, // 40: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
-	25, // [25:41] is the sub-list for method output_type
-	9,  // [9:25] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	35, // 9: attested.broker.v1.KeyAppraisal.clauses:type_name -> attested.broker.v1.Clause
+	36, // 10: attested.broker.v1.ExplainResponse.keys:type_name -> attested.broker.v1.KeyAppraisal
+	42, // 11: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
+	1,  // 12: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
+	3,  // 13: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
+	6,  // 14: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
+	8,  // 15: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
+	11, // 16: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
+	14, // 17: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
+	16, // 18: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
+	34, // 19: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
+	19, // 20: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
+	20, // 21: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
+	23, // 22: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
+	24, // 23: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
+	26, // 24: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
+	28, // 25: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
+	28, // 26: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
+	29, // 27: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
+	32, // 28: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
+	38, // 29: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
+	39, // 30: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
+	2,  // 31: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
+	4,  // 32: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
+	7,  // 33: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
+	10, // 34: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
+	12, // 35: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
+	15, // 36: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
+	17, // 37: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
+	37, // 38: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
+	18, // 39: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
+	21, // 40: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
+	22, // 41: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
+	25, // 42: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
+	27, // 43: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
+	9,  // 44: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
+	9,  // 45: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
+	30, // 46: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
+	33, // 47: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
+	9,  // 48: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
+	40, // 49: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
+	31, // [31:50] is the sub-list for method output_type
+	12, // [12:31] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_broker_proto_init() }
@@ -2228,7 +2686,7 @@ func file_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_broker_proto_rawDesc), len(file_broker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   34,
+			NumMessages:   42,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

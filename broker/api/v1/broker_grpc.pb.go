@@ -29,6 +29,7 @@ const (
 	Broker_Challenge_FullMethodName      = "/attested.broker.v1.Broker/Challenge"
 	Broker_Attest_FullMethodName         = "/attested.broker.v1.Broker/Attest"
 	Broker_Unwrap_FullMethodName         = "/attested.broker.v1.Broker/Unwrap"
+	Broker_Explain_FullMethodName        = "/attested.broker.v1.Broker/Explain"
 )
 
 // BrokerClient is the client API for Broker service.
@@ -51,6 +52,9 @@ type BrokerClient interface {
 	// Unwrap releases a layer key, sealed to the session key, if the key's
 	// policy holds for the session's claims.
 	Unwrap(ctx context.Context, in *UnwrapRequest, opts ...grpc.CallOption) (*UnwrapResponse, error)
+	// Explain appraises a session against every key's policy, clause by
+	// clause, without releasing anything.
+	Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error)
 }
 
 type brokerClient struct {
@@ -131,6 +135,16 @@ func (c *brokerClient) Unwrap(ctx context.Context, in *UnwrapRequest, opts ...gr
 	return out, nil
 }
 
+func (c *brokerClient) Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExplainResponse)
+	err := c.cc.Invoke(ctx, Broker_Explain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BrokerServer is the server API for Broker service.
 // All implementations must embed UnimplementedBrokerServer
 // for forward compatibility.
@@ -151,6 +165,9 @@ type BrokerServer interface {
 	// Unwrap releases a layer key, sealed to the session key, if the key's
 	// policy holds for the session's claims.
 	Unwrap(context.Context, *UnwrapRequest) (*UnwrapResponse, error)
+	// Explain appraises a session against every key's policy, clause by
+	// clause, without releasing anything.
+	Explain(context.Context, *ExplainRequest) (*ExplainResponse, error)
 	mustEmbedUnimplementedBrokerServer()
 }
 
@@ -181,6 +198,9 @@ func (UnimplementedBrokerServer) Attest(context.Context, *AttestRequest) (*Attes
 }
 func (UnimplementedBrokerServer) Unwrap(context.Context, *UnwrapRequest) (*UnwrapResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Unwrap not implemented")
+}
+func (UnimplementedBrokerServer) Explain(context.Context, *ExplainRequest) (*ExplainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Explain not implemented")
 }
 func (UnimplementedBrokerServer) mustEmbedUnimplementedBrokerServer() {}
 func (UnimplementedBrokerServer) testEmbeddedByValue()                {}
@@ -329,6 +349,24 @@ func _Broker_Unwrap_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Broker_Explain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExplainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).Explain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_Explain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).Explain(ctx, req.(*ExplainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Broker_ServiceDesc is the grpc.ServiceDesc for Broker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -364,6 +402,10 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Unwrap",
 			Handler:    _Broker_Unwrap_Handler,
 		},
+		{
+			MethodName: "Explain",
+			Handler:    _Broker_Explain_Handler,
+		},
 	},
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "broker.proto",
@@ -379,6 +421,8 @@ const (
 	Admin_RevokeNode_FullMethodName      = "/attested.broker.v1.Admin/RevokeNode"
 	Admin_ListNodes_FullMethodName       = "/attested.broker.v1.Admin/ListNodes"
 	Admin_ListAudit_FullMethodName       = "/attested.broker.v1.Admin/ListAudit"
+	Admin_TagNode_FullMethodName         = "/attested.broker.v1.Admin/TagNode"
+	Admin_LearnPolicy_FullMethodName     = "/attested.broker.v1.Admin/LearnPolicy"
 )
 
 // AdminClient is the client API for Admin service.
@@ -394,6 +438,10 @@ type AdminClient interface {
 	RevokeNode(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*Node, error)
 	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
 	ListAudit(ctx context.Context, in *ListAuditRequest, opts ...grpc.CallOption) (*ListAuditResponse, error)
+	// TagNode sets and removes asset tags on a node's EK identity.
+	TagNode(ctx context.Context, in *TagNodeRequest, opts ...grpc.CallOption) (*Node, error)
+	// LearnPolicy drafts a policy from a node's last accepted evidence.
+	LearnPolicy(ctx context.Context, in *LearnPolicyRequest, opts ...grpc.CallOption) (*LearnPolicyResponse, error)
 }
 
 type adminClient struct {
@@ -494,6 +542,26 @@ func (c *adminClient) ListAudit(ctx context.Context, in *ListAuditRequest, opts 
 	return out, nil
 }
 
+func (c *adminClient) TagNode(ctx context.Context, in *TagNodeRequest, opts ...grpc.CallOption) (*Node, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Node)
+	err := c.cc.Invoke(ctx, Admin_TagNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) LearnPolicy(ctx context.Context, in *LearnPolicyRequest, opts ...grpc.CallOption) (*LearnPolicyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LearnPolicyResponse)
+	err := c.cc.Invoke(ctx, Admin_LearnPolicy_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -507,6 +575,10 @@ type AdminServer interface {
 	RevokeNode(context.Context, *NodeRequest) (*Node, error)
 	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
 	ListAudit(context.Context, *ListAuditRequest) (*ListAuditResponse, error)
+	// TagNode sets and removes asset tags on a node's EK identity.
+	TagNode(context.Context, *TagNodeRequest) (*Node, error)
+	// LearnPolicy drafts a policy from a node's last accepted evidence.
+	LearnPolicy(context.Context, *LearnPolicyRequest) (*LearnPolicyResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -543,6 +615,12 @@ func (UnimplementedAdminServer) ListNodes(context.Context, *ListNodesRequest) (*
 }
 func (UnimplementedAdminServer) ListAudit(context.Context, *ListAuditRequest) (*ListAuditResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListAudit not implemented")
+}
+func (UnimplementedAdminServer) TagNode(context.Context, *TagNodeRequest) (*Node, error) {
+	return nil, status.Error(codes.Unimplemented, "method TagNode not implemented")
+}
+func (UnimplementedAdminServer) LearnPolicy(context.Context, *LearnPolicyRequest) (*LearnPolicyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LearnPolicy not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -727,6 +805,42 @@ func _Admin_ListAudit_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_TagNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TagNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).TagNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_TagNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).TagNode(ctx, req.(*TagNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_LearnPolicy_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LearnPolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).LearnPolicy(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_LearnPolicy_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).LearnPolicy(ctx, req.(*LearnPolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -769,6 +883,14 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListAudit",
 			Handler:    _Admin_ListAudit_Handler,
+		},
+		{
+			MethodName: "TagNode",
+			Handler:    _Admin_TagNode_Handler,
+		},
+		{
+			MethodName: "LearnPolicy",
+			Handler:    _Admin_LearnPolicy_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
