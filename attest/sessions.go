@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -43,11 +44,23 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		now = m.Now
 	}
 	if m.Store != nil {
+		started := time.Now()
 		unlock, err := m.Store.Lock(ctx)
 		if err != nil {
-			return nil, err
+			// The lock holder is attesting for this pull; its failure is
+			// the one the operator needs to see.
+			if held := m.Store.failureSince(started, lockGrace); held != "" {
+				return nil, fmt.Errorf("attest: %s", held)
+			}
+			return nil, fmt.Errorf("%w (another attested process on this node is attesting and has not finished; is the broker reachable?)", err)
 		}
 		defer unlock()
+		// An attestation that failed while we waited was this pull's
+		// attempt: share its outcome rather than try again with what is
+		// left of our deadline.
+		if held := m.Store.failureSince(started, 0); held != "" {
+			return nil, fmt.Errorf("attest: %s", held)
+		}
 		m.cur = m.Store.Load()
 	}
 	t, err := m.TPM(ctx)
@@ -65,6 +78,9 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		}
 	}
 	s, err := NewSession(ctx, m.Broker, t, m.State, m.Logs)
+	if m.Store != nil {
+		m.Store.recordFailure(err)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -110,7 +126,44 @@ type FileStore struct {
 const (
 	sessionFile = "session.json"
 	lockFile    = "session.lock"
+	failureFile = "attest-failure.json"
+	// lockGrace is how long a process that gave up waiting for the lock
+	// waits for the holder's verdict; the exec watchdog allows more.
+	lockGrace = time.Second
 )
+
+type failure struct {
+	Time    time.Time `json:"time"`
+	Message string    `json:"message"`
+}
+
+// recordFailure leaves the outcome of an attestation for processes that
+// waited on it: the error text (which never holds secrets), or nothing.
+func (f *FileStore) recordFailure(err error) {
+	p := filepath.Join(f.Dir, failureFile)
+	if err == nil {
+		os.Remove(p)
+		return
+	}
+	data, _ := json.Marshal(failure{Time: time.Now(), Message: err.Error()})
+	renameio.WriteFile(p, data, 0o600)
+}
+
+// failureSince waits up to grace for a failure recorded after since.
+func (f *FileStore) failureSince(since time.Time, grace time.Duration) string {
+	deadline := time.Now().Add(grace)
+	for {
+		var fl failure
+		if data, err := os.ReadFile(filepath.Join(f.Dir, failureFile)); err == nil &&
+			json.Unmarshal(data, &fl) == nil && !fl.Time.Before(since) {
+			return strings.TrimPrefix(fl.Message, "attest: ")
+		}
+		if time.Now().After(deadline) {
+			return ""
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
 
 // Lock takes the cross-process lock, waiting at most until ctx ends.
 func (f *FileStore) Lock(ctx context.Context) (func(), error) {

@@ -161,6 +161,20 @@ func (h *Handler) unwrap(ctx context.Context, p ocikp.KeyUnwrapParams) ([]byte, 
 	return h.Unwrapper.Unwrap(ctx, p.Annotation)
 }
 
+// codedError is an error with a gRPC code whose text stays plain, so exec
+// mode prints the sentence rather than "rpc error: code = ...".
+type codedError struct {
+	code codes.Code
+	err  error
+}
+
+func (e codedError) Error() string              { return e.err.Error() }
+func (e codedError) Unwrap() error              { return e.err }
+func (e codedError) GRPCStatus() *status.Status { return status.New(e.code, e.err.Error()) }
+
+// WithCode attaches a gRPC status code to err for the gRPC transport.
+func WithCode(code codes.Code, err error) error { return codedError{code, err} }
+
 // Code maps a handler error to a gRPC status code.
 func Code(err error) codes.Code {
 	var in inputError

@@ -59,7 +59,11 @@ Errors go to stderr with a non-zero exit; the request is never logged.`,
 func serveExec(ctx context.Context, c *config, in []byte) ([]byte, error) {
 	if c.Agent != "" {
 		out, err := forwardToAgent(ctx, c.Agent, in)
-		if status.Code(err) != codes.Unavailable {
+		// Fall back only when the agent itself is not there: the agent's
+		// own answers (even Unavailable, for an unreachable broker) start
+		// with "attested: " and are final.
+		agentDown := status.Code(err) == codes.Unavailable && !strings.HasPrefix(status.Convert(err).Message(), "attested: ")
+		if !agentDown {
 			if err != nil {
 				return nil, fmt.Errorf("%s", strings.TrimPrefix(status.Convert(err).Message(), "attested: "))
 			}
@@ -138,4 +142,6 @@ func newHandler(c *config, store *attest.FileStore) (*keyprovider.Handler, func(
 // failing is an Unwrapper for a host that cannot unwrap, saying why.
 type failing struct{ err error }
 
-func (f failing) Unwrap(context.Context, []byte) ([]byte, error) { return nil, f.err }
+func (f failing) Unwrap(context.Context, []byte) ([]byte, error) {
+	return nil, keyprovider.WithCode(codes.FailedPrecondition, f.err)
+}

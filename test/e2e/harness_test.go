@@ -302,6 +302,7 @@ func (w *world) refusedPull(n *node, m mode) (string, result) {
 	w.t.Helper()
 	r, out := w.pull(n, m)
 	require.Error(w.t, r.err, "pull on %s (%s) should have been refused; stdout: %s", n.name, m, r.stdout)
+	w.t.Logf("refused after %s; the client printed:\n%s", r.dur.Round(time.Millisecond), r.stderr)
 	entries, _ := os.ReadDir(filepath.Join(out, "blobs", "sha256"))
 	for _, e := range entries {
 		// Whatever the engine left behind, no layer may be plaintext.

@@ -1,0 +1,328 @@
+package broker_test
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	legacy "github.com/google/go-tpm/legacy/tpm2"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+
+	nodeattest "github.com/attested-dev/attested/attest"
+	"github.com/attested-dev/attested/attest/eventlogtest"
+	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/brokertest"
+)
+
+// bootNode reboots the simulator (PCRs clear), measures the firmware
+// events and IMA files into it as firmware and kernel would, writes the
+// logs, and enrolls a node that sends them.
+type boot struct {
+	firmware []eventlogtest.Event
+	ima      []eventlogtest.IMAFile
+	// logOnly are events written to the log but never extended (a lying
+	// log); extendOnly are extended but left out of the log.
+	logOnly, extendOnly []eventlogtest.Event
+}
+
+var (
+	sbCert  = eventlogtest.Cert("Test Secure Boot CA")
+	shim    = sha256.Sum256([]byte("shimx64.efi"))
+	grub    = sha256.Sum256([]byte("grubx64.efi"))
+	rootkit = sha256.Sum256([]byte("bootkit.efi"))
+	bash    = sha256.Sum256([]byte("/usr/bin/bash v5.2"))
+	evil    = sha256.Sum256([]byte("/usr/local/bin/miner"))
+)
+
+func goodBoot() boot {
+	fw := append(eventlogtest.SecureBoot(true, sbCert),
+		eventlogtest.BootApp(shim[:]), eventlogtest.BootApp(grub[:]),
+		eventlogtest.KernelCmdline("root=/dev/sda1 ro ima_appraise=enforce"))
+	return boot{firmware: fw, ima: []eventlogtest.IMAFile{{Path: "/usr/bin/bash", Digest: bash[:]}, {Path: "/tmp/x", Digest: evil[:]}}}
+}
+
+func (bt boot) apply(t *testing.T, b *brokertest.Broker) *node {
+	t.Helper()
+	sim, err := nodeattest.Simulator()
+	require.NoError(t, err)
+	require.NoError(t, sim.Reset())
+	imaLog, imaEvents := eventlogtest.IMA(bt.ima)
+	require.NoError(t, eventlogtest.Extend(sim, append(append(slicesClone(bt.firmware), bt.extendOnly...), imaEvents...)))
+	dir := t.TempDir()
+	fw := filepath.Join(dir, "binary_bios_measurements")
+	require.NoError(t, os.WriteFile(fw, eventlogtest.Firmware(append(slicesClone(bt.firmware), bt.logOnly...)), 0o600))
+	ima := filepath.Join(dir, "binary_runtime_measurements")
+	require.NoError(t, os.WriteFile(ima, imaLog, 0o600))
+	n := enroll(t, b, "node1")
+	n.logs = nodeattest.Logs{Firmware: fw, IMA: ima}
+	return n
+}
+
+func slicesClone(e []eventlogtest.Event) []eventlogtest.Event {
+	return append([]eventlogtest.Event{}, e...)
+}
+
+const strictPolicy = `name: prod-eu
+secureBoot: required
+bootApplications: ["%s", "%s"]
+kernelCmdline:
+  require: ["ima_appraise=enforce"]
+  forbid: ["init=/bin/sh"]
+ima:
+  allow:
+    /usr/bin/bash: ["%s"]
+  exclude: ["/tmp/"]
+tags:
+  region: [EU]
+expression: 'secureBoot && "region" in tags'
+maxSessionAge: 10m
+`
+
+func strict(t *testing.T, b *brokertest.Broker) []byte {
+	t.Helper()
+	ctx := context.Background()
+	_, err := b.Admin.ApplyPolicy(ctx, &apiv1.ApplyPolicyRequest{Yaml: fmt.Sprintf(strictPolicy,
+		hex.EncodeToString(shim[:]), hex.EncodeToString(grub[:]), hex.EncodeToString(bash[:]))})
+	require.NoError(t, err)
+	_, err = b.Admin.CreateKey(ctx, &apiv1.CreateKeyRequest{Name: "app", Policy: "prod-eu"})
+	require.NoError(t, err)
+	return wrap(t, b, "app", []byte("layer key"))
+}
+
+func tagEU(t *testing.T, b *brokertest.Broker) {
+	_, err := b.Admin.TagNode(context.Background(), &apiv1.TagNodeRequest{Name: "node1", Set: map[string]string{"region": "EU"}})
+	require.NoError(t, err)
+}
+
+// releaseOrRefusal attests with the node's logs and asks for the key.
+func releaseOrRefusal(t *testing.T, n *node, ann []byte) error {
+	t.Helper()
+	s, err := n.session(t)
+	if err != nil {
+		return err
+	}
+	_, err = unwrap(n, s, ann)
+	return err
+}
+
+func TestMeasuredBootPolicyReleases(t *testing.T) {
+	b := brokertest.Start(t)
+	n := goodBoot().apply(t, b)
+	ann := strict(t, b)
+	tagEU(t, b)
+	require.NoError(t, releaseOrRefusal(t, n, ann))
+
+	s, err := n.session(t)
+	require.NoError(t, err)
+	ex, err := b.Node.Explain(context.Background(), &apiv1.ExplainRequest{SessionToken: s.Token})
+	require.NoError(t, err)
+	facts := strings.Join(ex.GetFacts(), "\n")
+	assert.Contains(t, facts, "Secure Boot: enabled")
+	assert.Contains(t, facts, "Secure Boot authority: CN=Test Secure Boot CA")
+	assert.Contains(t, facts, "kernel command line: root=/dev/sda1 ro ima_appraise=enforce")
+	assert.Contains(t, facts, "IMA log: 2 measurements replay to PCR 10")
+	require.Len(t, ex.GetKeys(), 1)
+	assert.True(t, ex.GetKeys()[0].GetAllowed())
+	var names []string
+	for _, c := range ex.GetKeys()[0].GetClauses() {
+		assert.True(t, c.GetOk(), c.GetDetail())
+		names = append(names, c.GetName())
+	}
+	assert.Equal(t, []string{"secureBoot", "bootApplications", "kernelCmdline", "ima", "tag region", "expression", "maxSessionAge"}, names)
+}
+
+func TestSecureBootOffIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	bt := goodBoot()
+	bt.firmware = append(eventlogtest.SecureBoot(false, sbCert), bt.firmware[len(eventlogtest.SecureBoot(true, sbCert)):]...)
+	n := bt.apply(t, b)
+	ann := strict(t, b)
+	tagEU(t, b)
+	err := releaseOrRefusal(t, n, ann)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "Secure Boot is disabled; policy prod-eu requires it")
+}
+
+func TestFirmwareLogThatDoesNotReplayIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	bt := goodBoot()
+	// The log hides the bootkit the firmware really measured.
+	bt.extendOnly = []eventlogtest.Event{eventlogtest.BootApp(rootkit[:])}
+	n := bt.apply(t, b)
+	strict(t, b)
+	_, err := n.session(t)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "firmware event log does not replay to the quoted value of PCR 4")
+}
+
+func TestBootApplicationNotAllowedIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	bt := goodBoot()
+	bt.firmware = append(bt.firmware, eventlogtest.BootApp(rootkit[:]))
+	n := bt.apply(t, b)
+	ann := strict(t, b)
+	tagEU(t, b)
+	err := releaseOrRefusal(t, n, ann)
+	require.Error(t, err)
+	assert.Regexp(t, `PCR 4: event \d+ EV_EFI_BOOT_SERVICES_APPLICATION digest [0-9a-f]{16}\.\. is not an allowed boot application of policy prod-eu`, err.Error())
+}
+
+func TestForbiddenKernelCmdlineIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	bt := goodBoot()
+	bt.firmware[len(bt.firmware)-1] = eventlogtest.KernelCmdline("root=/dev/sda1 ima_appraise=enforce init=/bin/sh")
+	n := bt.apply(t, b)
+	ann := strict(t, b)
+	tagEU(t, b)
+	err := releaseOrRefusal(t, n, ann)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `contains "init=/bin/sh" forbidden by policy prod-eu`)
+}
+
+func TestIMAFileNotInAllowListIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	bt := goodBoot()
+	bt.ima = append(bt.ima, eventlogtest.IMAFile{Path: "/usr/local/bin/miner", Digest: evil[:]})
+	n := bt.apply(t, b)
+	ann := strict(t, b)
+	tagEU(t, b)
+	err := releaseOrRefusal(t, n, ann)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "IMA: /usr/local/bin/miner (sha256 "+hex.EncodeToString(evil[:])[:16]+"..) is not in the allow-list of policy prod-eu")
+}
+
+func TestIMALogThatDoesNotReplayIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	bt := goodBoot()
+	n := bt.apply(t, b)
+	strict(t, b)
+	// Rewrite the IMA log so it hides a measurement that was extended.
+	log, _ := eventlogtest.IMA(bt.ima[:1])
+	require.NoError(t, os.WriteFile(n.logs.IMA, log, 0o600))
+	_, err := n.session(t)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "IMA log does not replay to the quoted value of PCR 10")
+}
+
+func TestTagMismatchIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	n := goodBoot().apply(t, b)
+	ann := strict(t, b)
+	_, err := b.Admin.TagNode(context.Background(), &apiv1.TagNodeRequest{Name: "node1", Set: map[string]string{"region": "US"}})
+	require.NoError(t, err)
+	err = releaseOrRefusal(t, n, ann)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "tag region=US of node node1 is not accepted by policy prod-eu (want one of EU)")
+	evs, err := b.Admin.ListAudit(context.Background(), &apiv1.ListAuditRequest{Kind: "tag"})
+	require.NoError(t, err)
+	assert.Contains(t, evs.GetEvents()[0].GetReason(), "tags (none) -> region=US")
+}
+
+// TestNonRestrictedKeyCannotBecomeAK: a non-restricted signing key can sign
+// any digest with TPM2_Sign, so it could forge a quote. Enrollment must
+// refuse it as an AK.
+func TestNonRestrictedKeyCannotBecomeAK(t *testing.T) {
+	b := brokertest.Start(t)
+	sim, err := nodeattest.Simulator()
+	require.NoError(t, err)
+	tmpl := legacy.Public{
+		Type: legacy.AlgECC, NameAlg: legacy.AlgSHA256,
+		Attributes:    legacy.FlagSign | legacy.FlagFixedTPM | legacy.FlagFixedParent | legacy.FlagSensitiveDataOrigin | legacy.FlagUserWithAuth,
+		ECCParameters: &legacy.ECCParams{Sign: &legacy.SigScheme{Alg: legacy.AlgECDSA, Hash: legacy.AlgSHA256}, CurveID: legacy.CurveNISTP256},
+	}
+	srkTmpl := legacy.Public{
+		Type: legacy.AlgECC, NameAlg: legacy.AlgSHA256,
+		Attributes:    legacy.FlagFixedTPM | legacy.FlagFixedParent | legacy.FlagSensitiveDataOrigin | legacy.FlagUserWithAuth | legacy.FlagRestricted | legacy.FlagDecrypt | legacy.FlagNoDA,
+		ECCParameters: &legacy.ECCParams{Symmetric: &legacy.SymScheme{Alg: legacy.AlgAES, KeyBits: 128, Mode: legacy.AlgCFB}, CurveID: legacy.CurveNISTP256},
+	}
+	srk, _, err := legacy.CreatePrimary(sim, legacy.HandleOwner, legacy.PCRSelection{}, "", "", srkTmpl)
+	require.NoError(t, err)
+	defer legacy.FlushContext(sim, srk)
+	priv, pub, cdata, chash, ticket, err := legacy.CreateKey(sim, srk, legacy.PCRSelection{}, "", "", tmpl)
+	require.NoError(t, err)
+	h, _, err := legacy.Load(sim, srk, "", pub, priv)
+	require.NoError(t, err)
+	defer legacy.FlushContext(sim, h)
+	att, sig, err := legacy.CertifyCreation(sim, "", h, h, nil, chash, legacy.SigScheme{Alg: legacy.AlgECDSA, Hash: legacy.AlgSHA256}, ticket)
+	require.NoError(t, err)
+	tpm := openTPM(t)
+	ek, err := tpm.EK()
+	tpm.Close()
+	require.NoError(t, err)
+	ekDER, err := x509.MarshalPKIXPublicKey(ek)
+	require.NoError(t, err)
+	tok, err := b.Admin.CreateJoinToken(context.Background(), &apiv1.CreateJoinTokenRequest{})
+	require.NoError(t, err)
+	_, err = b.Node.EnrollStart(context.Background(), &apiv1.EnrollStartRequest{Name: "forger", EkPublic: ekDER, JoinToken: tok.GetToken(),
+		Ak: &apiv1.AKParameters{Public: pub, CreateData: cdata, CreateAttestation: att, CreateSignature: sig}})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "attestation key refused: provided key is not limited to attestation")
+}
+
+type failActivation struct{ apiv1.BrokerClient }
+
+func (f failActivation) EnrollFinish(ctx context.Context, in *apiv1.EnrollFinishRequest, opts ...grpc.CallOption) (*apiv1.EnrollFinishResponse, error) {
+	in.ActivatedSecret = make([]byte, len(in.ActivatedSecret)) // not what the TPM decrypted
+	return f.BrokerClient.EnrollFinish(ctx, in, opts...)
+}
+
+func TestAKWithoutCredentialActivationIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	_, err := enrollWith(t, b, failActivation{b.Node})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "credential activation failed: the attestation key is not in the same TPM as the EK")
+	_, err = b.Node.Challenge(context.Background(), &apiv1.ChallengeRequest{Node: "node1"})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "not enrolled")
+}
+
+type otherEK struct {
+	apiv1.BrokerClient
+	der []byte
+}
+
+func (o otherEK) EnrollStart(ctx context.Context, in *apiv1.EnrollStartRequest, opts ...grpc.CallOption) (*apiv1.EnrollStartResponse, error) {
+	in.EkPublic = o.der
+	return o.BrokerClient.EnrollStart(ctx, in, opts...)
+}
+
+func TestReenrollingANameWithAnotherEKIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	enroll(t, b, "node1")
+	k, err := rsa.GenerateKey(rand.Reader, 2048)
+	require.NoError(t, err)
+	der, err := x509.MarshalPKIXPublicKey(&k.PublicKey)
+	require.NoError(t, err)
+	_, err = enrollWith(t, b, otherEK{b.Node, der})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `node name "node1" is enrolled with another EK`)
+}
+
+func TestLearnPolicyDraftsFromEvidence(t *testing.T) {
+	b := brokertest.Start(t)
+	n := goodBoot().apply(t, b)
+	tagEU(t, b)
+	_, err := n.session(t)
+	require.NoError(t, err)
+	r, err := b.Admin.LearnPolicy(context.Background(), &apiv1.LearnPolicyRequest{Node: "node1", Name: "learned"})
+	require.NoError(t, err)
+	y := r.GetYaml()
+	assert.Contains(t, y, "secureBoot: required")
+	assert.Contains(t, y, hex.EncodeToString(shim[:]))
+	assert.Contains(t, y, "region:")
+	_, err = b.Admin.ApplyPolicy(context.Background(), &apiv1.ApplyPolicyRequest{Yaml: y})
+	require.NoError(t, err, "a drafted policy applies as is")
+	_, err = b.Admin.CreateKey(context.Background(), &apiv1.CreateKeyRequest{Name: "k", Policy: "learned"})
+	require.NoError(t, err)
+	require.NoError(t, releaseOrRefusal(t, n, wrap(t, b, "k", []byte("x"))), "the node it was learned from passes it")
+}
