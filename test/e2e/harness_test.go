@@ -49,7 +49,7 @@ func eachMode(t *testing.T, f func(t *testing.T, m mode)) {
 
 // world is one broker with its data, one registry, and the nodes of a test.
 type world struct {
-	t          *testing.T
+	t          testing.TB
 	dir        string
 	registry   string // host:port
 	brokerDir  string
@@ -79,7 +79,7 @@ type worldOptions struct {
 // newWorld starts a registry and a broker, enrolls node1 on its own swtpm,
 // applies policy "prod" (PCRs 0 and 16 at their current values), creates
 // key "app" under it and pushes an image encrypted for it.
-func newWorld(t *testing.T, o worldOptions) *world {
+func newWorld(t testing.TB, o worldOptions) *world {
 	t.Helper()
 	dir, err := os.MkdirTemp(shared.dir, "w")
 	require.NoError(t, err)
@@ -192,7 +192,7 @@ func childEnv(extra ...string) []string {
 	return append(env, extra...)
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	defer l.Close()
