@@ -1,0 +1,171 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	keyproviderpb "github.com/containers/ocicrypt/utils/keyprovider"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// BenchmarkPerLayerUnwrap measures one layer's unwrap through the real
+// binary on an swtpm node, next to ocicrypt's local JWE unwrap, in one run:
+//
+//	exec-cold   'attested keyprovider' with no session: challenge, quote, appraisal, release
+//	exec-warm   'attested keyprovider' reusing the session from the run directory
+//	exec-agent  'attested keyprovider' forwarding to a warm agent
+//	grpc-warm   ocicrypt's gRPC stub to the agent's socket
+//
+// Each reports ns/op; the summary line prints p50s and their ratios.
+func BenchmarkPerLayerUnwrap(b *testing.B) {
+	w := newWorld(b, worldOptions{})
+	n := w.node1
+	ann := w.inspect(w.image).Layers[0].Annotations[providerAnnotation]
+	raw, err := base64.StdEncoding.DecodeString(ann)
+	require.NoError(b, err)
+	req := []byte(fmt.Sprintf(`{"op":"keyunwrap","keywrapparams":{"ec":null,"optsdata":null},"keyunwrapparams":{"dc":null,"annotation":%q}}`,
+		base64.StdEncoding.EncodeToString(raw)))
+	n.startAgent(true)
+	agentCfg := n.writeConfig("node-agent.yaml", 20*time.Second)
+	require.NoError(b, appendLine(agentCfg, "agent: unix://"+n.sock))
+
+	execOnce := func(cfg string) {
+		cmd := exec.Command(shared.attested, "keyprovider", "--config", cfg)
+		cmd.Stdin = strings.NewReader(string(req))
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.Fatalf("keyprovider: %v: %s", err, firstLine(out))
+		}
+	}
+	cc, err := grpc.NewClient("unix://"+n.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(b, err)
+	defer cc.Close()
+	stub := keyproviderpb.NewKeyProviderServiceClient(cc)
+
+	p50 := map[string]time.Duration{}
+	measure := func(name string, before func(), op func()) {
+		b.Run(name, func(b *testing.B) {
+			var ds []time.Duration
+			for b.Loop() {
+				if before != nil {
+					b.StopTimer()
+					before()
+					b.StartTimer()
+				}
+				t0 := time.Now()
+				op()
+				ds = append(ds, time.Since(t0))
+			}
+			p50[name] = median(ds)
+			b.ReportMetric(float64(p50[name].Microseconds())/1000, "p50-ms")
+		})
+	}
+	dropSession := func() { os.Remove(filepath.Join(n.runDir, "session.json")) }
+	measure("exec-cold", dropSession, func() { execOnce(n.cfg) })
+	execOnce(n.cfg) // warm the run directory's session
+	measure("exec-warm", nil, func() { execOnce(n.cfg) })
+	measure("exec-agent", nil, func() { execOnce(agentCfg) })
+	measure("grpc-warm", nil, func() {
+		_, err := stub.UnWrapKey(context.Background(), &keyproviderpb.KeyProviderKeyWrapProtocolInput{KeyProviderKeyWrapProtocolInput: req})
+		if err != nil {
+			b.Fatal(err)
+		}
+	})
+	if len(p50) == 4 {
+		fmt.Printf("per-layer unwrap p50: exec cold %s, exec warm %s, exec via agent %s, gRPC warm %s; cold/warm exec %.1fx, exec warm/gRPC warm %.1fx\n",
+			p50["exec-cold"], p50["exec-warm"], p50["exec-agent"], p50["grpc-warm"],
+			ratio(p50["exec-cold"], p50["exec-warm"]), ratio(p50["exec-warm"], p50["grpc-warm"]))
+	}
+}
+
+// BenchmarkImageDecrypt times the copy engine decrypting a 10-layer image
+// from the registry: through attested (warm agent, and exec mode with a warm
+// session) and with a local JWE private key, in one run.
+func BenchmarkImageDecrypt(b *testing.B) {
+	w := newWorld(b, worldOptions{noImage: true})
+	n := w.node1
+	src := filepath.Join(w.dir, "src10")
+	out, err := exec.Command(shared.imgcopy, "mkimage", "--layers", "10", "--size", "262144", "--out", src).CombinedOutput()
+	require.NoError(b, err, "%s", out)
+	key := filepath.Join(w.dir, "jwe.pem")
+	pub := filepath.Join(w.dir, "jwe.pub")
+	require.NoError(b, exec.Command("openssl", "genrsa", "-out", key, "2048").Run())
+	require.NoError(b, exec.Command("openssl", "rsa", "-in", key, "-pubout", "-out", pub).Run())
+	push := func(ref, encKey string) {
+		r := w.imgcopy(n, execMode, "copy", "--quiet", "--encryption-key", encKey, "--dest-tls-verify=false", "oci:"+src+":latest", ref)
+		require.NoError(b, r.err, "%s", r.stderr)
+	}
+	attestedImg := "docker://" + w.registry + "/bench:attested"
+	jweImg := "docker://" + w.registry + "/bench:jwe"
+	push(attestedImg, "provider:attested:key=app")
+	push(jweImg, "jwe:"+pub)
+
+	p50 := map[string]time.Duration{}
+	pull := func(name string, m mode, ref, decKey string) {
+		b.Run(name, func(b *testing.B) {
+			var ds []time.Duration
+			for b.Loop() {
+				dst, err := os.MkdirTemp(w.dir, "pull")
+				require.NoError(b, err)
+				r := w.imgcopy(n, m, "copy", "--quiet", "--decryption-key", decKey, "--src-tls-verify=false", ref, "oci:"+dst+":latest")
+				require.NoError(b, r.err, "%s", r.stderr)
+				ds = append(ds, r.dur)
+				os.RemoveAll(dst)
+			}
+			p50[name] = median(ds)
+			b.ReportMetric(float64(p50[name].Microseconds())/1000, "p50-ms")
+		})
+	}
+	// Warm both paths before timing: one pull each.
+	pull("warmup-exec", execMode, attestedImg, "provider:attested")
+	pull("jwe", execMode, jweImg, key)
+	pull("attested-exec-warm", execMode, attestedImg, "provider:attested")
+	pull("attested-grpc-warm", grpcMode, attestedImg, "provider:attested")
+	if p50["jwe"] > 0 {
+		fmt.Printf("10-layer decrypt p50: local JWE %s, attested exec (warm) %s = %.2fx, attested gRPC agent (warm) %s = %.2fx\n",
+			p50["jwe"], p50["attested-exec-warm"], ratio(p50["attested-exec-warm"], p50["jwe"]),
+			p50["attested-grpc-warm"], ratio(p50["attested-grpc-warm"], p50["jwe"]))
+	}
+}
+
+func median(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}
+
+func ratio(a, b time.Duration) float64 {
+	if b == 0 {
+		return 0
+	}
+	return float64(a) / float64(b)
+}
+
+func appendLine(path, line string) error {
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = fmt.Fprintln(f, line)
+	return err
+}
+
+func firstLine(b []byte) string {
+	s, _, _ := strings.Cut(string(b), "\n")
+	return s
+}
