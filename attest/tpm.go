@@ -12,11 +12,9 @@ import (
 	"net"
 	"os"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/google/go-attestation/attest"
-	"github.com/google/go-tpm-tools/simulator"
 )
 
 // DefaultTPMTimeout bounds one TPM command. Key creation on a slow TPM takes
@@ -49,7 +47,13 @@ func OpenTPM(ctx context.Context, spec string) (*TPM, error) {
 	case spec == "":
 		return nil, errors.New("attest: no TPM configured (--tpm /dev/tpmrm0 | swtpm://HOST:PORT | simulator)")
 	case spec == "simulator":
-		ch, err = openSimulator()
+		if openSimulator == nil {
+			return nil, errors.New("attest: this build has no TPM simulator (build with -tags simulator)")
+		}
+		var rwc io.ReadWriteCloser
+		if rwc, err = openSimulator(); err == nil {
+			ch = simChannel{rwc}
+		}
 	case strings.HasPrefix(spec, "swtpm://"):
 		ch, err = openSwtpm(ctx, strings.TrimPrefix(spec, "swtpm://"))
 	case strings.HasPrefix(spec, "/"):
@@ -151,33 +155,14 @@ func (s *swtpmConn) Read(p []byte) (int, error) {
 func (s *swtpmConn) Close() error                    { return s.c.Close() }
 func (s *swtpmConn) MeasurementLog() ([]byte, error) { return nil, errNoLog }
 
-// The go-tpm-tools simulator is one per process (its C state is global), so
-// every OpenTPM("simulator") shares it and Close leaves it running.
-var (
-	simOnce sync.Once
-	sim     *simulator.Simulator
-	simErr  error
-	simMu   sync.Mutex
-)
+// openSimulator is set by package attest/simtpm, which links the cgo
+// simulator; production binaries leave it out (it costs every exec-mode
+// process several milliseconds of start-up).
+var openSimulator func() (io.ReadWriteCloser, error)
 
-type simChannel struct{ *simulator.Simulator }
+// RegisterSimulator makes OpenTPM("simulator") use open.
+func RegisterSimulator(open func() (io.ReadWriteCloser, error)) { openSimulator = open }
 
-func (simChannel) Close() error                    { simMu.Unlock(); return nil }
+type simChannel struct{ io.ReadWriteCloser }
+
 func (simChannel) MeasurementLog() ([]byte, error) { return nil, errNoLog }
-
-func openSimulator() (channel, error) {
-	simOnce.Do(func() { sim, simErr = simulator.Get() })
-	if simErr != nil {
-		return nil, fmt.Errorf("attest: TPM simulator: %w", simErr)
-	}
-	// One user at a time, as with a device without a resource manager.
-	simMu.Lock()
-	return simChannel{sim}, nil
-}
-
-// Simulator returns the process's simulator, for tests that extend PCRs or
-// reset it. It must not be used while a TPM from OpenTPM is open.
-func Simulator() (*simulator.Simulator, error) {
-	simOnce.Do(func() { sim, simErr = simulator.Get() })
-	return sim, simErr
-}

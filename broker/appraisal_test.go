@@ -20,6 +20,7 @@ import (
 
 	nodeattest "github.com/attested-dev/attested/attest"
 	"github.com/attested-dev/attested/attest/eventlogtest"
+	"github.com/attested-dev/attested/attest/simtpm"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/brokertest"
 )
@@ -53,7 +54,7 @@ func goodBoot() boot {
 
 func (bt boot) apply(t *testing.T, b *brokertest.Broker) *node {
 	t.Helper()
-	sim, err := nodeattest.Simulator()
+	sim, err := simtpm.Simulator()
 	require.NoError(t, err)
 	require.NoError(t, sim.Reset())
 	imaLog, imaEvents := eventlogtest.IMA(bt.ima)
@@ -233,7 +234,7 @@ func TestTagMismatchIsRefused(t *testing.T) {
 // refuse it as an AK.
 func TestNonRestrictedKeyCannotBecomeAK(t *testing.T) {
 	b := brokertest.Start(t)
-	sim, err := nodeattest.Simulator()
+	sim, err := simtpm.Simulator()
 	require.NoError(t, err)
 	tmpl := legacy.Public{
 		Type: legacy.AlgECC, NameAlg: legacy.AlgSHA256,

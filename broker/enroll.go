@@ -8,7 +8,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"regexp"
 	"time"
 
 	"github.com/google/go-attestation/attest"
@@ -18,12 +17,11 @@ import (
 
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/store"
+	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
 // EnrollmentTTL bounds how long a credential activation challenge is open.
 const EnrollmentTTL = 5 * time.Minute
-
-var nodeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
 // EKFingerprint is the node identity: SHA-256 of the EK public key, PKIX DER.
 func EKFingerprint(ekPKIX []byte) string {
@@ -33,7 +31,7 @@ func EKFingerprint(ekPKIX []byte) string {
 
 // EnrollStart implements apiv1.BrokerServer.
 func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest) (*apiv1.EnrollStartResponse, error) {
-	if !nodeName.MatchString(req.GetName()) {
+	if !annotation.ValidName(req.GetName()) {
 		return nil, status.Errorf(codes.InvalidArgument, "node name %q must be 1-63 letters, digits, '.', '_' or '-'", req.GetName())
 	}
 	ekPub, err := x509.ParsePKIXPublicKey(req.GetEkPublic())

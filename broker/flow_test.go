@@ -22,6 +22,7 @@ import (
 
 	nodeattest "github.com/attested-dev/attested/attest"
 	"github.com/attested-dev/attested/attest/binding"
+	"github.com/attested-dev/attested/attest/simtpm"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/brokertest"
 	"github.com/attested-dev/attested/broker/suite"
@@ -62,7 +63,7 @@ func pcrValue(t *testing.T, idx int) []byte {
 
 func extendPCR(t *testing.T, idx int, data string) {
 	t.Helper()
-	sim, err := nodeattest.Simulator()
+	sim, err := simtpm.Simulator()
 	require.NoError(t, err)
 	sum := sha256.Sum256([]byte(data))
 	require.NoError(t, legacy.PCRExtend(sim, tpmutil.Handle(idx), legacy.AlgSHA256, sum[:], ""))
@@ -250,7 +251,7 @@ func TestRebootEndsSession(t *testing.T) {
 	_, n, _, ann := setup(t)
 	s, err := n.session(t)
 	require.NoError(t, err)
-	sim, err := nodeattest.Simulator()
+	sim, err := simtpm.Simulator()
 	require.NoError(t, err)
 	require.NoError(t, sim.Reset()) // TPM reset: resetCount increments, PCRs clear
 	s2, err := n.session(t)
@@ -328,7 +329,7 @@ func TestNoKeyMaterialInAudit(t *testing.T) {
 // simChannel gives direct access to the shared simulator for tests that
 // drive go-attestation themselves (rogue keys, hand-built evidence).
 func simChannel(t *testing.T) attest.CommandChannelTPM20 {
-	sim, err := nodeattest.Simulator()
+	sim, err := simtpm.Simulator()
 	require.NoError(t, err)
 	return rawSim{sim}
 }

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"regexp"
 	"sort"
 	"strings"
 
@@ -18,9 +17,8 @@ import (
 	"github.com/attested-dev/attested/broker/evidence"
 	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
+	"github.com/attested-dev/attested/keyprovider/annotation"
 )
-
-var tagKey = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$`)
 
 // MaxTags bounds the tags on one node.
 const MaxTags = 64
@@ -29,7 +27,7 @@ const MaxTags = 64
 // identity; every change is audited with its before and after.
 func (a adminServer) TagNode(ctx context.Context, req *apiv1.TagNodeRequest) (*apiv1.Node, error) {
 	for k, v := range req.GetSet() {
-		if !tagKey.MatchString(k) || v == "" || len(v) > 256 || strings.ContainsAny(v, ",\n") {
+		if !annotation.ValidTagName(k) || v == "" || len(v) > 256 || strings.ContainsAny(v, ",\n") {
 			return nil, status.Errorf(codes.InvalidArgument, "tag %s=%s: names are 1-63 letters, digits, '.', '_', '/' or '-'; values are 1-256 characters without ',' or newline", k, v)
 		}
 	}

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/attested-dev/attested/attest"
+	_ "github.com/attested-dev/attested/attest/simtpm" // --tpm simulator
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/brokertest"
 	"github.com/attested-dev/attested/keyprovider"

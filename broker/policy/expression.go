@@ -3,6 +3,7 @@ package policy
 import (
 	"encoding/hex"
 	"fmt"
+	"sync"
 
 	"github.com/google/cel-go/cel"
 )
@@ -16,31 +17,36 @@ type Expression struct {
 	prog cel.Program
 }
 
-var celEnv, celEnvErr = cel.NewEnv(
-	cel.Variable("node", cel.StringType),
-	cel.Variable("pcrs", cel.MapType(cel.IntType, cel.StringType)),
-	cel.Variable("secureBoot", cel.BoolType),
-	cel.Variable("firmwareLog", cel.BoolType),
-	cel.Variable("bootApps", cel.ListType(cel.StringType)),
-	cel.Variable("kernelCmdline", cel.ListType(cel.StringType)),
-	cel.Variable("tags", cel.MapType(cel.StringType, cel.StringType)),
-)
+// celEnv is built on first use: processes that never compile a policy
+// (every exec-mode keyprovider call) do not pay for it.
+var celEnv = sync.OnceValues(func() (*cel.Env, error) {
+	return cel.NewEnv(
+		cel.Variable("node", cel.StringType),
+		cel.Variable("pcrs", cel.MapType(cel.IntType, cel.StringType)),
+		cel.Variable("secureBoot", cel.BoolType),
+		cel.Variable("firmwareLog", cel.BoolType),
+		cel.Variable("bootApps", cel.ListType(cel.StringType)),
+		cel.Variable("kernelCmdline", cel.ListType(cel.StringType)),
+		cel.Variable("tags", cel.MapType(cel.StringType, cel.StringType)),
+	)
+})
 
 // celCostLimit bounds evaluation so a policy cannot stall the broker.
 const celCostLimit = 100000
 
 func compileExpression(src string) (*Expression, error) {
-	if celEnvErr != nil {
-		return nil, celEnvErr
+	env, err := celEnv()
+	if err != nil {
+		return nil, err
 	}
-	ast, iss := celEnv.Compile(src)
+	ast, iss := env.Compile(src)
 	if iss.Err() != nil {
 		return nil, iss.Err()
 	}
 	if ast.OutputType() != cel.BoolType {
 		return nil, fmt.Errorf("must be a boolean expression, this one is %s", ast.OutputType())
 	}
-	prog, err := celEnv.Program(ast, cel.CostLimit(celCostLimit))
+	prog, err := env.Program(ast, cel.CostLimit(celCostLimit))
 	if err != nil {
 		return nil, err
 	}

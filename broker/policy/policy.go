@@ -11,7 +11,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -21,6 +20,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/attested-dev/attested/broker/evidence"
+	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
 // MaxSize bounds a policy document.
@@ -76,11 +76,6 @@ type document struct {
 	MaxSessionAge string              `yaml:"maxSessionAge"`
 }
 
-var (
-	policyName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
-	tagName    = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$`)
-)
-
 // Parse decodes and validates a policy. Errors name the line and the reason;
 // unknown fields are errors, never silently dropped.
 func Parse(data []byte) (*Policy, error) {
@@ -104,7 +99,7 @@ func Parse(data []byte) (*Policy, error) {
 	fail := func(field, format string, args ...any) error {
 		return fmt.Errorf("policy: line %d: %s", lines[field], fmt.Sprintf(format, args...))
 	}
-	if !policyName.MatchString(doc.Name) {
+	if !annotation.ValidName(doc.Name) {
 		return nil, fail("name", "name %q must be 1-63 letters, digits, '.', '_' or '-'", doc.Name)
 	}
 	p := &Policy{Name: doc.Name, PCRs: map[int][][]byte{}}
@@ -177,7 +172,7 @@ func Parse(data []byte) (*Policy, error) {
 	if len(doc.Tags) > 0 {
 		p.Tags = map[string][]string{}
 		for k, vs := range doc.Tags {
-			if !tagName.MatchString(k) || len(vs) == 0 {
+			if !annotation.ValidTagName(k) || len(vs) == 0 {
 				return nil, fail("tags", "tag %q must be a tag name with at least one accepted value", k)
 			}
 			p.Tags[k] = vs

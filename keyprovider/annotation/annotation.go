@@ -10,7 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"regexp"
+	"strings"
 )
 
 // Version is the current format version.
@@ -40,12 +40,31 @@ const formatTag = "layer-key"
 // ErrNotOurs marks bytes that are not an attested annotation at all.
 var ErrNotOurs = errors.New("annotation: not an attested annotation (made by another keyprovider?)")
 
-var keyName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
-
 // ValidKeyName reports whether name is a usable key name. Names travel in
 // provider parameters, so they must not contain ',' (clients split on it)
 // or ':' or '='.
-func ValidKeyName(name string) bool { return keyName.MatchString(name) }
+func ValidKeyName(name string) bool { return validName(name, "._-") }
+
+// validName reports whether s is 1-63 characters, starting with a letter
+// or digit, then letters, digits or the given punctuation.
+func validName(s, punct string) bool {
+	if len(s) == 0 || len(s) > 63 {
+		return false
+	}
+	for i, c := range []byte(s) {
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && (i == 0 || !strings.ContainsRune(punct, rune(c))) {
+			return false
+		}
+	}
+	return true
+}
+
+// ValidName applies the key name rules to other names (nodes, policies).
+func ValidName(s string) bool { return validName(s, "._-") }
+
+// ValidTagName is a name that may also hold '/' (e.g. topology/zone).
+func ValidTagName(s string) bool { return validName(s, "._/-") }
 
 // New returns an annotation for broker with the given recipients.
 func New(broker string, rs ...Recipient) Annotation {
