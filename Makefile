@@ -39,6 +39,8 @@ fuzz:
 	$(GO) test ./keyprovider/annotation -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
 	$(GO) test ./keyprovider -run '^$$' -fuzz FuzzHandle -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/policy -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzReplayFirmware -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzReplayIMA -fuzztime $(FUZZTIME)
 
 bench: build imgcopy
 	$(GO) test -run '^$$' -bench . -benchtime 200x ./keyprovider/... ./broker/...
