@@ -59,6 +59,7 @@ type world struct {
 	node1      *node
 	// image is the encrypted image in the registry.
 	image string
+	brokerExtra string
 	// outputs is everything the tests saw on stdout and stderr that must
 	// never hold a secret; log files are read from dir at check time.
 	outputs []output
@@ -74,6 +75,8 @@ type worldOptions struct {
 	encryptMode mode
 	// noImage skips encrypting the image.
 	noImage bool
+	// brokerConfig is appended to broker.yaml before the broker starts.
+	brokerConfig string
 }
 
 // newWorld starts a registry and a broker, enrolls node1 on its own swtpm,
@@ -83,7 +86,7 @@ func newWorld(t testing.TB, o worldOptions) *world {
 	t.Helper()
 	dir, err := os.MkdirTemp(shared.dir, "w")
 	require.NoError(t, err)
-	w := &world{t: t, dir: dir}
+	w := &world{t: t, dir: dir, brokerExtra: o.brokerConfig}
 	t.Cleanup(func() {
 		if t.Failed() {
 			w.dumpLogs()
@@ -371,6 +374,13 @@ func (w *world) startBroker() {
 	for _, f := range []string{"ca.pem", "admin.token"} {
 		require.FileExists(t, filepath.Join(w.brokerDir, f))
 	}
+	if w.brokerExtra != "" {
+		f, err := os.OpenFile(filepath.Join(w.brokerDir, "broker.yaml"), os.O_APPEND|os.O_WRONLY, 0)
+		require.NoError(t, err)
+		_, err = f.WriteString(w.brokerExtra)
+		require.NoError(t, err)
+		require.NoError(t, f.Close())
+	}
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
 		if attempt > 0 {
@@ -468,12 +478,15 @@ type node struct {
 }
 
 // newNode gives a node its own swtpm, state and configuration (not enrolled).
-func (w *world) newNode(name string) *node {
+func (w *world) newNode(name string) *node { return w.newNodeWithCA(name, shared.ca) }
+
+// newNodeWithCA is newNode with a TPM whose EK certificate ca issued.
+func (w *world) newNodeWithCA(name string, ca *swtpm.CA) *node {
 	n := &node{w: w, name: name, dir: filepath.Join(w.dir, name)}
 	n.stateDir = filepath.Join(n.dir, "state")
 	n.runDir = filepath.Join(n.dir, "run")
 	n.sock = filepath.Join(n.runDir, "kp.sock")
-	n.tpm = swtpm.Start(w.t, shared.ca, filepath.Join(n.dir, "tpm"))
+	n.tpm = swtpm.Start(w.t, ca, filepath.Join(n.dir, "tpm"))
 	n.cfg = n.writeConfig("node.yaml", 20*time.Second)
 	return n
 }

@@ -1,0 +1,67 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/attested-dev/attested/test/swtpm"
+)
+
+// trustSwtpmCA is broker configuration trusting the suite's swtpm CA (never
+// trusted by default) and requiring EK certificates.
+func trustSwtpmCA() string {
+	return fmt.Sprintf("ekRoots:\n  - %s\n  - %s\nrequireEKCertificate: true\n",
+		filepath.Join(shared.ca.Dir, "swtpm-localca-rootca-cert.pem"), filepath.Join(shared.ca.Dir, "issuercert.pem"))
+}
+
+// TestEKCertificateChainsToSwtpmCA: swtpm_setup --create-ek-cert gives the
+// TPM an EK certificate from the suite's CA; a broker configured with that
+// CA enrolls it and says so; a TPM whose certificate another CA issued is
+// refused.
+func TestEKCertificateChainsToSwtpmCA(t *testing.T) {
+	// swtpm_localca creates the CA when it first signs; make sure it has.
+	swtpm.Start(t, shared.ca, filepath.Join(t.TempDir(), "tpm")).Stop()
+	w := newWorld(t, worldOptions{noImage: true, brokerConfig: trustSwtpmCA()})
+	var reasons []string
+	for _, e := range w.audit("--kind", "enroll") {
+		reasons = append(reasons, e.Reason)
+	}
+	assert.Contains(t, strings.Join(reasons, "\n"), "EK certificate verified (issuer CN=swtpm-localca)")
+
+	other, err := swtpm.NewCA(filepath.Join(w.dir, "other-ca"))
+	require.NoError(t, err)
+	rogue := w.newNodeWithCA("rogue", other)
+	tok := strings.TrimSpace(w.admin("node", "token", "create"))
+	r := w.attested(rogue, "node", "enroll", "--join-token", tok)
+	require.Error(t, r.err)
+	assert.Contains(t, r.msg(), "does not chain to a trusted TPM manufacturer root")
+	assert.NotContains(t, w.admin("node", "list"), "rogue")
+}
+
+// TestExplainShowsEveryClause: 'attested node attest --explain' shows the
+// evidence and each key's policy clause by clause, pass and fail.
+func TestExplainShowsEveryClause(t *testing.T) {
+	w := newWorld(t, worldOptions{noImage: true})
+	n := w.node1
+	r := w.attested(n, "node", "attest", "--explain")
+	require.NoError(t, r.err, "%s", r.stderr)
+	out := string(r.stdout)
+	assert.Contains(t, out, "firmware event log: none sent")
+	assert.Contains(t, out, "key app (policy prod): would be released")
+	assert.Regexp(t, `ok +pcr 16 +PCR 16 is 0{16}\.\., accepted by policy prod`, out)
+
+	n.tpm.ExtendPCR(16, []byte("unexpected"))
+	r = w.attested(n, "node", "attest", "--explain")
+	require.NoError(t, r.err, "%s", r.stderr)
+	out = string(r.stdout)
+	assert.Contains(t, out, "key app (policy prod): would be REFUSED")
+	assert.Regexp(t, `FAIL +pcr 16 +PCR 16 differs from policy prod: got [0-9a-f]{16}\.\., want one of 0{16}\.\.`, out)
+	assert.Regexp(t, `ok +pcr 0 `, out)
+}
