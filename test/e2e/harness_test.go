@@ -58,7 +58,7 @@ type world struct {
 	broker     *proc
 	node1      *node
 	// image is the encrypted image in the registry.
-	image string
+	image       string
 	brokerExtra string
 	// outputs is everything the tests saw on stdout and stderr that must
 	// never hold a secret; log files are read from dir at check time.
