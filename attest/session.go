@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -139,7 +140,8 @@ func NewSession(ctx context.Context, b Appraiser, t *TPM, st *State, logs Logs) 
 		return nil, fmt.Errorf("attest: load attestation key (was the TPM cleared? enroll again): %w", err)
 	}
 	defer ak.Close(t.dev)
-	q, err := ak.Quote(t.dev, binding.QualifyingData(ch.GetNonce(), pub, st.Name), attest.HashSHA256)
+	qd := binding.QualifyingData(ch.GetNonce(), pub, st.Name)
+	q, err := ak.Quote(t.dev, qd, attest.HashSHA256)
 	if err != nil {
 		return nil, fmt.Errorf("attest: quote: %w", err)
 	}
@@ -163,6 +165,12 @@ func NewSession(ctx context.Context, b Appraiser, t *TPM, st *State, logs Logs) 
 	}
 	req := &apiv1.AttestRequest{Node: st.Name, Nonce: ch.GetNonce(), SessionPublicKey: pub, SessionSuite: s.Name,
 		Quote: q.Quote, Signature: q.Signature, EventLog: fw, ImaLog: ima}
+	switch tc, err := t.certifyTags(st.AKBlob, qd); {
+	case err == nil:
+		req.TagCertifyInfo, req.TagCertifySignature, req.TagNvPublic = tc.Info, tc.Signature, tc.NVPublic
+	case !errors.Is(err, errNoTagIndex):
+		return nil, err
+	}
 	for _, p := range plat.PCRs {
 		req.Pcrs = append(req.Pcrs, &apiv1.PCR{Index: uint32(p.Index), Digest: p.Digest})
 	}

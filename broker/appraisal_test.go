@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 
 	nodeattest "github.com/attested-dev/attested/attest"
+	"github.com/attested-dev/attested/attest/binding"
 	"github.com/attested-dev/attested/attest/eventlogtest"
 	"github.com/attested-dev/attested/attest/simtpm"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
@@ -326,4 +327,77 @@ func TestLearnPolicyDraftsFromEvidence(t *testing.T) {
 	_, err = b.Admin.CreateKey(context.Background(), &apiv1.CreateKeyRequest{Name: "k", Policy: "learned"})
 	require.NoError(t, err)
 	require.NoError(t, releaseOrRefusal(t, n, wrap(t, b, "k", []byte("x"))), "the node it was learned from passes it")
+}
+
+const certifiedPolicy = `name: eu-certified
+tags:
+  region: [EU]
+certifiedTags: true
+`
+
+func certifiedSetup(t *testing.T) (*brokertest.Broker, *node, []byte) {
+	b := brokertest.Start(t)
+	n := enroll(t, b, "node1")
+	tagEU(t, b)
+	_, err := b.Admin.ApplyPolicy(context.Background(), &apiv1.ApplyPolicyRequest{Yaml: certifiedPolicy})
+	require.NoError(t, err)
+	_, err = b.Admin.CreateKey(context.Background(), &apiv1.CreateKeyRequest{Name: "eu", Policy: "eu-certified"})
+	require.NoError(t, err)
+	return b, n, wrap(t, b, "eu", []byte("k"))
+}
+
+func writeTags(t *testing.T, digest []byte) {
+	tpm := openTPM(t)
+	defer tpm.Close()
+	require.NoError(t, tpm.WriteTags(digest))
+}
+
+func TestTPMCertifiedTagsRelease(t *testing.T) {
+	b, n, ann := certifiedSetup(t)
+	r, err := b.Node.NodeTags(context.Background(), &apiv1.NodeTagsRequest{Node: "node1"})
+	require.NoError(t, err)
+	writeTags(t, r.GetDigest())
+	require.NoError(t, releaseOrRefusal(t, n, ann))
+}
+
+func TestForgedNVTagIsRefused(t *testing.T) {
+	_, n, ann := certifiedSetup(t)
+	// The TPM holds the digest of other tags than the broker's (a node
+	// claiming EU while provisioned as US, or a stale provisioning).
+	writeTags(t, binding.TagDigest("node1", map[string]string{"region": "US"}))
+	err := releaseOrRefusal(t, n, ann)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "tags certified by node node1's TPM")
+	assert.Contains(t, err.Error(), "are not its tags at the broker")
+}
+
+func TestTagsWithoutCertificationAreRefusedWhenRequired(t *testing.T) {
+	_, n, ann := certifiedSetup(t)
+	tpm := openTPM(t)
+	require.NoError(t, tpm.RemoveTags())
+	tpm.Close()
+	err := releaseOrRefusal(t, n, ann)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "requires TPM-certified tags, but node node1 certified none")
+}
+
+// forgeTagSignature flips a bit of the tag certification's signature, as
+// a node that forged the certification with another key would present.
+type forgeTagSignature struct{ apiv1.BrokerClient }
+
+func (f forgeTagSignature) Attest(ctx context.Context, in *apiv1.AttestRequest, opts ...grpc.CallOption) (*apiv1.AttestResponse, error) {
+	sig := append([]byte{}, in.TagCertifySignature...)
+	sig[len(sig)-1] ^= 1
+	in.TagCertifySignature = sig
+	return f.BrokerClient.Attest(ctx, in, opts...)
+}
+
+func TestTagCertificationNotByTheAKIsRefused(t *testing.T) {
+	b, n, _ := certifiedSetup(t)
+	writeTags(t, binding.TagDigest("node1", map[string]string{"region": "EU"}))
+	tpm := openTPM(t)
+	defer tpm.Close()
+	_, err := nodeattest.NewSession(context.Background(), forgeTagSignature{b.Node}, tpm, n.state, n.logs)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "tag certification is not signed by this node's enrolled AK")
 }

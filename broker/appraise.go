@@ -92,6 +92,13 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	if err != nil {
 		return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, "evidence refused: "+err.Error())
 	}
+	if len(req.GetTagCertifyInfo()) > 0 {
+		facts.CertifiedTagDigest, err = evidence.VerifyTagCertification(n.AKPublic, req.GetTagCertifyInfo(),
+			req.GetTagCertifySignature(), req.GetTagNvPublic(), binding.QualifyingData(req.GetNonce(), req.GetSessionPublicKey(), n.Name))
+		if err != nil {
+			return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, "evidence refused: "+err.Error())
+		}
+	}
 	factsJSON, err := json.Marshal(facts)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "facts: %v", err)

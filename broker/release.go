@@ -107,6 +107,16 @@ func (s *Server) setTrust(ctx context.Context, n store.Node, trust, reason strin
 	}
 }
 
+// NodeTags implements apiv1.BrokerServer. Tags are not secret; the node
+// needs them to write their digest into its TPM.
+func (s *Server) NodeTags(ctx context.Context, req *apiv1.NodeTagsRequest) (*apiv1.NodeTagsResponse, error) {
+	n, err := s.activeNode(ctx, req.GetNode())
+	if err != nil {
+		return nil, err
+	}
+	return &apiv1.NodeTagsResponse{Tags: n.Tags, Digest: binding.TagDigest(n.Name, n.Tags)}, nil
+}
+
 // sessionClaims are what a session established about its node.
 func sessionClaims(n store.Node, sess store.Session, now time.Time) (policy.Claims, error) {
 	c := policy.Claims{Node: n.Name, PCRs: sess.PCRs, Tags: n.Tags, SessionAge: now.Sub(sess.Created)}

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"sort"
 )
 
 // QualifyingData is the quote's extraData: a hash over the broker nonce, the
@@ -30,3 +31,22 @@ func ReleaseInfo(node string, sessionPublic []byte, key string, version uint32) 
 	sum := sha256.Sum256(sessionPublic)
 	return fmt.Appendf(nil, "attested/v1/release\x00%s\x00%x\x00%s\x00%d", node, sum, key, version)
 }
+
+// TagDigest is what a node's TPM holds in its tag NV index: a hash over the
+// node name and its tags, sorted, so node and broker agree byte for byte.
+func TagDigest(node string, tags map[string]string) []byte {
+	keys := make([]string, 0, len(tags))
+	for k := range tags {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	h := sha256.New()
+	fmt.Fprintf(h, "attested/v1/tags\x00%s\x00", node)
+	for _, k := range keys {
+		fmt.Fprintf(h, "%s=%s\n", k, tags[k])
+	}
+	return h.Sum(nil)
+}
+
+// TagIndex is the NV index holding the tag digest, in the owner range.
+const TagIndex = 0x01800A77

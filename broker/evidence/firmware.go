@@ -48,6 +48,9 @@ type Facts struct {
 	KernelCmdlines        []string
 	// IMA is nil when the node sent no IMA log.
 	IMA []IMAEntry
+	// CertifiedTagDigest is the tag digest the node's TPM certified with
+	// its AK (nil when the node has no tag index).
+	CertifiedTagDigest []byte `json:",omitempty"`
 }
 
 // ReplayFirmware parses a TCG firmware event log, replays it against the
@@ -142,6 +145,11 @@ func (f Facts) Lines() []string {
 		for _, c := range f.KernelCmdlines {
 			out = append(out, "kernel command line: "+c)
 		}
+	}
+	if f.CertifiedTagDigest == nil {
+		out = append(out, "TPM-certified tags: none")
+	} else {
+		out = append(out, fmt.Sprintf("TPM-certified tag digest: %s", hex.EncodeToString(f.CertifiedTagDigest)))
 	}
 	if f.IMA == nil {
 		out = append(out, "IMA log: none sent")

@@ -19,6 +19,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/attested-dev/attested/attest/binding"
 	"github.com/attested-dev/attested/broker/evidence"
 	"github.com/attested-dev/attested/keyprovider/annotation"
 )
@@ -45,6 +46,9 @@ type Policy struct {
 	IMA *IMAPolicy
 	// Tags maps a tag to its accepted values.
 	Tags map[string][]string
+	// CertifiedTags requires the node's TPM to certify (NV_Certify by the
+	// AK) the digest of exactly the tags the broker holds for it.
+	CertifiedTags bool
 	// Expression is an optional CEL expression over the claims.
 	Expression *Expression
 	// MaxSessionAge bounds how old the appraisal behind a release may be.
@@ -72,6 +76,7 @@ type document struct {
 		Exclude []string            `yaml:"exclude"`
 	} `yaml:"ima"`
 	Tags          map[string][]string `yaml:"tags"`
+	CertifiedTags bool                `yaml:"certifiedTags"`
 	Expression    string              `yaml:"expression"`
 	MaxSessionAge string              `yaml:"maxSessionAge"`
 }
@@ -178,6 +183,10 @@ func Parse(data []byte) (*Policy, error) {
 			p.Tags[k] = vs
 		}
 	}
+	if doc.CertifiedTags && len(p.Tags) == 0 {
+		return nil, fail("certifiedTags", "certifiedTags needs tags to certify")
+	}
+	p.CertifiedTags = doc.CertifiedTags
 	if doc.Expression != "" {
 		e, err := compileExpression(doc.Expression)
 		if err != nil {
@@ -290,6 +299,7 @@ func (p *Policy) Evaluate(c Claims) Result {
 	p.evalCmdline(c, add)
 	p.evalIMA(c, add)
 	p.evalTags(c, add)
+	p.evalCertifiedTags(c, add)
 	if p.Expression != nil {
 		ok, detail := p.Expression.eval(c)
 		if !ok {
@@ -415,6 +425,21 @@ func (p *Policy) evalTags(c Claims, add adder) {
 		default:
 			add("tag "+k, true, fmt.Sprintf("tag %s=%s", k, got))
 		}
+	}
+}
+
+func (p *Policy) evalCertifiedTags(c Claims, add adder) {
+	if !p.CertifiedTags {
+		return
+	}
+	want := binding.TagDigest(c.Node, c.Tags)
+	switch got := c.Facts.CertifiedTagDigest; {
+	case got == nil:
+		add("certifiedTags", false, fmt.Sprintf("policy %s requires TPM-certified tags, but node %s certified none (run 'attested node tags sync' on it)", p.Name, c.Node))
+	case !bytes.Equal(got, want):
+		add("certifiedTags", false, fmt.Sprintf("tags certified by node %s's TPM (digest %s) are not its tags at the broker (digest %s): forged or stale; run 'attested node tags sync' on it", c.Node, shortHex(got), shortHex(want)))
+	default:
+		add("certifiedTags", true, "the node's TPM certifies its tags")
 	}
 }
 

@@ -160,7 +160,34 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 		},
 	}
 	tag.Flags().StringSliceVar(&remove, "remove", nil, "tag names to remove")
-	cmd.AddCommand(enroll, attestNow, token, approve, revoke, list, tag)
+	tags := &cobra.Command{Use: "tags", Short: "This node's TPM-certified asset tags"}
+	tags.AddCommand(&cobra.Command{
+		Use:   "sync",
+		Short: "Write the digest of this node's tags (as the broker holds them) into its TPM's tag NV index",
+		Long: `Write the digest of this node's tags, as the broker holds them, into an NV index of
+its TPM that only the owner can write and that stays write-locked. Every later
+attestation has the AK certify it (TPM2_NV_Certify), so a policy with
+certifiedTags: true accepts tags only as this TPM attests them.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			st, err := attest.LoadState(c.StateDir)
+			if err != nil {
+				return err
+			}
+			return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error {
+				r, err := b.NodeTags(ctx, &apiv1.NodeTagsRequest{Node: st.Name})
+				if err != nil {
+					return err
+				}
+				if err := t.WriteTags(r.GetDigest()); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s: TPM now certifies tags %s\n", st.Name, sortedTags(r.GetTags()))
+				return nil
+			})
+		},
+	})
+	cmd.AddCommand(enroll, attestNow, token, approve, revoke, list, tag, tags)
 	return cmd
 }
 

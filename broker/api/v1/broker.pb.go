@@ -857,9 +857,15 @@ type AttestRequest struct {
 	// (/sys/kernel/security/tpm0/binary_bios_measurements).
 	EventLog []byte `protobuf:"bytes,8,opt,name=event_log,json=eventLog,proto3" json:"event_log,omitempty"`
 	// ima_log is the IMA binary runtime measurement list.
-	ImaLog        []byte `protobuf:"bytes,9,opt,name=ima_log,json=imaLog,proto3" json:"ima_log,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ImaLog []byte `protobuf:"bytes,9,opt,name=ima_log,json=imaLog,proto3" json:"ima_log,omitempty"`
+	// The asset tag digest in the TPM's tag NV index, certified by the AK
+	// (TPM2_NV_Certify over the same qualifying data as the quote): the
+	// TPMS_ATTEST, its TPMT_SIGNATURE and the index's TPMS_NV_PUBLIC.
+	TagCertifyInfo      []byte `protobuf:"bytes,10,opt,name=tag_certify_info,json=tagCertifyInfo,proto3" json:"tag_certify_info,omitempty"`
+	TagCertifySignature []byte `protobuf:"bytes,11,opt,name=tag_certify_signature,json=tagCertifySignature,proto3" json:"tag_certify_signature,omitempty"`
+	TagNvPublic         []byte `protobuf:"bytes,12,opt,name=tag_nv_public,json=tagNvPublic,proto3" json:"tag_nv_public,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *AttestRequest) Reset() {
@@ -951,6 +957,27 @@ func (x *AttestRequest) GetEventLog() []byte {
 func (x *AttestRequest) GetImaLog() []byte {
 	if x != nil {
 		return x.ImaLog
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetTagCertifyInfo() []byte {
+	if x != nil {
+		return x.TagCertifyInfo
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetTagCertifySignature() []byte {
+	if x != nil {
+		return x.TagCertifySignature
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetTagNvPublic() []byte {
+	if x != nil {
+		return x.TagNvPublic
 	}
 	return nil
 }
@@ -2364,6 +2391,102 @@ func (x *LearnPolicyResponse) GetYaml() string {
 	return ""
 }
 
+type NodeTagsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeTagsRequest) Reset() {
+	*x = NodeTagsRequest{}
+	mi := &file_broker_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeTagsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeTagsRequest) ProtoMessage() {}
+
+func (x *NodeTagsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeTagsRequest.ProtoReflect.Descriptor instead.
+func (*NodeTagsRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *NodeTagsRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+type NodeTagsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tags          map[string]string      `protobuf:"bytes,1,rep,name=tags,proto3" json:"tags,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Digest        []byte                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeTagsResponse) Reset() {
+	*x = NodeTagsResponse{}
+	mi := &file_broker_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeTagsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeTagsResponse) ProtoMessage() {}
+
+func (x *NodeTagsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeTagsResponse.ProtoReflect.Descriptor instead.
+func (*NodeTagsResponse) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *NodeTagsResponse) GetTags() map[string]string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
+func (x *NodeTagsResponse) GetDigest() []byte {
+	if x != nil {
+		return x.Digest
+	}
+	return nil
+}
+
 var File_broker_proto protoreflect.FileDescriptor
 
 const file_broker_proto_rawDesc = "" +
@@ -2425,7 +2548,7 @@ const file_broker_proto_rawDesc = "" +
 	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"3\n" +
 	"\x03PCR\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x16\n" +
-	"\x06digest\x18\x02 \x01(\fR\x06digest\"\xa3\x02\n" +
+	"\x06digest\x18\x02 \x01(\fR\x06digest\"\xa5\x03\n" +
 	"\rAttestRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12,\n" +
@@ -2435,7 +2558,11 @@ const file_broker_proto_rawDesc = "" +
 	"\tsignature\x18\x06 \x01(\fR\tsignature\x12+\n" +
 	"\x04pcrs\x18\a \x03(\v2\x17.attested.broker.v1.PCRR\x04pcrs\x12\x1b\n" +
 	"\tevent_log\x18\b \x01(\fR\beventLog\x12\x17\n" +
-	"\aima_log\x18\t \x01(\fR\x06imaLog\"\x9e\x01\n" +
+	"\aima_log\x18\t \x01(\fR\x06imaLog\x12(\n" +
+	"\x10tag_certify_info\x18\n" +
+	" \x01(\fR\x0etagCertifyInfo\x122\n" +
+	"\x15tag_certify_signature\x18\v \x01(\fR\x13tagCertifySignature\x12\"\n" +
+	"\rtag_nv_public\x18\f \x01(\fR\vtagNvPublic\"\x9e\x01\n" +
 	"\x0eAttestResponse\x12#\n" +
 	"\rsession_token\x18\x01 \x01(\fR\fsessionToken\x12!\n" +
 	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\x12\x1f\n" +
@@ -2529,12 +2656,20 @@ const file_broker_proto_rawDesc = "" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\")\n" +
 	"\x13LearnPolicyResponse\x12\x12\n" +
-	"\x04yaml\x18\x01 \x01(\tR\x04yaml*n\n" +
+	"\x04yaml\x18\x01 \x01(\tR\x04yaml\"%\n" +
+	"\x0fNodeTagsRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\"\xa7\x01\n" +
+	"\x10NodeTagsResponse\x12B\n" +
+	"\x04tags\x18\x01 \x03(\v2..attested.broker.v1.NodeTagsResponse.TagsEntryR\x04tags\x12\x16\n" +
+	"\x06digest\x18\x02 \x01(\fR\x06digest\x1a7\n" +
+	"\tTagsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*n\n" +
 	"\tNodeState\x12\x1a\n" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12NODE_STATE_PENDING\x10\x01\x12\x15\n" +
 	"\x11NODE_STATE_ACTIVE\x10\x02\x12\x16\n" +
-	"\x12NODE_STATE_REVOKED\x10\x032\xc4\x05\n" +
+	"\x12NODE_STATE_REVOKED\x10\x032\x9b\x06\n" +
 	"\x06Broker\x12I\n" +
 	"\x04Info\x12\x1f.attested.broker.v1.InfoRequest\x1a .attested.broker.v1.InfoResponse\x12\\\n" +
 	"\x0eGetWrappingKey\x12).attested.broker.v1.GetWrappingKeyRequest\x1a\x1f.attested.broker.v1.WrappingKey\x12^\n" +
@@ -2543,7 +2678,8 @@ const file_broker_proto_rawDesc = "" +
 	"\tChallenge\x12$.attested.broker.v1.ChallengeRequest\x1a%.attested.broker.v1.ChallengeResponse\x12O\n" +
 	"\x06Attest\x12!.attested.broker.v1.AttestRequest\x1a\".attested.broker.v1.AttestResponse\x12O\n" +
 	"\x06Unwrap\x12!.attested.broker.v1.UnwrapRequest\x1a\".attested.broker.v1.UnwrapResponse\x12R\n" +
-	"\aExplain\x12\".attested.broker.v1.ExplainRequest\x1a#.attested.broker.v1.ExplainResponse2\xbc\a\n" +
+	"\aExplain\x12\".attested.broker.v1.ExplainRequest\x1a#.attested.broker.v1.ExplainResponse\x12U\n" +
+	"\bNodeTags\x12#.attested.broker.v1.NodeTagsRequest\x1a$.attested.broker.v1.NodeTagsResponse2\xbc\a\n" +
 	"\x05Admin\x12J\n" +
 	"\tCreateKey\x12$.attested.broker.v1.CreateKeyRequest\x1a\x17.attested.broker.v1.Key\x12U\n" +
 	"\bListKeys\x12#.attested.broker.v1.ListKeysRequest\x1a$.attested.broker.v1.ListKeysResponse\x12Q\n" +
@@ -2571,7 +2707,7 @@ func file_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 42)
+var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
 var file_broker_proto_goTypes = []any{
 	(NodeState)(0),                  // 0: attested.broker.v1.NodeState
 	(*InfoRequest)(nil),             // 1: attested.broker.v1.InfoRequest
@@ -2614,13 +2750,16 @@ var file_broker_proto_goTypes = []any{
 	(*TagNodeRequest)(nil),          // 38: attested.broker.v1.TagNodeRequest
 	(*LearnPolicyRequest)(nil),      // 39: attested.broker.v1.LearnPolicyRequest
 	(*LearnPolicyResponse)(nil),     // 40: attested.broker.v1.LearnPolicyResponse
-	nil,                             // 41: attested.broker.v1.Node.TagsEntry
-	nil,                             // 42: attested.broker.v1.TagNodeRequest.SetEntry
+	(*NodeTagsRequest)(nil),         // 41: attested.broker.v1.NodeTagsRequest
+	(*NodeTagsResponse)(nil),        // 42: attested.broker.v1.NodeTagsResponse
+	nil,                             // 43: attested.broker.v1.Node.TagsEntry
+	nil,                             // 44: attested.broker.v1.TagNodeRequest.SetEntry
+	nil,                             // 45: attested.broker.v1.NodeTagsResponse.TagsEntry
 }
 var file_broker_proto_depIdxs = []int32{
 	5,  // 0: attested.broker.v1.EnrollStartRequest.ak:type_name -> attested.broker.v1.AKParameters
 	0,  // 1: attested.broker.v1.Node.state:type_name -> attested.broker.v1.NodeState
-	41, // 2: attested.broker.v1.Node.tags:type_name -> attested.broker.v1.Node.TagsEntry
+	43, // 2: attested.broker.v1.Node.tags:type_name -> attested.broker.v1.Node.TagsEntry
 	9,  // 3: attested.broker.v1.EnrollFinishResponse.node:type_name -> attested.broker.v1.Node
 	13, // 4: attested.broker.v1.AttestRequest.pcrs:type_name -> attested.broker.v1.PCR
 	18, // 5: attested.broker.v1.ListKeysResponse.keys:type_name -> attested.broker.v1.Key
@@ -2629,50 +2768,53 @@ var file_broker_proto_depIdxs = []int32{
 	31, // 8: attested.broker.v1.ListAuditResponse.events:type_name -> attested.broker.v1.AuditEvent
 	35, // 9: attested.broker.v1.KeyAppraisal.clauses:type_name -> attested.broker.v1.Clause
 	36, // 10: attested.broker.v1.ExplainResponse.keys:type_name -> attested.broker.v1.KeyAppraisal
-	42, // 11: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
-	1,  // 12: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
-	3,  // 13: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
-	6,  // 14: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
-	8,  // 15: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
-	11, // 16: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
-	14, // 17: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
-	16, // 18: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
-	34, // 19: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
-	19, // 20: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
-	20, // 21: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
-	23, // 22: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
-	24, // 23: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
-	26, // 24: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
-	28, // 25: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
-	28, // 26: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
-	29, // 27: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
-	32, // 28: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
-	38, // 29: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
-	39, // 30: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
-	2,  // 31: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
-	4,  // 32: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
-	7,  // 33: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
-	10, // 34: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
-	12, // 35: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
-	15, // 36: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
-	17, // 37: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
-	37, // 38: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
-	18, // 39: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
-	21, // 40: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
-	22, // 41: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
-	25, // 42: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
-	27, // 43: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
-	9,  // 44: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
-	9,  // 45: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
-	30, // 46: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
-	33, // 47: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
-	9,  // 48: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
-	40, // 49: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
-	31, // [31:50] is the sub-list for method output_type
-	12, // [12:31] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	44, // 11: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
+	45, // 12: attested.broker.v1.NodeTagsResponse.tags:type_name -> attested.broker.v1.NodeTagsResponse.TagsEntry
+	1,  // 13: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
+	3,  // 14: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
+	6,  // 15: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
+	8,  // 16: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
+	11, // 17: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
+	14, // 18: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
+	16, // 19: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
+	34, // 20: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
+	41, // 21: attested.broker.v1.Broker.NodeTags:input_type -> attested.broker.v1.NodeTagsRequest
+	19, // 22: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
+	20, // 23: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
+	23, // 24: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
+	24, // 25: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
+	26, // 26: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
+	28, // 27: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
+	28, // 28: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
+	29, // 29: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
+	32, // 30: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
+	38, // 31: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
+	39, // 32: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
+	2,  // 33: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
+	4,  // 34: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
+	7,  // 35: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
+	10, // 36: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
+	12, // 37: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
+	15, // 38: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
+	17, // 39: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
+	37, // 40: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
+	42, // 41: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
+	18, // 42: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
+	21, // 43: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
+	22, // 44: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
+	25, // 45: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
+	27, // 46: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
+	9,  // 47: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
+	9,  // 48: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
+	30, // 49: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
+	33, // 50: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
+	9,  // 51: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
+	40, // 52: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
+	33, // [33:53] is the sub-list for method output_type
+	13, // [13:33] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_broker_proto_init() }
@@ -2686,7 +2828,7 @@ func file_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_broker_proto_rawDesc), len(file_broker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   42,
+			NumMessages:   45,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -30,6 +30,7 @@ const (
 	Broker_Attest_FullMethodName         = "/attested.broker.v1.Broker/Attest"
 	Broker_Unwrap_FullMethodName         = "/attested.broker.v1.Broker/Unwrap"
 	Broker_Explain_FullMethodName        = "/attested.broker.v1.Broker/Explain"
+	Broker_NodeTags_FullMethodName       = "/attested.broker.v1.Broker/NodeTags"
 )
 
 // BrokerClient is the client API for Broker service.
@@ -55,6 +56,9 @@ type BrokerClient interface {
 	// Explain appraises a session against every key's policy, clause by
 	// clause, without releasing anything.
 	Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error)
+	// NodeTags returns the asset tags the broker holds for a node, so the
+	// node can write their digest into its TPM.
+	NodeTags(ctx context.Context, in *NodeTagsRequest, opts ...grpc.CallOption) (*NodeTagsResponse, error)
 }
 
 type brokerClient struct {
@@ -145,6 +149,16 @@ func (c *brokerClient) Explain(ctx context.Context, in *ExplainRequest, opts ...
 	return out, nil
 }
 
+func (c *brokerClient) NodeTags(ctx context.Context, in *NodeTagsRequest, opts ...grpc.CallOption) (*NodeTagsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(NodeTagsResponse)
+	err := c.cc.Invoke(ctx, Broker_NodeTags_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // BrokerServer is the server API for Broker service.
 // All implementations must embed UnimplementedBrokerServer
 // for forward compatibility.
@@ -168,6 +182,9 @@ type BrokerServer interface {
 	// Explain appraises a session against every key's policy, clause by
 	// clause, without releasing anything.
 	Explain(context.Context, *ExplainRequest) (*ExplainResponse, error)
+	// NodeTags returns the asset tags the broker holds for a node, so the
+	// node can write their digest into its TPM.
+	NodeTags(context.Context, *NodeTagsRequest) (*NodeTagsResponse, error)
 	mustEmbedUnimplementedBrokerServer()
 }
 
@@ -201,6 +218,9 @@ func (UnimplementedBrokerServer) Unwrap(context.Context, *UnwrapRequest) (*Unwra
 }
 func (UnimplementedBrokerServer) Explain(context.Context, *ExplainRequest) (*ExplainResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Explain not implemented")
+}
+func (UnimplementedBrokerServer) NodeTags(context.Context, *NodeTagsRequest) (*NodeTagsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method NodeTags not implemented")
 }
 func (UnimplementedBrokerServer) mustEmbedUnimplementedBrokerServer() {}
 func (UnimplementedBrokerServer) testEmbeddedByValue()                {}
@@ -367,6 +387,24 @@ func _Broker_Explain_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Broker_NodeTags_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(NodeTagsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).NodeTags(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_NodeTags_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).NodeTags(ctx, req.(*NodeTagsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Broker_ServiceDesc is the grpc.ServiceDesc for Broker service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -405,6 +443,10 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Explain",
 			Handler:    _Broker_Explain_Handler,
+		},
+		{
+			MethodName: "NodeTags",
+			Handler:    _Broker_NodeTags_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
