@@ -162,6 +162,19 @@ func (a adminServer) RevokeNode(ctx context.Context, req *apiv1.NodeRequest) (*a
 	return a.setState(ctx, req.GetName(), store.NodeRevoked, "revoke")
 }
 
+func (a adminServer) RemoveNode(ctx context.Context, req *apiv1.NodeRequest) (*apiv1.Node, error) {
+	n, err := a.s.store.GetNode(ctx, req.GetName())
+	if err != nil {
+		return nil, storeErr("node "+req.GetName(), err)
+	}
+	if err := a.s.store.DeleteNode(ctx, n.Name); err != nil {
+		return nil, storeErr("node "+n.Name, err)
+	}
+	a.s.audit(ctx, store.AuditEvent{Kind: "remove", Node: n.Name, Allowed: true, Actor: "admin",
+		Reason: fmt.Sprintf("node removed; EK %s.. may enroll again", n.EKFingerprint[:16])})
+	return nodeToAPI(n), nil
+}
+
 func (a adminServer) ListNodes(ctx context.Context, _ *apiv1.ListNodesRequest) (*apiv1.ListNodesResponse, error) {
 	nodes, err := a.s.store.ListNodes(ctx)
 	if err != nil {

@@ -227,7 +227,7 @@ func TestTagMismatchIsRefused(t *testing.T) {
 	assert.Contains(t, err.Error(), "tag region=US of node node1 is not accepted by policy prod-eu (want one of EU)")
 	evs, err := b.Admin.ListAudit(context.Background(), &apiv1.ListAuditRequest{Kind: "tag"})
 	require.NoError(t, err)
-	assert.Contains(t, evs.GetEvents()[0].GetReason(), "tags (none) -> region=US")
+	assert.Contains(t, evs.GetEvents()[0].GetReason(), "tags version 1: (none) -> region=US")
 }
 
 // TestNonRestrictedKeyCannotBecomeAK: a non-restricted signing key can sign

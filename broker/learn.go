@@ -46,6 +46,7 @@ func (a adminServer) TagNode(ctx context.Context, req *apiv1.TagNodeRequest) (*a
 		if len(n.Tags) > MaxTags {
 			return status.Errorf(codes.InvalidArgument, "a node holds at most %d tags", MaxTags)
 		}
+		n.TagsVersion++
 		return nil
 	})
 	if err != nil {
@@ -55,7 +56,7 @@ func (a adminServer) TagNode(ctx context.Context, req *apiv1.TagNodeRequest) (*a
 		return nil, storeErr("node "+req.GetName(), err)
 	}
 	a.s.audit(ctx, store.AuditEvent{Kind: "tag", Node: n.Name, Allowed: true, Actor: "admin",
-		Reason: fmt.Sprintf("tags %s -> %s", dashIfEmpty(before), dashIfEmpty(tagString(n.Tags)))})
+		Reason: fmt.Sprintf("tags version %d: %s -> %s", n.TagsVersion, dashIfEmpty(before), dashIfEmpty(tagString(n.Tags)))})
 	return nodeToAPI(n), nil
 }
 

@@ -93,3 +93,15 @@ func FuzzReplayIMA(f *testing.F) {
 		_, _ = evidence.ReplayIMA(log, pcr10)
 	})
 }
+
+func FuzzVerifyTagCertification(f *testing.F) {
+	// Seeds are shapes, not valid certifications: the target checks that
+	// hostile evidence ends in an error, never a panic or an acceptance.
+	f.Add([]byte{0xff, 0x54, 0x43, 0x47, 0x80, 0x14}, []byte{0x00, 0x18, 0x00, 0x0b}, []byte{0x01, 0x80, 0x0a, 0x77, 0x00, 0x0b})
+	f.Add([]byte{}, []byte{}, []byte{})
+	f.Fuzz(func(t *testing.T, info, sig, nvPublic []byte) {
+		// No AK key is enrolled for fuzzed input, so nothing may verify.
+		_, err := evidence.VerifyTagCertification(nil, info, sig, nvPublic, make([]byte, 32))
+		require.Error(t, err)
+	})
+}

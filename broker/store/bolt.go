@@ -162,6 +162,23 @@ func (s *Bolt) UpdateNode(ctx context.Context, name string, fn func(*Node) error
 	return n, err
 }
 
+// DeleteNode implements Store.
+func (s *Bolt) DeleteNode(ctx context.Context, name string) error {
+	return s.update(ctx, func(tx *bolt.Tx) error {
+		var n Node
+		if err := get(tx.Bucket(bucketNodes), []byte(name), &n); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketEKs).Delete([]byte(n.EKFingerprint)); err != nil {
+			return err
+		}
+		if err := deleteNodeSessions(tx, name); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketNodes).Delete([]byte(name))
+	})
+}
+
 // PutEnrollment implements Store.
 func (s *Bolt) PutEnrollment(ctx context.Context, e Enrollment) error {
 	return s.update(ctx, func(tx *bolt.Tx) error {
@@ -252,24 +269,26 @@ func (s *Bolt) GetSession(ctx context.Context, hash []byte) (Session, error) {
 
 // DeleteNodeSessions implements Store.
 func (s *Bolt) DeleteNodeSessions(ctx context.Context, node string) error {
-	return s.update(ctx, func(tx *bolt.Tx) error {
-		idx, sessions := tx.Bucket(bucketNodeSess), tx.Bucket(bucketSessions)
-		prefix := append([]byte(node), 0)
-		var keys [][]byte
-		c := idx.Cursor()
-		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
-			keys = append(keys, bytes.Clone(k))
+	return s.update(ctx, func(tx *bolt.Tx) error { return deleteNodeSessions(tx, node) })
+}
+
+func deleteNodeSessions(tx *bolt.Tx, node string) error {
+	idx, sessions := tx.Bucket(bucketNodeSess), tx.Bucket(bucketSessions)
+	prefix := append([]byte(node), 0)
+	var keys [][]byte
+	c := idx.Cursor()
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+		keys = append(keys, bytes.Clone(k))
+	}
+	for _, k := range keys {
+		if err := sessions.Delete(k[len(prefix):]); err != nil {
+			return err
 		}
-		for _, k := range keys {
-			if err := sessions.Delete(k[len(prefix):]); err != nil {
-				return err
-			}
-			if err := idx.Delete(k); err != nil {
-				return err
-			}
+		if err := idx.Delete(k); err != nil {
+			return err
 		}
-		return nil
-	})
+	}
+	return nil
 }
 
 // Expire implements Store.

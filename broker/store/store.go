@@ -36,11 +36,13 @@ type Node struct {
 	EKCertificate []byte `json:"ekCertificate,omitempty"`
 	// EKIssuer names the manufacturer CA that issued a verified EK
 	// certificate; empty when none was verified.
-	EKIssuer   string            `json:"ekIssuer,omitempty"`
-	AKPublic   []byte            `json:"akPublic"`
-	State      NodeState         `json:"state"`
-	Tags       map[string]string `json:"tags,omitempty"`
-	EnrolledAt time.Time         `json:"enrolledAt"`
+	EKIssuer string            `json:"ekIssuer,omitempty"`
+	AKPublic []byte            `json:"akPublic"`
+	State    NodeState         `json:"state"`
+	Tags     map[string]string `json:"tags,omitempty"`
+	// TagsVersion counts tag changes.
+	TagsVersion uint32    `json:"tagsVersion,omitempty"`
+	EnrolledAt  time.Time `json:"enrolledAt"`
 	// Trust is the outcome of the last appraisal.
 	Trust        string         `json:"trust,omitempty"`
 	TrustReason  string         `json:"trustReason,omitempty"`
@@ -134,6 +136,9 @@ type Store interface {
 	ListNodes(ctx context.Context) ([]Node, error)
 	// UpdateNode applies fn to the node atomically.
 	UpdateNode(ctx context.Context, name string, fn func(*Node) error) (Node, error)
+	// DeleteNode removes a node, its EK binding and its sessions, so the EK
+	// can enroll again.
+	DeleteNode(ctx context.Context, name string) error
 
 	PutEnrollment(ctx context.Context, e Enrollment) error
 	// TakeEnrollment returns and deletes it, so a challenge answers once.

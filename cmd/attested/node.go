@@ -111,6 +111,19 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 	approve := stateChange("approve", "Approve an enrolled node (admin)", func(ctx context.Context, a apiv1.AdminClient, n string) (*apiv1.Node, error) {
 		return a.ApproveNode(ctx, &apiv1.NodeRequest{Name: n})
 	})
+	removeNode := &cobra.Command{
+		Use: "remove NAME", Short: "Remove a node, so its TPM (EK) can enroll again (admin)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
+				n, err := a.RemoveNode(ctx, &apiv1.NodeRequest{Name: args[0]})
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s removed; its EK may enroll again\n", n.GetName())
+				return nil
+			})
+		},
+	}
 	revoke := stateChange("revoke", "Revoke a node at once: its sessions end (admin)", func(ctx context.Context, a apiv1.AdminClient, n string) (*apiv1.Node, error) {
 		return a.RevokeNode(ctx, &apiv1.NodeRequest{Name: n})
 	})
@@ -187,7 +200,7 @@ certifiedTags: true accepts tags only as this TPM attests them.`,
 			})
 		},
 	})
-	cmd.AddCommand(enroll, attestNow, token, approve, revoke, list, tag, tags)
+	cmd.AddCommand(enroll, attestNow, token, approve, revoke, removeNode, list, tag, tags)
 	return cmd
 }
 

@@ -559,8 +559,10 @@ type Node struct {
 	EnrolledUnix     int64             `protobuf:"varint,6,opt,name=enrolled_unix,json=enrolledUnix,proto3" json:"enrolled_unix,omitempty"`
 	LastAttestedUnix int64             `protobuf:"varint,7,opt,name=last_attested_unix,json=lastAttestedUnix,proto3" json:"last_attested_unix,omitempty"`
 	Tags             map[string]string `protobuf:"bytes,8,rep,name=tags,proto3" json:"tags,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// tags_version counts changes to the tags.
+	TagsVersion   uint32 `protobuf:"varint,9,opt,name=tags_version,json=tagsVersion,proto3" json:"tags_version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Node) Reset() {
@@ -647,6 +649,13 @@ func (x *Node) GetTags() map[string]string {
 		return x.Tags
 	}
 	return nil
+}
+
+func (x *Node) GetTagsVersion() uint32 {
+	if x != nil {
+		return x.TagsVersion
+	}
+	return 0
 }
 
 type EnrollFinishResponse struct {
@@ -2526,7 +2535,7 @@ const file_broker_proto_rawDesc = "" +
 	"\x06secret\x18\x03 \x01(\fR\x06secret\"e\n" +
 	"\x13EnrollFinishRequest\x12#\n" +
 	"\renrollment_id\x18\x01 \x01(\tR\fenrollmentId\x12)\n" +
-	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\xf3\x02\n" +
+	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\x96\x03\n" +
 	"\x04Node\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x0eek_fingerprint\x18\x02 \x01(\tR\rekFingerprint\x123\n" +
@@ -2535,7 +2544,8 @@ const file_broker_proto_rawDesc = "" +
 	"\ftrust_reason\x18\x05 \x01(\tR\vtrustReason\x12#\n" +
 	"\renrolled_unix\x18\x06 \x01(\x03R\fenrolledUnix\x12,\n" +
 	"\x12last_attested_unix\x18\a \x01(\x03R\x10lastAttestedUnix\x126\n" +
-	"\x04tags\x18\b \x03(\v2\".attested.broker.v1.Node.TagsEntryR\x04tags\x1a7\n" +
+	"\x04tags\x18\b \x03(\v2\".attested.broker.v1.Node.TagsEntryR\x04tags\x12!\n" +
+	"\ftags_version\x18\t \x01(\rR\vtagsVersion\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"D\n" +
@@ -2679,7 +2689,7 @@ const file_broker_proto_rawDesc = "" +
 	"\x06Attest\x12!.attested.broker.v1.AttestRequest\x1a\".attested.broker.v1.AttestResponse\x12O\n" +
 	"\x06Unwrap\x12!.attested.broker.v1.UnwrapRequest\x1a\".attested.broker.v1.UnwrapResponse\x12R\n" +
 	"\aExplain\x12\".attested.broker.v1.ExplainRequest\x1a#.attested.broker.v1.ExplainResponse\x12U\n" +
-	"\bNodeTags\x12#.attested.broker.v1.NodeTagsRequest\x1a$.attested.broker.v1.NodeTagsResponse2\xbc\a\n" +
+	"\bNodeTags\x12#.attested.broker.v1.NodeTagsRequest\x1a$.attested.broker.v1.NodeTagsResponse2\x85\b\n" +
 	"\x05Admin\x12J\n" +
 	"\tCreateKey\x12$.attested.broker.v1.CreateKeyRequest\x1a\x17.attested.broker.v1.Key\x12U\n" +
 	"\bListKeys\x12#.attested.broker.v1.ListKeysRequest\x1a$.attested.broker.v1.ListKeysResponse\x12Q\n" +
@@ -2688,7 +2698,9 @@ const file_broker_proto_rawDesc = "" +
 	"\x0fCreateJoinToken\x12*.attested.broker.v1.CreateJoinTokenRequest\x1a+.attested.broker.v1.CreateJoinTokenResponse\x12H\n" +
 	"\vApproveNode\x12\x1f.attested.broker.v1.NodeRequest\x1a\x18.attested.broker.v1.Node\x12G\n" +
 	"\n" +
-	"RevokeNode\x12\x1f.attested.broker.v1.NodeRequest\x1a\x18.attested.broker.v1.Node\x12X\n" +
+	"RevokeNode\x12\x1f.attested.broker.v1.NodeRequest\x1a\x18.attested.broker.v1.Node\x12G\n" +
+	"\n" +
+	"RemoveNode\x12\x1f.attested.broker.v1.NodeRequest\x1a\x18.attested.broker.v1.Node\x12X\n" +
 	"\tListNodes\x12$.attested.broker.v1.ListNodesRequest\x1a%.attested.broker.v1.ListNodesResponse\x12X\n" +
 	"\tListAudit\x12$.attested.broker.v1.ListAuditRequest\x1a%.attested.broker.v1.ListAuditResponse\x12G\n" +
 	"\aTagNode\x12\".attested.broker.v1.TagNodeRequest\x1a\x18.attested.broker.v1.Node\x12^\n" +
@@ -2786,32 +2798,34 @@ var file_broker_proto_depIdxs = []int32{
 	26, // 26: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
 	28, // 27: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
 	28, // 28: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
-	29, // 29: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
-	32, // 30: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
-	38, // 31: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
-	39, // 32: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
-	2,  // 33: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
-	4,  // 34: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
-	7,  // 35: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
-	10, // 36: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
-	12, // 37: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
-	15, // 38: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
-	17, // 39: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
-	37, // 40: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
-	42, // 41: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
-	18, // 42: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
-	21, // 43: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
-	22, // 44: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
-	25, // 45: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
-	27, // 46: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
-	9,  // 47: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
-	9,  // 48: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
-	30, // 49: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
-	33, // 50: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
-	9,  // 51: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
-	40, // 52: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
-	33, // [33:53] is the sub-list for method output_type
-	13, // [13:33] is the sub-list for method input_type
+	28, // 29: attested.broker.v1.Admin.RemoveNode:input_type -> attested.broker.v1.NodeRequest
+	29, // 30: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
+	32, // 31: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
+	38, // 32: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
+	39, // 33: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
+	2,  // 34: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
+	4,  // 35: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
+	7,  // 36: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
+	10, // 37: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
+	12, // 38: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
+	15, // 39: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
+	17, // 40: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
+	37, // 41: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
+	42, // 42: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
+	18, // 43: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
+	21, // 44: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
+	22, // 45: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
+	25, // 46: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
+	27, // 47: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
+	9,  // 48: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
+	9,  // 49: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
+	9,  // 50: attested.broker.v1.Admin.RemoveNode:output_type -> attested.broker.v1.Node
+	30, // 51: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
+	33, // 52: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
+	9,  // 53: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
+	40, // 54: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
+	34, // [34:55] is the sub-list for method output_type
+	13, // [13:34] is the sub-list for method input_type
 	13, // [13:13] is the sub-list for extension type_name
 	13, // [13:13] is the sub-list for extension extendee
 	0,  // [0:13] is the sub-list for field type_name

@@ -461,6 +461,7 @@ const (
 	Admin_CreateJoinToken_FullMethodName = "/attested.broker.v1.Admin/CreateJoinToken"
 	Admin_ApproveNode_FullMethodName     = "/attested.broker.v1.Admin/ApproveNode"
 	Admin_RevokeNode_FullMethodName      = "/attested.broker.v1.Admin/RevokeNode"
+	Admin_RemoveNode_FullMethodName      = "/attested.broker.v1.Admin/RemoveNode"
 	Admin_ListNodes_FullMethodName       = "/attested.broker.v1.Admin/ListNodes"
 	Admin_ListAudit_FullMethodName       = "/attested.broker.v1.Admin/ListAudit"
 	Admin_TagNode_FullMethodName         = "/attested.broker.v1.Admin/TagNode"
@@ -478,6 +479,8 @@ type AdminClient interface {
 	CreateJoinToken(ctx context.Context, in *CreateJoinTokenRequest, opts ...grpc.CallOption) (*CreateJoinTokenResponse, error)
 	ApproveNode(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*Node, error)
 	RevokeNode(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*Node, error)
+	// RemoveNode deletes a node so its EK can enroll again.
+	RemoveNode(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*Node, error)
 	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
 	ListAudit(ctx context.Context, in *ListAuditRequest, opts ...grpc.CallOption) (*ListAuditResponse, error)
 	// TagNode sets and removes asset tags on a node's EK identity.
@@ -564,6 +567,16 @@ func (c *adminClient) RevokeNode(ctx context.Context, in *NodeRequest, opts ...g
 	return out, nil
 }
 
+func (c *adminClient) RemoveNode(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*Node, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Node)
+	err := c.cc.Invoke(ctx, Admin_RemoveNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *adminClient) ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListNodesResponse)
@@ -615,6 +628,8 @@ type AdminServer interface {
 	CreateJoinToken(context.Context, *CreateJoinTokenRequest) (*CreateJoinTokenResponse, error)
 	ApproveNode(context.Context, *NodeRequest) (*Node, error)
 	RevokeNode(context.Context, *NodeRequest) (*Node, error)
+	// RemoveNode deletes a node so its EK can enroll again.
+	RemoveNode(context.Context, *NodeRequest) (*Node, error)
 	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
 	ListAudit(context.Context, *ListAuditRequest) (*ListAuditResponse, error)
 	// TagNode sets and removes asset tags on a node's EK identity.
@@ -651,6 +666,9 @@ func (UnimplementedAdminServer) ApproveNode(context.Context, *NodeRequest) (*Nod
 }
 func (UnimplementedAdminServer) RevokeNode(context.Context, *NodeRequest) (*Node, error) {
 	return nil, status.Error(codes.Unimplemented, "method RevokeNode not implemented")
+}
+func (UnimplementedAdminServer) RemoveNode(context.Context, *NodeRequest) (*Node, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveNode not implemented")
 }
 func (UnimplementedAdminServer) ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListNodes not implemented")
@@ -811,6 +829,24 @@ func _Admin_RevokeNode_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_RemoveNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(NodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RemoveNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RemoveNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RemoveNode(ctx, req.(*NodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Admin_ListNodes_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListNodesRequest)
 	if err := dec(in); err != nil {
@@ -917,6 +953,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RevokeNode",
 			Handler:    _Admin_RevokeNode_Handler,
+		},
+		{
+			MethodName: "RemoveNode",
+			Handler:    _Admin_RemoveNode_Handler,
 		},
 		{
 			MethodName: "ListNodes",

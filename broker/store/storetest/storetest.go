@@ -36,6 +36,12 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		nodes, err := s.ListNodes(ctx)
 		require.NoError(t, err)
 		assert.Len(t, nodes, 1)
+		require.NoError(t, s.PutSession(ctx, store.Session{TokenHash: []byte("s"), Node: "n1", Expires: now.Add(time.Minute)}))
+		require.NoError(t, s.DeleteNode(ctx, "n1"))
+		_, err = s.GetSession(ctx, []byte("s"))
+		assert.ErrorIs(t, err, store.ErrNotFound, "removing a node ends its sessions")
+		require.NoError(t, s.CreateNode(ctx, store.Node{Name: "n3", EKFingerprint: "ek1"}), "the EK is free again")
+		assert.ErrorIs(t, s.DeleteNode(ctx, "nope"), store.ErrNotFound)
 	})
 
 	t.Run("NonceIsSingleUseUnderConcurrency", func(t *testing.T) {
