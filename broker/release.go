@@ -38,22 +38,12 @@ func (s *Server) GetWrappingKey(ctx context.Context, req *apiv1.GetWrappingKeyRe
 
 // Unwrap implements apiv1.BrokerServer.
 func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.UnwrapResponse, error) {
-	sess, err := s.store.GetSession(ctx, hashToken(req.GetSessionToken()))
-	if errors.Is(err, store.ErrNotFound) || (err == nil && s.now().After(sess.Expires)) {
-		return nil, status.Error(codes.Unauthenticated, "session unknown, expired or ended; attest again")
-	}
+	sess, n, err := s.liveSession(ctx, req.GetSessionToken())
 	if err != nil {
-		return nil, storeErr("session", err)
-	}
-	n, err := s.activeNode(ctx, sess.Node)
-	if err != nil {
-		s.audit(ctx, store.AuditEvent{Kind: "refuse", Node: sess.Node, Reason: status.Convert(err).Message()})
+		if sess.Node != "" {
+			s.audit(ctx, store.AuditEvent{Kind: "refuse", Node: sess.Node, Reason: status.Convert(err).Message()})
+		}
 		return nil, err
-	}
-	if n.ResetCount != sess.ResetCount || n.RestartCount != sess.RestartCount {
-		reason := fmt.Sprintf("node %s rebooted since this session was opened; attest again", n.Name)
-		s.audit(ctx, store.AuditEvent{Kind: "refuse", Node: n.Name, Reason: reason})
-		return nil, status.Error(codes.Unauthenticated, reason)
 	}
 	a, err := annotation.Parse(req.GetAnnotation())
 	if err != nil {
@@ -117,6 +107,28 @@ func (s *Server) NodeTags(ctx context.Context, req *apiv1.NodeTagsRequest) (*api
 	return &apiv1.NodeTagsResponse{Tags: n.Tags, Digest: binding.TagDigest(n.Name, n.Tags)}, nil
 }
 
+// liveSession returns the session behind a token and its node, if the
+// session has not expired, the node may still attest, and its TPM has not
+// rebooted since (a newer quote showed other reset/restart counters). The
+// session is returned with the error when one was found, for the audit.
+func (s *Server) liveSession(ctx context.Context, token []byte) (store.Session, store.Node, error) {
+	sess, err := s.store.GetSession(ctx, hashToken(token))
+	if errors.Is(err, store.ErrNotFound) || (err == nil && s.now().After(sess.Expires)) {
+		return store.Session{}, store.Node{}, status.Error(codes.Unauthenticated, "session unknown, expired or ended; attest again")
+	}
+	if err != nil {
+		return store.Session{}, store.Node{}, storeErr("session", err)
+	}
+	n, err := s.activeNode(ctx, sess.Node)
+	if err != nil {
+		return sess, n, err
+	}
+	if n.ResetCount != sess.ResetCount || n.RestartCount != sess.RestartCount {
+		return sess, n, status.Errorf(codes.Unauthenticated, "node %s rebooted since this session was opened; attest again", n.Name)
+	}
+	return sess, n, nil
+}
+
 // sessionClaims are what a session established about its node.
 func sessionClaims(n store.Node, sess store.Session, now time.Time) (policy.Claims, error) {
 	c := policy.Claims{Node: n.Name, PCRs: sess.PCRs, Tags: n.Tags, SessionAge: now.Sub(sess.Created)}
@@ -131,14 +143,7 @@ func sessionClaims(n store.Node, sess store.Session, now time.Time) (policy.Clai
 // Explain implements apiv1.BrokerServer: the session's facts and every
 // key's policy evaluated clause by clause. Nothing is released.
 func (s *Server) Explain(ctx context.Context, req *apiv1.ExplainRequest) (*apiv1.ExplainResponse, error) {
-	sess, err := s.store.GetSession(ctx, hashToken(req.GetSessionToken()))
-	if errors.Is(err, store.ErrNotFound) || (err == nil && s.now().After(sess.Expires)) {
-		return nil, status.Error(codes.Unauthenticated, "session unknown, expired or ended; attest again")
-	}
-	if err != nil {
-		return nil, storeErr("session", err)
-	}
-	n, err := s.activeNode(ctx, sess.Node)
+	sess, n, err := s.liveSession(ctx, req.GetSessionToken())
 	if err != nil {
 		return nil, err
 	}

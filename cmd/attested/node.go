@@ -51,11 +51,7 @@ appraise them. With --explain, show what the broker established and every key's
 policy evaluated clause by clause, pass or fail; nothing is released.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			st, err := attest.LoadState(c.StateDir)
-			if err != nil {
-				return err
-			}
-			return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error {
+			return withEnrolledNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM, st *attest.State) error {
 				s, err := attest.NewSession(ctx, b, t, st, c.logs())
 				if err != nil {
 					return err
@@ -183,11 +179,7 @@ attestation has the AK certify it (TPM2_NV_Certify), so a policy with
 certifiedTags: true accepts tags only as this TPM attests them.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			st, err := attest.LoadState(c.StateDir)
-			if err != nil {
-				return err
-			}
-			return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error {
+			return withEnrolledNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM, st *attest.State) error {
 				r, err := b.NodeTags(ctx, &apiv1.NodeTagsRequest{Node: st.Name})
 				if err != nil {
 					return err
@@ -256,4 +248,13 @@ func printExplanation(w io.Writer, ex *apiv1.ExplainResponse) {
 			fmt.Fprintf(w, "  %s %-18s %s\n", mark, cl.GetName(), cl.GetDetail())
 		}
 	}
+}
+
+// withEnrolledNode is withNode for a node that has enrolled.
+func withEnrolledNode(c *config, fn func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM, st *attest.State) error) error {
+	st, err := attest.LoadState(c.StateDir)
+	if err != nil {
+		return err
+	}
+	return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error { return fn(ctx, b, t, st) })
 }
