@@ -122,6 +122,9 @@ fi
 echo "  refused, as it must be. What the client says:"
 grep -o 'attested: .*' "$WORK/refusal.txt" | head -1 | sed 's/^/    /'
 
+say "On the node, the operator asks why: the whole appraisal, clause by clause."
+run "$A" node attest --explain
+
 say "The audit trail shows every release and refusal."
 run "$A" audit list
 say "Done."
