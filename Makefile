@@ -44,7 +44,8 @@ fuzz:
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzVerifyTagCertification -fuzztime $(FUZZTIME)
 
 bench: build imgcopy
-	$(GO) test -run '^$$' -bench . -benchtime 200x ./keyprovider/... ./broker/...
+	$(GO) test -run '^$$' -bench . -benchtime 300x ./keyprovider/
+	$(GO) test -run '^$$' -bench . -benchtime 3000x ./broker/
 	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e -count=1 -run '^$$' -bench . -benchtime 1x -timeout 20m ./test/e2e/
 
 lint:
