@@ -401,3 +401,46 @@ func TestTagCertificationNotByTheAKIsRefused(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "tag certification is not signed by this node's enrolled AK")
 }
+
+// TestLogLeavingOutAPCRIsRefused: a log with no PCR 4 events would replay
+// (go-attestation skips PCRs without events) and hide the boot
+// applications the firmware measured.
+func TestLogLeavingOutAPCRIsRefused(t *testing.T) {
+	b := brokertest.Start(t)
+	bt := boot{firmware: eventlogtest.SecureBoot(true, sbCert), extendOnly: []eventlogtest.Event{eventlogtest.BootApp(rootkit[:])}}
+	n := bt.apply(t, b)
+	_, err := n.session(t)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "firmware event log has no events for PCR 4, but the TPM measured into it")
+}
+
+// TestIMALogWithoutMeasurementsIsNoIMA: an IMA log while PCR 10 was never
+// extended (IMA not running) yields no IMA facts, so an allow-list fails.
+func TestIMALogWithoutMeasurementsIsNoIMA(t *testing.T) {
+	b := brokertest.Start(t)
+	bt := goodBoot()
+	bt.ima = nil
+	n := bt.apply(t, b)
+	ann := strict(t, b)
+	tagEU(t, b)
+	forged, _ := eventlogtest.IMA([]eventlogtest.IMAFile{{Path: "/usr/bin/bash", Digest: bash[:]}})
+	require.NoError(t, os.WriteFile(n.logs.IMA, forged, 0o600))
+	err := releaseOrRefusal(t, n, ann)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "policy prod-eu has an IMA allow-list, but no IMA measurement replayed")
+}
+
+// TestUnauthenticatedRefusalsDoNotTouchTheNode: evidence that does not
+// verify says nothing about the node it names.
+func TestUnauthenticatedRefusalsDoNotTouchTheNode(t *testing.T) {
+	b, n, _, _ := setup(t)
+	_, err := n.session(t)
+	require.NoError(t, err)
+	_, err = b.Node.Attest(context.Background(), &apiv1.AttestRequest{Node: "node1", Nonce: []byte("made up")})
+	require.Error(t, err)
+	nodes, err := b.Admin.ListNodes(context.Background(), &apiv1.ListNodesRequest{})
+	require.NoError(t, err)
+	assert.Equal(t, "trusted", nodes.GetNodes()[0].GetTrust())
+	_, err = b.Node.Attest(context.Background(), &apiv1.AttestRequest{Node: strings.Repeat("x", 1<<20)})
+	assert.ErrorContains(t, err, "node name is not valid")
+}

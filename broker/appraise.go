@@ -17,6 +17,7 @@ import (
 	"github.com/attested-dev/attested/broker/evidence"
 	"github.com/attested-dev/attested/broker/store"
 	"github.com/attested-dev/attested/broker/suite"
+	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
 // NumPCRs is the number of PCRs a quote must cover (the SHA-256 bank).
@@ -60,18 +61,23 @@ func (s *Server) activeNode(ctx context.Context, name string) (store.Node, error
 // enrolled AK and the single-use nonce, and opens a session whose claims
 // are the quoted PCR values. Policy is evaluated per key at Unwrap.
 func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.AttestResponse, error) {
+	// Nothing before the quote is verified is authenticated: refusals up
+	// to there are audited (with a checked name) but change no node.
+	if !annotation.ValidName(req.GetNode()) {
+		return nil, status.Error(codes.InvalidArgument, "node name is not valid")
+	}
 	nonce, err := s.store.ConsumeNonce(ctx, req.GetNonce())
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, s.refuseAttest(ctx, req.GetNode(), codes.PermissionDenied, "nonce unknown or already used (replayed evidence?); ask for a new challenge")
+		return nil, s.refuseUnverified(ctx, req.GetNode(), codes.PermissionDenied, "nonce unknown or already used (replayed evidence?); ask for a new challenge")
 	}
 	if err != nil {
 		return nil, storeErr("nonce", err)
 	}
 	if nonce.Node != req.GetNode() {
-		return nil, s.refuseAttest(ctx, req.GetNode(), codes.PermissionDenied, fmt.Sprintf("nonce was issued to node %q, not %q", nonce.Node, req.GetNode()))
+		return nil, s.refuseUnverified(ctx, req.GetNode(), codes.PermissionDenied, fmt.Sprintf("nonce was issued to node %q, not %q", nonce.Node, req.GetNode()))
 	}
 	if s.now().After(nonce.Expires) {
-		return nil, s.refuseAttest(ctx, req.GetNode(), codes.DeadlineExceeded, "nonce expired before the evidence arrived")
+		return nil, s.refuseUnverified(ctx, req.GetNode(), codes.DeadlineExceeded, "nonce expired before the evidence arrived")
 	}
 	n, err := s.activeNode(ctx, req.GetNode())
 	if err != nil {
@@ -86,7 +92,7 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	}
 	pcrs, clock, err := verifyQuote(n.AKPublic, req, binding.QualifyingData(req.GetNonce(), req.GetSessionPublicKey(), n.Name))
 	if err != nil {
-		return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, "quote refused: "+err.Error())
+		return nil, s.refuseUnverified(ctx, n.Name, codes.PermissionDenied, "quote refused: "+err.Error())
 	}
 	facts, err := appraiseLogs(req, pcrs)
 	if err != nil {
@@ -103,17 +109,6 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "facts: %v", err)
 	}
-	// A TPM's reset counter only grows; going back means old evidence or
-	// another TPM. A change means a reboot, which ends older sessions.
-	if n.ClockSeen && (clock.ResetCount < n.ResetCount || (clock.ResetCount == n.ResetCount && clock.RestartCount < n.RestartCount)) {
-		return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, fmt.Sprintf("TPM reset/restart counters went backwards (%d/%d, last seen %d/%d)", clock.ResetCount, clock.RestartCount, n.ResetCount, n.RestartCount))
-	}
-	rebooted := n.ClockSeen && (clock.ResetCount != n.ResetCount || clock.RestartCount != n.RestartCount)
-	if rebooted {
-		if err := s.store.DeleteNodeSessions(ctx, n.Name); err != nil {
-			return nil, storeErr("sessions", err)
-		}
-	}
 	token := randomBytes(32)
 	now := s.now()
 	sess := store.Session{
@@ -121,7 +116,18 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		PCRs: pcrs, ResetCount: clock.ResetCount, RestartCount: clock.RestartCount, Facts: factsJSON,
 		Created: now, Expires: now.Add(s.cfg.SessionTTL),
 	}
+	// A TPM's reset counter only grows; going back means old evidence or
+	// another TPM. A change means a reboot, which ends older sessions. The
+	// check reads the counters in the same transaction that moves them, so
+	// concurrent attestations cannot roll them back.
+	var rebooted bool
+	var backwards string
 	if _, err := s.store.UpdateNode(ctx, n.Name, func(n *store.Node) error {
+		if n.ClockSeen && (clock.ResetCount < n.ResetCount || (clock.ResetCount == n.ResetCount && clock.RestartCount < n.RestartCount)) {
+			backwards = fmt.Sprintf("TPM reset/restart counters went backwards (%d/%d, last seen %d/%d)", clock.ResetCount, clock.RestartCount, n.ResetCount, n.RestartCount)
+			return errBackwards
+		}
+		rebooted = n.ClockSeen && (clock.ResetCount != n.ResetCount || clock.RestartCount != n.RestartCount)
 		n.ResetCount, n.RestartCount, n.ClockSeen = clock.ResetCount, clock.RestartCount, true
 		n.LastAttested, n.LastPCRs, n.LastFacts = now, pcrs, factsJSON
 		if n.Trust != "untrusted" {
@@ -130,8 +136,15 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 			n.Trust, n.TrustReason = "trusted", "quote verified"
 		}
 		return nil
-	}); err != nil {
+	}); errors.Is(err, errBackwards) {
+		return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, backwards)
+	} else if err != nil {
 		return nil, storeErr("node", err)
+	}
+	if rebooted {
+		if err := s.store.DeleteNodeSessions(ctx, n.Name); err != nil {
+			return nil, storeErr("sessions", err)
+		}
 	}
 	if err := s.store.PutSession(ctx, sess); err != nil {
 		return nil, storeErr("session", err)
@@ -160,11 +173,22 @@ func appraiseLogs(req *apiv1.AttestRequest, pcrs map[int][]byte) (evidence.Facts
 		if err != nil {
 			return f, err
 		}
-		f.IMA = append([]evidence.IMAEntry{}, ima...)
+		f.IMA = ima
 	}
 	return f, nil
 }
 
+var errBackwards = errors.New("counters went backwards")
+
+// refuseUnverified refuses evidence that did not authenticate: it is
+// audited, but says nothing about the node it names.
+func (s *Server) refuseUnverified(ctx context.Context, node string, code codes.Code, reason string) error {
+	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: node, Reason: reason})
+	return status.Error(code, reason)
+}
+
+// refuseAttest refuses evidence the node's AK signed, and records the node
+// as untrusted with the reason.
 func (s *Server) refuseAttest(ctx context.Context, node string, code codes.Code, reason string) error {
 	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: node, Reason: reason})
 	if node != "" {

@@ -20,6 +20,9 @@ import (
 	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
+// maxEKCertificate bounds EK certificates; real ones are 1-2 KiB.
+const maxEKCertificate = 16 << 10
+
 // EnrollmentTTL bounds how long a credential activation challenge is open.
 const EnrollmentTTL = 5 * time.Minute
 
@@ -33,6 +36,9 @@ func EKFingerprint(ekPKIX []byte) string {
 func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest) (*apiv1.EnrollStartResponse, error) {
 	if !annotation.ValidName(req.GetName()) {
 		return nil, status.Errorf(codes.InvalidArgument, "node name %q must be 1-63 letters, digits, '.', '_' or '-'", req.GetName())
+	}
+	if len(req.GetEkCertificate()) > maxEKCertificate || len(req.GetEkPublic()) > maxEKCertificate {
+		return nil, status.Errorf(codes.InvalidArgument, "EK certificate or public key larger than %d bytes", maxEKCertificate)
 	}
 	ekPub, err := x509.ParsePKIXPublicKey(req.GetEkPublic())
 	if err != nil {

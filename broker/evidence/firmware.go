@@ -73,6 +73,18 @@ func ReplayFirmware(raw []byte, pcrs map[int][]byte) (Facts, error) {
 		}
 		return f, fmt.Errorf("firmware event log does not replay: %v", err)
 	}
+	// go-attestation treats a PCR without events as replayed. Facts come
+	// from PCRs 4, 7, 8 and 12, so a log that leaves one out while the TPM
+	// measured into it would hide what was measured there.
+	covered := map[int]bool{}
+	for _, e := range events {
+		covered[e.Index] = true
+	}
+	for _, i := range factPCRs {
+		if v, ok := pcrs[i]; ok && !covered[i] && !isReset(v) {
+			return f, fmt.Errorf("firmware event log has no events for PCR %d, but the TPM measured into it", i)
+		}
+	}
 	f.FirmwareLog = true
 	sb, err := attest.ParseSecurebootState(events)
 	if err != nil {
@@ -98,6 +110,18 @@ func ReplayFirmware(raw []byte, pcrs map[int][]byte) (Facts, error) {
 		}
 	}
 	return f, nil
+}
+
+// factPCRs are the PCRs facts are read from.
+var factPCRs = []int{pcrBootApplications, 7, pcrGrubCommands, pcrSystemdStubCmdline}
+
+func isReset(v []byte) bool {
+	for _, b := range v {
+		if b != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func attestPCRs(pcrs map[int][]byte) []attest.PCR {

@@ -95,6 +95,11 @@ func ReplayIMA(raw []byte, quotedPCR10 []byte) ([]IMAEntry, error) {
 	if matched < 0 {
 		return nil, fmt.Errorf("IMA log does not replay to the quoted value of PCR %d", IMAPCR)
 	}
+	if matched == 0 {
+		// PCR 10 in its reset state: IMA measured nothing (not running),
+		// whatever the log says. No facts, so IMA policies fail.
+		return nil, nil
+	}
 	return out[:matched], nil
 }
 

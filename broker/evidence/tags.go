@@ -49,6 +49,12 @@ func VerifyTagCertification(akPublic, info, sig, nvPublic, qualifying []byte) ([
 	if err != nil {
 		return nil, fmt.Errorf("tag certification does not parse: %v", err)
 	}
+	// go-tpm does not enforce the magic on unmarshal. Without it, a
+	// restricted AK could have signed caller-chosen bytes (TPM2_Sign with a
+	// hash ticket over data not starting with TPM_GENERATED).
+	if err := att.Magic.Check(); err != nil {
+		return nil, errors.New("tag certification was not produced by the TPM (TPM_GENERATED magic missing)")
+	}
 	if att.Type != tpm2.TPMSTAttestNV {
 		return nil, errors.New("signed structure is not an NV certification")
 	}

@@ -384,7 +384,7 @@ func (p *Policy) evalIMA(c Claims, add adder) {
 		return
 	}
 	if c.Facts.IMA == nil {
-		add("ima", false, fmt.Sprintf("policy %s has an IMA allow-list, but the node sent no IMA log", p.Name))
+		add("ima", false, fmt.Sprintf("policy %s has an IMA allow-list, but no IMA measurement replayed (no IMA log sent, or PCR 10 never extended)", p.Name))
 		return
 	}
 	checked := 0

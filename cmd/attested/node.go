@@ -33,7 +33,7 @@ func nodeCmd(c *config) *cobra.Command {
 				if err := st.Save(c.StateDir); err != nil {
 					return err
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "node %s enrolled with broker %s (EK %s..)\n", n.GetName(), info.GetBrokerId(), n.GetEkFingerprint()[:16])
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s enrolled with broker %s (EK %s)\n", n.GetName(), info.GetBrokerId(), short(n.GetEkFingerprint()))
 				if n.GetState() == apiv1.NodeState_NODE_STATE_PENDING {
 					fmt.Fprintf(cmd.OutOrStdout(), "waiting for approval: an admin runs 'attested node approve %s'\n", n.GetName())
 				}
@@ -134,7 +134,7 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 				var rows [][]string
 				for _, n := range r.GetNodes() {
 					rows = append(rows, []string{n.GetName(), stateName(n.GetState()), dash(n.GetTrust()), unixTime(n.GetLastAttestedUnix()),
-						sortedTags(n.GetTags()), n.GetEkFingerprint()[:16] + "..", dash(n.GetTrustReason())})
+						sortedTags(n.GetTags()), short(n.GetEkFingerprint()), dash(n.GetTrustReason())})
 				}
 				table(cmd.OutOrStdout(), "NAME\tSTATE\tTRUST\tLAST ATTESTED\tTAGS\tEK\tREASON", rows)
 				return nil
@@ -257,4 +257,12 @@ func withEnrolledNode(c *config, fn func(ctx context.Context, b apiv1.BrokerClie
 		return err
 	}
 	return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error { return fn(ctx, b, t, st) })
+}
+
+// short abbreviates a fingerprint for display.
+func short(fp string) string {
+	if len(fp) > 16 {
+		return fp[:16] + ".."
+	}
+	return fp
 }
