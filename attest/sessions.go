@@ -31,14 +31,32 @@ type Sessions struct {
 	Logs Logs
 	Now  func() time.Time
 
-	mu  sync.Mutex
-	cur *Session
+	// turn admits one caller at a time; a channel rather than a mutex so a
+	// caller gives up when its context ends instead of queueing forever
+	// behind a stuck attestation.
+	turnOnce sync.Once
+	turn     chan struct{}
+	cur      *Session
 }
+
+func (m *Sessions) acquire(ctx context.Context) error {
+	m.turnOnce.Do(func() { m.turn = make(chan struct{}, 1) })
+	select {
+	case m.turn <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("attest: waiting for this node's attestation in progress: %w", ctx.Err())
+	}
+}
+
+func (m *Sessions) release() { <-m.turn }
 
 // Get returns a session valid for this node's current state.
 func (m *Sessions) Get(ctx context.Context) (*Session, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	if err := m.acquire(ctx); err != nil {
+		return nil, err
+	}
+	defer m.release()
 	now := time.Now
 	if m.Now != nil {
 		now = m.Now
@@ -96,8 +114,10 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 // Invalidate drops s if it is still the current session, e.g. after the
 // broker said it ended.
 func (m *Sessions) Invalidate(ctx context.Context, s *Session) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	if err := m.acquire(ctx); err != nil {
+		return err
+	}
+	defer m.release()
 	if m.cur != nil && bytes.Equal(m.cur.Token, s.Token) {
 		m.cur = nil
 	}
@@ -230,9 +250,11 @@ func (f *FileStore) Delete() error {
 // Refresh attests now, replacing the current session, so the broker keeps
 // seeing this node's current state (the agent calls it periodically).
 func (m *Sessions) Refresh(ctx context.Context) (*Session, error) {
-	m.mu.Lock()
+	if err := m.acquire(ctx); err != nil {
+		return nil, err
+	}
 	m.cur = nil
-	m.mu.Unlock()
+	m.release()
 	if m.Store != nil {
 		unlock, err := m.Store.Lock(ctx)
 		if err != nil {

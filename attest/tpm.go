@@ -57,7 +57,7 @@ func OpenTPM(ctx context.Context, spec string) (*TPM, error) {
 	case strings.HasPrefix(spec, "swtpm://"):
 		ch, err = openSwtpm(ctx, strings.TrimPrefix(spec, "swtpm://"))
 	case strings.HasPrefix(spec, "/"):
-		ch, err = openDevice(spec)
+		ch, err = openDevice(ctx, spec)
 	default:
 		return nil, fmt.Errorf("attest: TPM %q: want a device path, swtpm://HOST:PORT or simulator", spec)
 	}
@@ -76,18 +76,54 @@ func OpenTPM(ctx context.Context, spec string) (*TPM, error) {
 func (t *TPM) Close() error { return t.dev.Close() }
 
 // device is a TPM character device; each read returns one whole response.
-type device struct{ *os.File }
+// A character device has no deadlines, so each read and write runs aside
+// and is abandoned when it outlives the timeout: a stuck TPM fails the
+// call instead of hanging a pull.
+type device struct {
+	f       *os.File
+	timeout time.Duration
+}
 
+func (d device) bounded(op func() (int, error)) (int, error) {
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() { n, err := op(); done <- result{n, err} }()
+	select {
+	case r := <-done:
+		return r.n, r.err
+	case <-time.After(d.timeout):
+		return 0, fmt.Errorf("attest: TPM device did not answer within %s", d.timeout)
+	}
+}
+
+func (d device) Write(p []byte) (int, error) {
+	return d.bounded(func() (int, error) { return d.f.Write(p) })
+}
+func (d device) Read(p []byte) (int, error) {
+	return d.bounded(func() (int, error) { return d.f.Read(p) })
+}
+func (d device) Close() error                  { return d.f.Close() }
 func (device) MeasurementLog() ([]byte, error) { return nil, errNoLog }
 
 var errNoLog = errors.New("attest: no event log configured")
 
-func openDevice(path string) (channel, error) {
+func openDevice(ctx context.Context, path string) (channel, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("attest: open TPM device: %w", err)
 	}
-	return device{f}, nil
+	return device{f: f, timeout: commandTimeout(ctx)}, nil
+}
+
+// commandTimeout bounds one TPM command by ctx's deadline, or the default.
+func commandTimeout(ctx context.Context) time.Duration {
+	if dl, ok := ctx.Deadline(); ok {
+		return time.Until(dl)
+	}
+	return DefaultTPMTimeout
 }
 
 // swtpmConn speaks swtpm's TCP data channel: raw TPM commands and
@@ -106,11 +142,7 @@ func openSwtpm(ctx context.Context, addr string) (channel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attest: connect to swtpm at %s: %w", addr, err)
 	}
-	timeout := DefaultTPMTimeout
-	if dl, ok := ctx.Deadline(); ok {
-		timeout = time.Until(dl)
-	}
-	return &swtpmConn{c: c, timeout: timeout}, nil
+	return &swtpmConn{c: c, timeout: commandTimeout(ctx)}, nil
 }
 
 const maxResponse = 1 << 20

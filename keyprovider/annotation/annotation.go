@@ -19,6 +19,10 @@ const Version = 1
 // MaxSize bounds what we parse; a real annotation is a few KiB.
 const MaxSize = 64 << 10
 
+// MaxRecipients bounds the keys one layer is sealed for, and so the work
+// one unwrap can ask of the broker.
+const MaxRecipients = 16
+
 // Recipient is the layer key sealed to one broker key version.
 type Recipient struct {
 	Key        string `json:"key"`
@@ -114,6 +118,9 @@ func (a Annotation) validate() error {
 	}
 	if len(a.Recipients) == 0 {
 		return errors.New("annotation: no recipients")
+	}
+	if len(a.Recipients) > MaxRecipients {
+		return fmt.Errorf("annotation: %d recipients, at most %d", len(a.Recipients), MaxRecipients)
 	}
 	for i, r := range a.Recipients {
 		if !ValidKeyName(r.Key) {
