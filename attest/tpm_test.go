@@ -6,9 +6,9 @@ import (
 	"net"
 	"os"
 	"syscall"
-	"unsafe"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
