@@ -46,7 +46,7 @@ fuzz:
 bench: build imgcopy
 	$(GO) test -run '^$$' -bench . -benchtime 300x ./keyprovider/
 	$(GO) test -run '^$$' -bench . -benchtime 3000x ./broker/
-	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e -count=1 -run '^$$' -bench . -benchtime 1x -timeout 20m ./test/e2e/
+	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e -count=1 -run '^$$' -bench . -benchtime 20x -timeout 20m ./test/e2e/
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
