@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	legacy "github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/tpmutil"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -24,6 +25,7 @@ import (
 	"github.com/attested-dev/attested/attest/simtpm"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/brokertest"
+	"github.com/attested-dev/attested/broker/suite"
 )
 
 // bootNode reboots the simulator (PCRs clear), measures the firmware
@@ -235,28 +237,8 @@ func TestTagMismatchIsRefused(t *testing.T) {
 // refuse it as an AK.
 func TestNonRestrictedKeyCannotBecomeAK(t *testing.T) {
 	b := brokertest.Start(t)
-	sim, err := simtpm.Simulator()
-	require.NoError(t, err)
-	tmpl := legacy.Public{
-		Type: legacy.AlgECC, NameAlg: legacy.AlgSHA256,
-		Attributes:    legacy.FlagSign | legacy.FlagFixedTPM | legacy.FlagFixedParent | legacy.FlagSensitiveDataOrigin | legacy.FlagUserWithAuth,
-		ECCParameters: &legacy.ECCParams{Sign: &legacy.SigScheme{Alg: legacy.AlgECDSA, Hash: legacy.AlgSHA256}, CurveID: legacy.CurveNISTP256},
-	}
-	srkTmpl := legacy.Public{
-		Type: legacy.AlgECC, NameAlg: legacy.AlgSHA256,
-		Attributes:    legacy.FlagFixedTPM | legacy.FlagFixedParent | legacy.FlagSensitiveDataOrigin | legacy.FlagUserWithAuth | legacy.FlagRestricted | legacy.FlagDecrypt | legacy.FlagNoDA,
-		ECCParameters: &legacy.ECCParams{Symmetric: &legacy.SymScheme{Alg: legacy.AlgAES, KeyBits: 128, Mode: legacy.AlgCFB}, CurveID: legacy.CurveNISTP256},
-	}
-	srk, _, err := legacy.CreatePrimary(sim, legacy.HandleOwner, legacy.PCRSelection{}, "", "", srkTmpl)
-	require.NoError(t, err)
-	defer legacy.FlushContext(sim, srk)
-	priv, pub, cdata, chash, ticket, err := legacy.CreateKey(sim, srk, legacy.PCRSelection{}, "", "", tmpl)
-	require.NoError(t, err)
-	h, _, err := legacy.Load(sim, srk, "", pub, priv)
-	require.NoError(t, err)
-	defer legacy.FlushContext(sim, h)
-	att, sig, err := legacy.CertifyCreation(sim, "", h, h, nil, chash, legacy.SigScheme{Alg: legacy.AlgECDSA, Hash: legacy.AlgSHA256}, ticket)
-	require.NoError(t, err)
+	k := nonRestrictedKey(t)
+	pub, cdata, att, sig := k.public, k.createData, k.createAttestation, k.createSignature
 	tpm := openTPM(t)
 	ek, err := tpm.EK()
 	tpm.Close()
@@ -443,4 +425,82 @@ func TestUnauthenticatedRefusalsDoNotTouchTheNode(t *testing.T) {
 	assert.Equal(t, "trusted", nodes.GetNodes()[0].GetTrust())
 	_, err = b.Node.Attest(context.Background(), &apiv1.AttestRequest{Node: strings.Repeat("x", 1<<20)})
 	assert.ErrorContains(t, err, "node name is not valid")
+}
+
+// signingKey is a non-restricted signing key of the node's own TPM: it can
+// sign any digest with TPM2_Sign, which is exactly what an AK must not do.
+type signingKey struct {
+	handle                                                 tpmutil.Handle
+	public, createData, createAttestation, createSignature []byte
+}
+
+func nonRestrictedKey(t *testing.T) signingKey {
+	sim, err := simtpm.Simulator()
+	require.NoError(t, err)
+	tmpl := legacy.Public{
+		Type: legacy.AlgECC, NameAlg: legacy.AlgSHA256,
+		Attributes:    legacy.FlagSign | legacy.FlagFixedTPM | legacy.FlagFixedParent | legacy.FlagSensitiveDataOrigin | legacy.FlagUserWithAuth,
+		ECCParameters: &legacy.ECCParams{Sign: &legacy.SigScheme{Alg: legacy.AlgECDSA, Hash: legacy.AlgSHA256}, CurveID: legacy.CurveNISTP256},
+	}
+	srkTmpl := legacy.Public{
+		Type: legacy.AlgECC, NameAlg: legacy.AlgSHA256,
+		Attributes:    legacy.FlagFixedTPM | legacy.FlagFixedParent | legacy.FlagSensitiveDataOrigin | legacy.FlagUserWithAuth | legacy.FlagRestricted | legacy.FlagDecrypt | legacy.FlagNoDA,
+		ECCParameters: &legacy.ECCParams{Symmetric: &legacy.SymScheme{Alg: legacy.AlgAES, KeyBits: 128, Mode: legacy.AlgCFB}, CurveID: legacy.CurveNISTP256},
+	}
+	srk, _, err := legacy.CreatePrimary(sim, legacy.HandleOwner, legacy.PCRSelection{}, "", "", srkTmpl)
+	require.NoError(t, err)
+	t.Cleanup(func() { legacy.FlushContext(sim, srk) })
+	priv, pub, cdata, chash, ticket, err := legacy.CreateKey(sim, srk, legacy.PCRSelection{}, "", "", tmpl)
+	require.NoError(t, err)
+	h, _, err := legacy.Load(sim, srk, "", pub, priv)
+	require.NoError(t, err)
+	t.Cleanup(func() { legacy.FlushContext(sim, h) })
+	att, sig, err := legacy.CertifyCreation(sim, "", h, h, nil, chash, legacy.SigScheme{Alg: legacy.AlgECDSA, Hash: legacy.AlgSHA256}, ticket)
+	require.NoError(t, err)
+	return signingKey{handle: h, public: pub, createData: cdata, createAttestation: att, createSignature: sig}
+}
+
+// TestQuoteForgedWithTPM2SignIsRefused: the TPM2_Sign forgery. A key of
+// the same TPM that is not restricted signs a TPMS_ATTEST the attacker
+// wrote, claiming the PCR values the policy wants; it is not the enrolled
+// AK, so the quote is refused.
+func TestQuoteForgedWithTPM2SignIsRefused(t *testing.T) {
+	b, n, _, _ := setup(t)
+	k := nonRestrictedKey(t)
+	sim, err := simtpm.Simulator()
+	require.NoError(t, err)
+	ctx := context.Background()
+	ch, err := b.Node.Challenge(ctx, &apiv1.ChallengeRequest{Node: "node1"})
+	require.NoError(t, err)
+	_, sessPub, err := suite.Default().GenerateKey()
+	require.NoError(t, err)
+	pcrs := make([][]byte, 24)
+	digest := sha256.New()
+	for i := range pcrs {
+		pcrs[i] = make([]byte, 32) // what a "clean" boot would show
+		digest.Write(pcrs[i])
+	}
+	sel := legacy.PCRSelection{Hash: legacy.AlgSHA256}
+	for i := 0; i < 24; i++ {
+		sel.PCRs = append(sel.PCRs, i)
+	}
+	signer := tpmutil.Handle(k.handle)
+	forged, err := legacy.AttestationData{
+		Magic: 0xff544347, Type: legacy.TagAttestQuote, QualifiedSigner: legacy.Name{Handle: &signer},
+		ExtraData:         binding.QualifyingData(ch.GetNonce(), sessPub, n.state.Name),
+		AttestedQuoteInfo: &legacy.QuoteInfo{PCRSelection: sel, PCRDigest: digest.Sum(nil)},
+	}.Encode()
+	require.NoError(t, err)
+	h := sha256.Sum256(forged)
+	sig, err := legacy.Sign(sim, k.handle, "", h[:], nil, &legacy.SigScheme{Alg: legacy.AlgECDSA, Hash: legacy.AlgSHA256})
+	require.NoError(t, err)
+	sigBytes, err := sig.Encode()
+	require.NoError(t, err)
+	req := &apiv1.AttestRequest{Node: "node1", Nonce: ch.GetNonce(), SessionPublicKey: sessPub, SessionSuite: suite.DefaultName, Quote: forged, Signature: sigBytes}
+	for i, p := range pcrs {
+		req.Pcrs = append(req.Pcrs, &apiv1.PCR{Index: uint32(i), Digest: p})
+	}
+	_, err = b.Node.Attest(ctx, req)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "quote refused: not signed by this node's enrolled AK")
 }
