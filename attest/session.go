@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/google/go-attestation/attest"
+	legacy "github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"google.golang.org/grpc"
@@ -141,14 +142,7 @@ func NewSession(ctx context.Context, b Appraiser, t *TPM, st *State, logs Logs) 
 	}
 	defer ak.Close(t.dev)
 	qd := binding.QualifyingData(ch.GetNonce(), pub, st.Name)
-	q, err := ak.Quote(t.dev, qd, attest.HashSHA256)
-	if err != nil {
-		return nil, fmt.Errorf("attest: quote: %w", err)
-	}
-	if QuoteHook != nil {
-		QuoteHook()
-	}
-	plat, err := t.ReadPlatform()
+	q, plat, err := t.consistentQuote(ak, qd)
 	if err != nil {
 		return nil, err
 	}
@@ -183,6 +177,40 @@ func NewSession(ctx context.Context, b Appraiser, t *TPM, st *State, logs Logs) 
 		PrivateKey: priv, PublicKey: pub, Expires: time.Unix(resp.GetExpiresUnix(), 0),
 		ResetCount: resp.GetResetCount(), RestartCount: resp.GetRestartCount(), PCRDigest: plat.Digest(),
 	}, nil
+}
+
+// quoteAttempts bounds retries when a PCR moves between the quote and the
+// PCR read (IMA extends PCR 10 all the time on a busy host).
+const quoteAttempts = 3
+
+// consistentQuote quotes the SHA-256 PCRs and reads their values, retrying
+// while the values read are not the ones quoted, so the broker is not sent
+// evidence that cannot verify.
+func (t *TPM) consistentQuote(ak *attest.AK, qd []byte) (*attest.Quote, Platform, error) {
+	for i := 1; ; i++ {
+		q, err := ak.Quote(t.dev, qd, attest.HashSHA256)
+		if err != nil {
+			return nil, Platform{}, fmt.Errorf("attest: quote: %w", err)
+		}
+		if QuoteHook != nil {
+			QuoteHook()
+		}
+		plat, err := t.ReadPlatform()
+		if err != nil {
+			return nil, Platform{}, err
+		}
+		att, err := legacy.DecodeAttestationData(q.Quote)
+		if err != nil || att.AttestedQuoteInfo == nil {
+			return nil, Platform{}, fmt.Errorf("attest: the TPM's quote does not parse: %v", err)
+		}
+		h := sha256.New()
+		for _, p := range plat.PCRs {
+			h.Write(p.Digest)
+		}
+		if bytes.Equal(h.Sum(nil), att.AttestedQuoteInfo.PCRDigest) || i == quoteAttempts {
+			return q, plat, nil
+		}
+	}
 }
 
 // Open decrypts a release the broker sealed to this session.
