@@ -201,7 +201,7 @@ func checkAKSignOnly(public []byte) error {
 func nodeToAPI(n store.Node) *apiv1.Node {
 	out := &apiv1.Node{
 		Name: n.Name, EkFingerprint: n.EKFingerprint, Trust: n.Trust, TrustReason: n.TrustReason,
-		EnrolledUnix: n.EnrolledAt.Unix(), Tags: n.Tags, TagsVersion: n.TagsVersion,
+		EnrolledUnix: n.EnrolledAt.Unix(), Tags: n.Tags, TagsVersion: n.TagsVersion, EkIssuer: n.EKIssuer,
 	}
 	if !n.LastAttested.IsZero() {
 		out.LastAttestedUnix = n.LastAttested.Unix()

@@ -292,8 +292,28 @@ func deleteNodeSessions(tx *bolt.Tx, node string) error {
 }
 
 // Expire implements Store.
-func (s *Bolt) Expire(ctx context.Context, now time.Time) error {
+func (s *Bolt) Expire(ctx context.Context, now, pendingBefore time.Time) error {
 	return s.update(ctx, func(tx *bolt.Tx) error {
+		nodes := tx.Bucket(bucketNodes)
+		var stale []Node
+		err := nodes.ForEach(func(_, v []byte) error {
+			var n Node
+			if json.Unmarshal(v, &n) == nil && n.State == NodePending && n.EnrolledAt.Before(pendingBefore) {
+				stale = append(stale, n)
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, n := range stale {
+			if err := tx.Bucket(bucketEKs).Delete([]byte(n.EKFingerprint)); err != nil {
+				return err
+			}
+			if err := nodes.Delete([]byte(n.Name)); err != nil {
+				return err
+			}
+		}
 		for _, name := range [][]byte{bucketNonces, bucketSessions, bucketEnroll, bucketJoin} {
 			if err := expireBucket(tx, name, now); err != nil {
 				return err

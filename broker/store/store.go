@@ -158,8 +158,9 @@ type Store interface {
 	// DeleteNodeSessions ends every session of a node.
 	DeleteNodeSessions(ctx context.Context, node string) error
 	// Expire drops nonces, sessions, enrollments and join tokens past their
-	// expiry.
-	Expire(ctx context.Context, now time.Time) error
+	// expiry, and pending nodes enrolled before pendingBefore, so an
+	// unapproved enrollment cannot hold a name or an EK forever.
+	Expire(ctx context.Context, now, pendingBefore time.Time) error
 
 	// CreateKey fails with ErrExists if that name and version exist.
 	CreateKey(ctx context.Context, k Key) error

@@ -35,7 +35,7 @@ func nodeCmd(c *config) *cobra.Command {
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "node %s enrolled with broker %s (EK %s)\n", n.GetName(), info.GetBrokerId(), short(n.GetEkFingerprint()))
 				if n.GetState() == apiv1.NodeState_NODE_STATE_PENDING {
-					fmt.Fprintf(cmd.OutOrStdout(), "waiting for approval: an admin runs 'attested node approve %s'\n", n.GetName())
+					fmt.Fprintf(cmd.OutOrStdout(), "waiting for approval (EK certificate: %s): an admin runs 'attested node approve %s'\n", ekTrust(n.GetEkIssuer()), n.GetName())
 				}
 				return nil
 			})
@@ -134,9 +134,9 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 				var rows [][]string
 				for _, n := range r.GetNodes() {
 					rows = append(rows, []string{n.GetName(), stateName(n.GetState()), dash(n.GetTrust()), unixTime(n.GetLastAttestedUnix()),
-						sortedTags(n.GetTags()), short(n.GetEkFingerprint()), dash(n.GetTrustReason())})
+						sortedTags(n.GetTags()), short(n.GetEkFingerprint()), ekTrust(n.GetEkIssuer()), dash(n.GetTrustReason())})
 				}
-				table(cmd.OutOrStdout(), "NAME\tSTATE\tTRUST\tLAST ATTESTED\tTAGS\tEK\tREASON", rows)
+				table(cmd.OutOrStdout(), "NAME\tSTATE\tTRUST\tLAST ATTESTED\tTAGS\tEK\tEK CERTIFICATE\tREASON", rows)
 				return nil
 			})
 		},
@@ -265,4 +265,13 @@ func short(fp string) string {
 		return fp[:16] + ".."
 	}
 	return fp
+}
+
+// ekTrust says how an EK was admitted, so an admin approving a node sees
+// whether its TPM proved its manufacturer.
+func ekTrust(issuer string) string {
+	if issuer == "" {
+		return "unverified"
+	}
+	return "verified (" + issuer + ")"
 }

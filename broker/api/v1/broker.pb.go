@@ -560,7 +560,10 @@ type Node struct {
 	LastAttestedUnix int64             `protobuf:"varint,7,opt,name=last_attested_unix,json=lastAttestedUnix,proto3" json:"last_attested_unix,omitempty"`
 	Tags             map[string]string `protobuf:"bytes,8,rep,name=tags,proto3" json:"tags,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// tags_version counts changes to the tags.
-	TagsVersion   uint32 `protobuf:"varint,9,opt,name=tags_version,json=tagsVersion,proto3" json:"tags_version,omitempty"`
+	TagsVersion uint32 `protobuf:"varint,9,opt,name=tags_version,json=tagsVersion,proto3" json:"tags_version,omitempty"`
+	// ek_issuer names the CA of a verified EK certificate; empty when the
+	// EK is unverified (admitted by join token or approval only).
+	EkIssuer      string `protobuf:"bytes,10,opt,name=ek_issuer,json=ekIssuer,proto3" json:"ek_issuer,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -656,6 +659,13 @@ func (x *Node) GetTagsVersion() uint32 {
 		return x.TagsVersion
 	}
 	return 0
+}
+
+func (x *Node) GetEkIssuer() string {
+	if x != nil {
+		return x.EkIssuer
+	}
+	return ""
 }
 
 type EnrollFinishResponse struct {
@@ -2535,7 +2545,7 @@ const file_broker_proto_rawDesc = "" +
 	"\x06secret\x18\x03 \x01(\fR\x06secret\"e\n" +
 	"\x13EnrollFinishRequest\x12#\n" +
 	"\renrollment_id\x18\x01 \x01(\tR\fenrollmentId\x12)\n" +
-	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\x96\x03\n" +
+	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\xb3\x03\n" +
 	"\x04Node\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x0eek_fingerprint\x18\x02 \x01(\tR\rekFingerprint\x123\n" +
@@ -2545,7 +2555,9 @@ const file_broker_proto_rawDesc = "" +
 	"\renrolled_unix\x18\x06 \x01(\x03R\fenrolledUnix\x12,\n" +
 	"\x12last_attested_unix\x18\a \x01(\x03R\x10lastAttestedUnix\x126\n" +
 	"\x04tags\x18\b \x03(\v2\".attested.broker.v1.Node.TagsEntryR\x04tags\x12!\n" +
-	"\ftags_version\x18\t \x01(\rR\vtagsVersion\x1a7\n" +
+	"\ftags_version\x18\t \x01(\rR\vtagsVersion\x12\x1b\n" +
+	"\tek_issuer\x18\n" +
+	" \x01(\tR\bekIssuer\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"D\n" +

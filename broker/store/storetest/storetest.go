@@ -44,6 +44,22 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		assert.ErrorIs(t, s.DeleteNode(ctx, "nope"), store.ErrNotFound)
 	})
 
+	t.Run("PendingNodesExpire", func(t *testing.T) {
+		s := open(t)
+		require.NoError(t, s.CreateNode(ctx, store.Node{Name: "old", EKFingerprint: "ek-old", State: store.NodePending, EnrolledAt: now.Add(-48 * time.Hour)}))
+		require.NoError(t, s.CreateNode(ctx, store.Node{Name: "new", EKFingerprint: "ek-new", State: store.NodePending, EnrolledAt: now}))
+		require.NoError(t, s.CreateNode(ctx, store.Node{Name: "active", EKFingerprint: "ek-a", State: store.NodeActive, EnrolledAt: now.Add(-48 * time.Hour)}))
+		require.NoError(t, s.Expire(ctx, now, now.Add(-24*time.Hour)))
+		_, err := s.GetNode(ctx, "old")
+		assert.ErrorIs(t, err, store.ErrNotFound)
+		_, err = s.GetNodeByEK(ctx, "ek-old")
+		assert.ErrorIs(t, err, store.ErrNotFound, "the EK is free again")
+		for _, name := range []string{"new", "active"} {
+			_, err = s.GetNode(ctx, name)
+			assert.NoError(t, err, name)
+		}
+	})
+
 	t.Run("NonceIsSingleUseUnderConcurrency", func(t *testing.T) {
 		s := open(t)
 		require.NoError(t, s.PutNonce(ctx, []byte("n"), store.Nonce{Node: "a", Expires: now.Add(time.Minute)}))
@@ -103,7 +119,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		}
 		_, err := s.GetSession(ctx, []byte("b1"))
 		require.NoError(t, err)
-		require.NoError(t, s.Expire(ctx, now))
+		require.NoError(t, s.Expire(ctx, now, now.Add(-time.Hour)))
 		_, err = s.GetSession(ctx, []byte("b2"))
 		assert.ErrorIs(t, err, store.ErrNotFound)
 		_, err = s.GetSession(ctx, []byte("b1"))
