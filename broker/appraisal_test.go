@@ -504,3 +504,18 @@ func TestQuoteForgedWithTPM2SignIsRefused(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "quote refused: not signed by this node's enrolled AK")
 }
+
+func TestFailedActivationDoesNotSpendTheJoinToken(t *testing.T) {
+	b := brokertest.Start(t)
+	tok, err := b.Admin.CreateJoinToken(context.Background(), &apiv1.CreateJoinTokenRequest{})
+	require.NoError(t, err)
+	tpm := openTPM(t)
+	defer tpm.Close()
+	_, _, err = nodeattest.Enroll(context.Background(), failActivation{b.Node}, tpm, nodeattest.EnrollOptions{Name: "node1", JoinToken: tok.GetToken()})
+	require.Error(t, err)
+	_, n, err := nodeattest.Enroll(context.Background(), b.Node, tpm, nodeattest.EnrollOptions{Name: "node1", JoinToken: tok.GetToken()})
+	require.NoError(t, err, "the token survives a failed activation")
+	assert.Equal(t, apiv1.NodeState_NODE_STATE_ACTIVE, n.GetState())
+	_, _, err = nodeattest.Enroll(context.Background(), b.Node, tpm, nodeattest.EnrollOptions{Name: "node2", JoinToken: tok.GetToken()})
+	require.Error(t, err)
+}

@@ -20,6 +20,8 @@ import (
 	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
+const errJoinToken = "join token is invalid, expired or already used; ask the admin for a new one ('attested node token create')"
+
 // maxEKCertificate bounds EK certificates; real ones are 1-2 KiB.
 const maxEKCertificate = 16 << 10
 
@@ -84,17 +86,19 @@ func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest)
 	if existing, err := s.store.GetNodeByEK(ctx, fp); err == nil {
 		return nil, status.Errorf(codes.AlreadyExists, "this TPM's EK is already enrolled as node %q", existing.Name)
 	}
-	approved := false
+	// The token is checked now and spent only when credential activation
+	// succeeds, so a failed enrollment does not burn it.
+	var tokenHash []byte
 	if tok := req.GetJoinToken(); tok != "" {
-		ok, err := s.store.ConsumeJoinToken(ctx, hashToken([]byte(tok)), s.now())
+		tokenHash = hashToken([]byte(tok))
+		ok, err := s.store.JoinTokenValid(ctx, tokenHash, s.now())
 		if err != nil {
 			return nil, storeErr("join token", err)
 		}
 		if !ok {
 			s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: "join token invalid, expired or already used"})
-			return nil, status.Error(codes.PermissionDenied, "join token is invalid, expired or already used; ask the admin for a new one ('attested node token create')")
+			return nil, status.Error(codes.PermissionDenied, errJoinToken)
 		}
-		approved = true
 	}
 	sum := sha256.Sum256(secret)
 	e := store.Enrollment{
@@ -103,9 +107,10 @@ func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest)
 			Name: req.GetName(), EKFingerprint: fp, EKPublic: req.GetEkPublic(),
 			EKCertificate: req.GetEkCertificate(), EKIssuer: ekIssuer, AKPublic: ak.GetPublic(),
 		},
-		SecretHash: sum[:],
-		Approved:   approved,
-		Expires:    s.now().Add(EnrollmentTTL),
+		SecretHash:    sum[:],
+		Approved:      tokenHash != nil,
+		JoinTokenHash: tokenHash,
+		Expires:       s.now().Add(EnrollmentTTL),
 	}
 	if err := s.store.PutEnrollment(ctx, e); err != nil {
 		return nil, storeErr("enrollment", err)
@@ -127,6 +132,16 @@ func (s *Server) EnrollFinish(ctx context.Context, req *apiv1.EnrollFinishReques
 		reason := "credential activation failed: the attestation key is not in the same TPM as the EK"
 		s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: e.Node.Name, Reason: reason})
 		return nil, status.Error(codes.PermissionDenied, reason)
+	}
+	if e.JoinTokenHash != nil {
+		ok, err := s.store.ConsumeJoinToken(ctx, e.JoinTokenHash, s.now())
+		if err != nil {
+			return nil, storeErr("join token", err)
+		}
+		if !ok {
+			s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: e.Node.Name, Reason: "join token expired or used by another enrollment meanwhile"})
+			return nil, status.Error(codes.PermissionDenied, errJoinToken)
+		}
 	}
 	n := e.Node
 	n.EnrolledAt = s.now()

@@ -224,6 +224,23 @@ func (s *Bolt) ConsumeJoinToken(ctx context.Context, hash []byte, now time.Time)
 	return ok, err
 }
 
+// JoinTokenValid implements Store.
+func (s *Bolt) JoinTokenValid(ctx context.Context, hash []byte, now time.Time) (bool, error) {
+	ok := false
+	err := s.view(ctx, func(tx *bolt.Tx) error {
+		var exp time.Time
+		switch err := get(tx.Bucket(bucketJoin), hash, &exp); err {
+		case nil:
+			ok = now.Before(exp)
+		case ErrNotFound:
+		default:
+			return err
+		}
+		return nil
+	})
+	return ok, err
+}
+
 // PutNonce implements Store.
 func (s *Bolt) PutNonce(ctx context.Context, nonce []byte, n Nonce) error {
 	return s.update(ctx, func(tx *bolt.Tx) error {

@@ -58,11 +58,14 @@ type Node struct {
 
 // Enrollment is a credential activation in flight.
 type Enrollment struct {
-	ID         string    `json:"id"`
-	Node       Node      `json:"node"`
-	SecretHash []byte    `json:"secretHash"`
-	Approved   bool      `json:"approved"`
-	Expires    time.Time `json:"expires"`
+	ID         string `json:"id"`
+	Node       Node   `json:"node"`
+	SecretHash []byte `json:"secretHash"`
+	Approved   bool   `json:"approved"`
+	// JoinTokenHash is the join token that will admit the node once
+	// credential activation succeeds; it is spent only then.
+	JoinTokenHash []byte    `json:"joinTokenHash,omitempty"`
+	Expires       time.Time `json:"expires"`
 }
 
 // Nonce is a single-use quote challenge.
@@ -147,6 +150,9 @@ type Store interface {
 	PutJoinToken(ctx context.Context, hash []byte, expires time.Time) error
 	// ConsumeJoinToken deletes the token and reports whether it was valid.
 	ConsumeJoinToken(ctx context.Context, hash []byte, now time.Time) (bool, error)
+	// JoinTokenValid reports whether the token exists and has not expired,
+	// without using it up.
+	JoinTokenValid(ctx context.Context, hash []byte, now time.Time) (bool, error)
 
 	PutNonce(ctx context.Context, nonce []byte, n Nonce) error
 	// ConsumeNonce deletes the nonce and returns it; ErrNotFound if unknown

@@ -81,6 +81,9 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 	t.Run("JoinTokenSingleUseAndExpiry", func(t *testing.T) {
 		s := open(t)
 		require.NoError(t, s.PutJoinToken(ctx, []byte("t"), now.Add(time.Minute)))
+		valid, err := s.JoinTokenValid(ctx, []byte("t"), now)
+		require.NoError(t, err)
+		assert.True(t, valid, "checking does not spend it")
 		ok, err := s.ConsumeJoinToken(ctx, []byte("t"), now)
 		require.NoError(t, err)
 		assert.True(t, ok)
