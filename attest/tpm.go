@@ -55,7 +55,10 @@ func OpenTPM(ctx context.Context, spec string) (*TPM, error) {
 			ch = simChannel{rwc}
 		}
 	case strings.HasPrefix(spec, "swtpm://"):
-		ch, err = openSwtpm(ctx, strings.TrimPrefix(spec, "swtpm://"))
+		var c *swtpmConn
+		if c, err = dialSwtpm(ctx, strings.TrimPrefix(spec, "swtpm://")); err == nil {
+			ch = c
+		}
 	case strings.HasPrefix(spec, "/"):
 		ch, err = openDevice(ctx, spec)
 	default:
@@ -136,7 +139,14 @@ type swtpmConn struct {
 	pending []byte
 }
 
-func openSwtpm(ctx context.Context, addr string) (channel, error) {
+// DialSwtpm connects to swtpm's TCP data channel. The connection reads
+// whole responses and bounds every command by ctx's deadline; tests use it
+// to drive the TPM directly (extend PCRs) as firmware would.
+func DialSwtpm(ctx context.Context, addr string) (io.ReadWriteCloser, error) {
+	return dialSwtpm(ctx, addr)
+}
+
+func dialSwtpm(ctx context.Context, addr string) (*swtpmConn, error) {
 	d := net.Dialer{Timeout: 5 * time.Second}
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {

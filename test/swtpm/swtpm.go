@@ -8,8 +8,8 @@
 package swtpm
 
 import (
+	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -24,6 +24,8 @@ import (
 
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
+
+	"github.com/attested-dev/attested/attest"
 )
 
 // CA is a per-test swtpm certificate authority: swtpm_setup signs the EK
@@ -230,50 +232,14 @@ func (s *TPM) ReadPCR(pcr int) []byte {
 // with runs fn over a fresh data-channel connection. If attested holds the
 // connection, swtpm accepts this one when it lets go.
 func (s *TPM) with(fn func(io.ReadWriter) error) error {
-	c, err := net.DialTimeout("tcp", s.Addr(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := attest.DialSwtpm(ctx, s.Addr())
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if err := c.SetDeadline(time.Now().Add(30 * time.Second)); err != nil {
-		return err
-	}
-	return fn(&conn{c: c})
-}
-
-// conn hands go-tpm each response whole: TCP may split it across reads.
-type conn struct {
-	c    net.Conn
-	resp []byte
-}
-
-func (x *conn) Write(cmd []byte) (int, error) {
-	if _, err := x.c.Write(cmd); err != nil {
-		return 0, err
-	}
-	hdr := make([]byte, 10)
-	if _, err := io.ReadFull(x.c, hdr); err != nil {
-		return 0, fmt.Errorf("response header: %w", err)
-	}
-	size := binary.BigEndian.Uint32(hdr[2:6])
-	if size < 10 || size > 1<<20 {
-		return 0, fmt.Errorf("response size %d out of range", size)
-	}
-	x.resp = make([]byte, size)
-	copy(x.resp, hdr)
-	if _, err := io.ReadFull(x.c, x.resp[10:]); err != nil {
-		return 0, fmt.Errorf("response body: %w", err)
-	}
-	return len(cmd), nil
-}
-
-func (x *conn) Read(p []byte) (int, error) {
-	if len(x.resp) == 0 {
-		return 0, io.EOF
-	}
-	n := copy(p, x.resp)
-	x.resp = x.resp[n:]
-	return n, nil
+	return fn(c)
 }
 
 func freePort(t testing.TB) int {
