@@ -37,6 +37,9 @@ type Sessions struct {
 	turnOnce sync.Once
 	turn     chan struct{}
 	cur      *Session
+	// checked is when the last TPM check that found cur valid (or the
+	// attestation that made it) began.
+	checked time.Time
 }
 
 func (m *Sessions) acquire(ctx context.Context) error {
@@ -53,6 +56,7 @@ func (m *Sessions) release() { <-m.turn }
 
 // Get returns a session valid for this node's current state.
 func (m *Sessions) Get(ctx context.Context) (*Session, error) {
+	arrived := time.Now()
 	if err := m.acquire(ctx); err != nil {
 		return nil, err
 	}
@@ -60,6 +64,11 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 	now := time.Now
 	if m.Now != nil {
 		now = m.Now
+	}
+	// Concurrent layers of one pull share the TPM check: a check that
+	// began after this call arrived already saw the node as it is now.
+	if m.Store == nil && m.cur != nil && m.checked.After(arrived) && now().Add(ExpiryMargin).Before(m.cur.Expires) {
+		return m.cur, nil
 	}
 	if m.Store != nil {
 		started := time.Now()
@@ -81,6 +90,7 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		}
 		m.cur = m.Store.Load()
 	}
+	checkStart := time.Now()
 	t, err := m.TPM(ctx)
 	if err != nil {
 		return nil, err
@@ -92,9 +102,13 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 			return nil, err
 		}
 		if m.cur.StillValid(now(), plat) {
+			m.checked = checkStart
 			return m.cur, nil
 		}
 	}
+	// The current session no longer describes this node: nobody may reuse
+	// it, whatever happens next.
+	m.cur = nil
 	s, err := NewSession(ctx, m.Broker, t, m.State, m.Logs)
 	if m.Store != nil {
 		m.Store.recordFailure(err)
@@ -102,7 +116,7 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	m.cur = s
+	m.cur, m.checked = s, checkStart
 	if m.Store != nil {
 		if err := m.Store.Save(s); err != nil {
 			return nil, err
