@@ -30,7 +30,7 @@ test: deps unit e2e
 unit:
 	$(GO) test -count=1 ./...
 
-e2e: build imgcopy
+e2e: deps build imgcopy
 	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
 
 # Short fuzzing runs of every parser; the seed corpora also run in 'unit'.
@@ -43,7 +43,7 @@ fuzz:
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzReplayIMA -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzVerifyTagCertification -fuzztime $(FUZZTIME)
 
-bench: build imgcopy
+bench: deps build imgcopy
 	$(GO) test -run '^$$' -bench . -benchtime 300x ./keyprovider/
 	$(GO) test -run '^$$' -bench . -benchtime 3000x ./broker/
 	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e -count=1 -run '^$$' -bench . -benchtime 20x -timeout 20m ./test/e2e/

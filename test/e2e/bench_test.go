@@ -4,7 +4,11 @@ package e2e
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
 	"encoding/base64"
+	"encoding/pem"
 	"fmt"
 	"os"
 	"os/exec"
@@ -98,10 +102,7 @@ func BenchmarkImageDecrypt(b *testing.B) {
 	src := filepath.Join(w.dir, "src10")
 	out, err := exec.Command(shared.imgcopy, "mkimage", "--layers", "10", "--size", "262144", "--out", src).CombinedOutput()
 	require.NoError(b, err, "%s", out)
-	key := filepath.Join(w.dir, "jwe.pem")
-	pub := filepath.Join(w.dir, "jwe.pub")
-	require.NoError(b, exec.Command("openssl", "genrsa", "-out", key, "2048").Run())
-	require.NoError(b, exec.Command("openssl", "rsa", "-in", key, "-pubout", "-out", pub).Run())
+	key, pub := writeRSAKeyPair(b, w.dir)
 	push := func(ref, encKey string) {
 		r := w.imgcopy(n, execMode, "copy", "--quiet", "--encryption-key", encKey, "--dest-tls-verify=false", "oci:"+src+":latest", ref)
 		require.NoError(b, r.err, "%s", r.stderr)
@@ -137,6 +138,18 @@ func BenchmarkImageDecrypt(b *testing.B) {
 			p50["jwe"], p50["attested-exec-warm"], ratio(p50["attested-exec-warm"], p50["jwe"]),
 			p50["attested-grpc-warm"], ratio(p50["attested-grpc-warm"], p50["jwe"]))
 	}
+}
+
+// writeRSAKeyPair writes a JWE recipient key pair (PEM) for ocicrypt.
+func writeRSAKeyPair(b *testing.B, dir string) (privPath, pubPath string) {
+	k, err := rsa.GenerateKey(rand.Reader, 2048)
+	require.NoError(b, err)
+	pubDER, err := x509.MarshalPKIXPublicKey(&k.PublicKey)
+	require.NoError(b, err)
+	privPath, pubPath = filepath.Join(dir, "jwe.pem"), filepath.Join(dir, "jwe.pub")
+	require.NoError(b, os.WriteFile(privPath, pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(k)}), 0o600))
+	require.NoError(b, os.WriteFile(pubPath, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER}), 0o600))
+	return privPath, pubPath
 }
 
 func median(ds []time.Duration) time.Duration {
