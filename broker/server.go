@@ -102,11 +102,15 @@ func New(o Options) (*Server, error) {
 		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}}, nil
 }
 
-// Open opens the broker in dataDir with its embedded store.
-func Open(dataDir string, log *slog.Logger) (*Server, error) {
+// Open opens the broker in dataDir with its embedded store; override, if
+// given, adjusts broker.yaml's settings (command-line flags).
+func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server, error) {
 	cfg, err := LoadConfig(dataDir)
 	if err != nil {
 		return nil, err
+	}
+	for _, o := range override {
+		o(cfg)
 	}
 	st, err := store.OpenBolt(filepath.Join(dataDir, DatabaseFile))
 	if err != nil {

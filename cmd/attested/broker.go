@@ -39,14 +39,40 @@ func brokerCmd() *cobra.Command {
 	}
 	initCmd.Flags().StringVar(&id, "id", "", "broker identity recorded in annotations (default: random)")
 	initCmd.Flags().StringSliceVar(&sans, "san", nil, "extra DNS names or IPs for the server certificate")
+	var ekRoots []string
+	var requireEK bool
+	var sessionTTL, nonceTTL time.Duration
 	serveCmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve the broker API over TLS",
-		Args:  cobra.NoArgs,
+		Long: `Serve the broker API over TLS. Settings come from DATA-DIR/broker.yaml; a flag
+given on the command line wins over the file.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return serveBroker(dataDir, listen)
+			fl := cmd.Flags()
+			return serveBroker(dataDir, func(c *broker.Config) {
+				if fl.Changed("listen") {
+					c.Listen = listen
+				}
+				if fl.Changed("ek-roots") {
+					c.EKRoots = ekRoots
+				}
+				if fl.Changed("require-ek-certificate") {
+					c.RequireEKCertificate = requireEK
+				}
+				if fl.Changed("session-ttl") {
+					c.SessionTTL = sessionTTL
+				}
+				if fl.Changed("nonce-ttl") {
+					c.NonceTTL = nonceTTL
+				}
+			})
 		},
 	}
+	serveCmd.Flags().StringSliceVar(&ekRoots, "ek-roots", nil, "PEM files or directories of TPM manufacturer CAs EK certificates must chain to (broker.yaml: ekRoots; none trusted by default)")
+	serveCmd.Flags().BoolVar(&requireEK, "require-ek-certificate", false, "refuse TPMs without an EK certificate chaining to --ek-roots (broker.yaml: requireEKCertificate)")
+	serveCmd.Flags().DurationVar(&sessionTTL, "session-ttl", broker.DefaultSessionTTL, "how long one appraisal serves unwraps (broker.yaml: sessionTTL)")
+	serveCmd.Flags().DurationVar(&nonceTTL, "nonce-ttl", broker.DefaultNonceTTL, "how long a node has to answer a challenge (broker.yaml: nonceTTL)")
 	for _, c := range []*cobra.Command{initCmd, serveCmd} {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/attested-broker", "broker data directory")
 		c.Flags().StringVar(&listen, "listen", "", "TLS gRPC listen address (default from broker.yaml, "+broker.DefaultListen+")")
@@ -55,9 +81,9 @@ func brokerCmd() *cobra.Command {
 	return cmd
 }
 
-func serveBroker(dataDir, listen string) error {
+func serveBroker(dataDir string, flags func(*broker.Config)) error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	srv, err := broker.Open(dataDir, log)
+	srv, err := broker.Open(dataDir, log, flags)
 	if err != nil {
 		return err
 	}
@@ -66,10 +92,7 @@ func serveBroker(dataDir, listen string) error {
 	if err != nil {
 		return err
 	}
-	if listen == "" {
-		listen = srv.Config().Listen
-	}
-	lis, err := net.Listen("tcp", listen)
+	lis, err := net.Listen("tcp", srv.Config().Listen)
 	if err != nil {
 		return fmt.Errorf("broker: listen: %w", err)
 	}
