@@ -503,6 +503,7 @@ func TestQuoteForgedWithTPM2SignIsRefused(t *testing.T) {
 	_, err = b.Node.Attest(ctx, req)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "quote refused: not signed by this node's enrolled AK")
+	assert.Contains(t, err.Error(), "the signature does not verify with the enrolled AK")
 }
 
 func TestFailedActivationDoesNotSpendTheJoinToken(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm/legacy/tpm2"
@@ -90,7 +91,8 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	if _, err := st.KEM.NewPublicKey(req.GetSessionPublicKey()); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "session public key is not a %s key", st.Name)
 	}
-	pcrs, clock, err := verifyQuote(n.AKPublic, req, binding.QualifyingData(req.GetNonce(), req.GetSessionPublicKey(), n.Name))
+	qd := binding.QualifyingData(req.GetNonce(), req.GetSessionPublicKey(), n.Name)
+	pcrs, clock, err := verifyQuote(n.AKPublic, req, qd)
 	if err != nil {
 		return nil, s.refuseUnverified(ctx, n.Name, codes.PermissionDenied, "quote refused: "+err.Error())
 	}
@@ -100,7 +102,7 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	}
 	if len(req.GetTagCertifyInfo()) > 0 {
 		facts.CertifiedTagDigest, err = evidence.VerifyTagCertification(n.AKPublic, req.GetTagCertifyInfo(),
-			req.GetTagCertifySignature(), req.GetTagNvPublic(), binding.QualifyingData(req.GetNonce(), req.GetSessionPublicKey(), n.Name))
+			req.GetTagCertifySignature(), req.GetTagNvPublic(), qd)
 		if err != nil {
 			return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, "evidence refused: "+err.Error())
 		}
@@ -182,6 +184,21 @@ var errBackwards = errors.New("counters went backwards")
 
 // refuseUnverified refuses evidence that did not authenticate: it is
 // audited, but says nothing about the node it names.
+// quoteFailure says in words which part of a quote did not verify;
+// go-attestation's own text dumps raw nonce bytes.
+func quoteFailure(err error) string {
+	switch msg := err.Error(); {
+	case strings.Contains(msg, "nonce ="):
+		return "its qualifying data is for another nonce, session key or node (replayed or lent evidence)"
+	case strings.Contains(msg, "digest didn't match"):
+		return "the PCR values sent are not the ones the TPM quoted"
+	case strings.Contains(msg, "signature"):
+		return "the signature does not verify with the enrolled AK (another key signed it)"
+	default:
+		return msg
+	}
+}
+
 func (s *Server) refuseUnverified(ctx context.Context, node string, code codes.Code, reason string) error {
 	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: node, Reason: reason})
 	return status.Error(code, reason)
@@ -226,7 +243,7 @@ func verifyQuote(akPublic []byte, req *apiv1.AttestRequest, qualifying []byte) (
 	}
 	q := attest.Quote{Quote: req.GetQuote(), Signature: req.GetSignature()}
 	if err := ak.VerifyAll([]attest.Quote{q}, pcrs, qualifying); err != nil {
-		return nil, clock, fmt.Errorf("not signed by this node's enrolled AK over this nonce, session key and PCR values: %v", err)
+		return nil, clock, fmt.Errorf("not signed by this node's enrolled AK over this nonce, session key and PCR values: %s", quoteFailure(err))
 	}
 	att, err := tpm2.DecodeAttestationData(req.GetQuote())
 	if err != nil {

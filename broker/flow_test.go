@@ -209,6 +209,8 @@ func TestEvidenceBoundToSessionKey(t *testing.T) {
 	_, err = b.Node.Attest(context.Background(), req)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "quote refused")
+	assert.Contains(t, err.Error(), "qualifying data is for another nonce, session key or node")
+	assert.NotContains(t, err.Error(), "[]byte", "no raw bytes in a refusal")
 }
 
 func TestQuoteByUnenrolledKeyIsRefused(t *testing.T) {

@@ -97,16 +97,6 @@ func (s *Server) setTrust(ctx context.Context, n store.Node, trust, reason strin
 	}
 }
 
-// NodeTags implements apiv1.BrokerServer. Tags are not secret; the node
-// needs them to write their digest into its TPM.
-func (s *Server) NodeTags(ctx context.Context, req *apiv1.NodeTagsRequest) (*apiv1.NodeTagsResponse, error) {
-	n, err := s.activeNode(ctx, req.GetNode())
-	if err != nil {
-		return nil, err
-	}
-	return &apiv1.NodeTagsResponse{Tags: n.Tags, Digest: binding.TagDigest(n.Name, n.Tags)}, nil
-}
-
 // liveSession returns the session behind a token and its node, if the
 // session has not expired, the node may still attest, and its TPM has not
 // rebooted since (a newer quote showed other reset/restart counters). The
