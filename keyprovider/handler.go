@@ -30,9 +30,10 @@ type KeySource interface {
 	WrappingKey(ctx context.Context, name string) (*apiv1.WrappingKey, error)
 }
 
-// Unwrapper recovers optsdata from one of our annotations.
+// Unwrapper recovers optsdata from one of our annotations: a parsed
+// document and its bytes exactly as stored on the layer.
 type Unwrapper interface {
-	Unwrap(ctx context.Context, annotation []byte) ([]byte, error)
+	Unwrap(ctx context.Context, a annotation.Annotation, raw []byte) ([]byte, error)
 }
 
 // Handler serves keywrap and keyunwrap. Either part may be nil on a host
@@ -152,13 +153,14 @@ func (h *Handler) unwrap(ctx context.Context, p ocikp.KeyUnwrapParams) ([]byte, 
 	if len(p.Annotation) == 0 {
 		return nil, errInput(errors.New("keyunwrap request carries no annotation"))
 	}
-	if _, err := annotation.Parse(p.Annotation); err != nil {
+	a, err := annotation.Parse(p.Annotation)
+	if err != nil {
 		return nil, errInput(err)
 	}
 	if h.Unwrapper == nil {
 		return nil, errors.New("this host is not configured to unwrap (not an enrolled node)")
 	}
-	return h.Unwrapper.Unwrap(ctx, p.Annotation)
+	return h.Unwrapper.Unwrap(ctx, a, p.Annotation)
 }
 
 // codedError is an error with a gRPC code whose text stays plain, so exec

@@ -28,11 +28,7 @@ type NodeUnwrapper struct {
 }
 
 // Unwrap implements Unwrapper.
-func (u *NodeUnwrapper) Unwrap(ctx context.Context, raw []byte) ([]byte, error) {
-	a, err := annotation.Parse(raw)
-	if err != nil {
-		return nil, errInput(err)
-	}
+func (u *NodeUnwrapper) Unwrap(ctx context.Context, a annotation.Annotation, raw []byte) ([]byte, error) {
 	if a.Broker != u.BrokerID {
 		return nil, status.Errorf(codes.FailedPrecondition, "layer key was sealed by broker %s, but this node is enrolled with broker %s", a.Broker, u.BrokerID)
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/attested-dev/attested/attest"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/keyprovider"
+	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
 func keyproviderCmd(c *config) *cobra.Command {
@@ -142,6 +143,6 @@ func newHandler(c *config, store *attest.FileStore) (*keyprovider.Handler, func(
 // failing is an Unwrapper for a host that cannot unwrap, saying why.
 type failing struct{ err error }
 
-func (f failing) Unwrap(context.Context, []byte) ([]byte, error) {
+func (f failing) Unwrap(context.Context, annotation.Annotation, []byte) ([]byte, error) {
 	return nil, keyprovider.WithCode(codes.FailedPrecondition, f.err)
 }
