@@ -79,8 +79,13 @@ func (t *TPM) certifyTags(akBlob, qualifying []byte) (*TagCertification, error) 
 	tp := transport.FromReadWriter(t.ch)
 	idx := tpm2.TPMHandle(binding.TagIndex)
 	pub, err := (tpm2.NVReadPublic{NVIndex: idx}).Execute(tp)
-	if err != nil {
+	if errors.Is(err, tpm2.TPMRCHandle) {
 		return nil, errNoTagIndex
+	}
+	if err != nil {
+		// Not "no tags": a TPM that fails here must not silently drop the
+		// certification a policy may require.
+		return nil, fmt.Errorf("attest: read tag index: %w", err)
 	}
 	ak, err := t.loadAKHandle(akBlob)
 	if err != nil {
