@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"testing"
 
+	"github.com/google/go-tpm/tpm2"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -95,13 +96,27 @@ func FuzzReplayIMA(f *testing.F) {
 }
 
 func FuzzVerifyTagCertification(f *testing.F) {
-	// Seeds are shapes, not valid certifications: the target checks that
-	// hostile evidence ends in an error, never a panic or an acceptance.
-	f.Add([]byte{0xff, 0x54, 0x43, 0x47, 0x80, 0x14}, []byte{0x00, 0x18, 0x00, 0x0b}, []byte{0x01, 0x80, 0x0a, 0x77, 0x00, 0x0b})
-	f.Add([]byte{}, []byte{}, []byte{})
-	f.Fuzz(func(t *testing.T, info, sig, nvPublic []byte) {
-		// No AK key is enrolled for fuzzed input, so nothing may verify.
-		_, err := evidence.VerifyTagCertification(nil, info, sig, nvPublic, make([]byte, 32))
+	// The fuzzed certification is signed by the test AK, so the parsing and
+	// checks behind the signature run on hostile input; only a structure
+	// with the magic, the tag index's attributes and a 32-byte digest may
+	// pass.
+	t := &testing.T{}
+	ak := newSigner(t)
+	qd := make([]byte, 32)
+	info, nvPub := certification(t, tpm2.TPMGeneratedValue, qd, make([]byte, 32))
+	f.Add(info, nvPub)
+	f.Add(info[:len(info)-3], nvPub)
+	f.Add([]byte{}, []byte{})
+	f.Fuzz(func(t *testing.T, info, nvPublic []byte) {
+		digest, err := evidence.VerifyTagCertification(ak.public, info, ak.sign(t, info), nvPublic, qd)
+		if err == nil {
+			require.Len(t, digest, 32)
+			att, err := tpm2.Unmarshal[tpm2.TPMSAttest](info)
+			require.NoError(t, err)
+			require.NoError(t, att.Magic.Check())
+		}
+		// A certification by any other key never verifies.
+		_, err = evidence.VerifyTagCertification(newSigner(t).public, info, ak.sign(t, info), nvPublic, qd)
 		require.Error(t, err)
 	})
 }
