@@ -42,7 +42,7 @@ type BrokerKeys struct {
 
 type cachedKey struct {
 	Fetched time.Time `json:"fetched"`
-	// Key is the protobuf-JSON-free copy of the public fields.
+	// The key's public fields, in plain JSON rather than protobuf.
 	Name      string `json:"name"`
 	Version   uint32 `json:"version"`
 	Suite     string `json:"suite"`
