@@ -201,7 +201,7 @@ func auditCmd(c *config) *cobra.Command {
 		},
 	}
 	list.Flags().StringVar(&node, "node", "", "only this node")
-	list.Flags().StringVar(&kind, "kind", "", "only this kind (enroll, approve, revoke, attest, release, refuse, key, policy, token)")
+	list.Flags().StringVar(&kind, "kind", "", "only this kind (enroll, approve, revoke, remove, attest, release, refuse, key, policy, token, tag)")
 	list.Flags().Uint32Var(&limit, "limit", 0, "at most this many (newest)")
 	list.Flags().BoolVar(&asJSON, "json", false, "one JSON object per line")
 	cmd.AddCommand(list)

@@ -85,7 +85,7 @@ func configFlags(fs *pflag.FlagSet, c *config) {
 	fs.StringVar(&c.TPM, "tpm", c.TPM, "TPM: /dev/tpmrm0 | swtpm://HOST:PORT | simulator")
 	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "node state directory (enrollment, 0700)")
 	fs.StringVar(&c.RunDir, "run-dir", c.RunDir, "runtime directory for the session cache (tmpfs, 0700)")
-	fs.StringVar(&c.CacheDir, "cache-dir", c.CacheDir, "public key cache for wrapping (default STATE-DIR/keys when writable)")
+	fs.StringVar(&c.CacheDir, "cache-dir", c.CacheDir, "public key cache for wrapping (default $XDG_CACHE_HOME/attested, ~/.cache/attested)")
 	fs.StringVar(&c.Agent, "agent", c.Agent, "agent socket (unix:///run/attested/keyprovider.sock) that exec mode forwards to when it answers")
 	fs.StringVar(&c.Provider, "provider", c.Provider, "provider name in the ocicrypt config")
 	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one keyprovider request, TPM and broker calls included")

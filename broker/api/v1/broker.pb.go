@@ -1819,7 +1819,8 @@ type AuditEvent struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
 	Seq          uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
 	TimeUnixNano int64                  `protobuf:"varint,2,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
-	// kind: enroll, approve, revoke, attest, release, refuse, key, policy, token.
+	// kind: enroll, approve, revoke, remove, attest, release, refuse, key,
+	// policy, token, tag.
 	Kind          string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
 	Node          string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
 	Key           string `protobuf:"bytes,5,opt,name=key,proto3" json:"key,omitempty"`
