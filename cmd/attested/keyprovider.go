@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -59,14 +61,11 @@ Errors go to stderr with a non-zero exit; the request is never logged.`,
 // session in memory), and otherwise serves the request in this process.
 func serveExec(ctx context.Context, c *config, in []byte) ([]byte, error) {
 	if c.Agent != "" {
-		out, err := forwardToAgent(ctx, c.Agent, in)
-		// Fall back only when the agent itself is not there: the agent's
-		// own answers (even Unavailable, for an unreachable broker) start
-		// with "attested: " and are final.
-		agentDown := status.Code(err) == codes.Unavailable && !strings.HasPrefix(status.Convert(err).Message(), "attested: ")
-		if !agentDown {
+		out, answered, err := forwardToAgent(ctx, c.Agent, in)
+		if answered {
+			// The agent's answer is final, refusals included.
 			if err != nil {
-				return nil, fmt.Errorf("%s", strings.TrimPrefix(status.Convert(err).Message(), "attested: "))
+				return nil, errors.New(strings.TrimPrefix(status.Convert(err).Message(), "attested: "))
 			}
 			return out, nil
 		}
@@ -79,16 +78,24 @@ func serveExec(ctx context.Context, c *config, in []byte) ([]byte, error) {
 	return h.Handle(ctx, in)
 }
 
-func forwardToAgent(ctx context.Context, addr string, in []byte) ([]byte, error) {
+// agentConnectTimeout bounds the wait for the agent's socket to accept.
+const agentConnectTimeout = 500 * time.Millisecond
+
+// forwardToAgent sends the request to the agent. answered is false when no
+// agent could be reached, so the caller serves the request itself.
+func forwardToAgent(ctx context.Context, addr string, in []byte) (out []byte, answered bool, err error) {
 	path := strings.TrimPrefix(addr, "unix://")
 	if _, err := os.Stat(path); err != nil {
-		return nil, status.Error(codes.Unavailable, "no agent socket")
+		return nil, false, nil
 	}
 	cc, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return nil, status.Error(codes.Unavailable, err.Error())
+		return nil, false, nil
 	}
 	defer cc.Close()
+	if !connected(ctx, cc) {
+		return nil, false, nil
+	}
 	var op struct {
 		Op string `json:"op"`
 	}
@@ -102,9 +109,28 @@ func forwardToAgent(ctx context.Context, addr string, in []byte) ([]byte, error)
 		resp, err = client.UnWrapKey(ctx, req)
 	}
 	if err != nil {
-		return nil, err
+		return nil, true, err
 	}
-	return resp.GetKeyProviderKeyWrapProtocolOutput(), nil
+	return resp.GetKeyProviderKeyWrapProtocolOutput(), true, nil
+}
+
+// connected reports whether the connection to the agent comes up.
+func connected(ctx context.Context, cc *grpc.ClientConn) bool {
+	ctx, cancel := context.WithTimeout(ctx, agentConnectTimeout)
+	defer cancel()
+	cc.Connect()
+	for {
+		s := cc.GetState()
+		switch s {
+		case connectivity.Ready:
+			return true
+		case connectivity.TransientFailure, connectivity.Shutdown:
+			return false
+		}
+		if !cc.WaitForStateChange(ctx, s) {
+			return false
+		}
+	}
 }
 
 // newHandler wires the keyprovider to the broker and, on an enrolled node,

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -64,4 +65,28 @@ func TestExplainShowsEveryClause(t *testing.T) {
 	assert.Contains(t, out, "key app (policy prod): would be REFUSED")
 	assert.Regexp(t, `FAIL +pcr 16 +PCR 16 differs from policy prod: got [0-9a-f]{16}\.\., want one of 0{16}\.\.`, out)
 	assert.Regexp(t, `ok +pcr 0 `, out)
+}
+
+// TestExecForwardsToAgentAndFallsBack: with agent: set, exec mode uses the
+// warm agent (no new quote); when the agent is gone, leaving its socket
+// behind, exec mode attests itself and the pull still works.
+func TestExecForwardsToAgentAndFallsBack(t *testing.T) {
+	w := newWorld(t, worldOptions{})
+	n := w.node1
+	n.startAgent(true)
+	agentCfg := n.writeConfig("node-agent.yaml", 20*time.Second)
+	require.NoError(t, appendLine(agentCfg, "agent: unix://"+n.sock))
+	n.cfg = agentCfg
+
+	_, before := w.quotes(n)
+	w.mustPull(n, execMode)
+	_, after := w.quotes(n)
+	assert.Equal(t, before, after, "a warm agent answers; exec mode does not quote")
+
+	require.NoError(t, n.agent.cmd.Process.Kill())
+	<-n.agent.done
+	require.FileExists(t, n.sock, "a killed agent leaves its socket")
+	w.mustPull(n, execMode)
+	_, fallback := w.quotes(n)
+	assert.Equal(t, after+1, fallback, "without an agent, exec mode attests once itself")
 }

@@ -700,3 +700,14 @@ func excerpt(b []byte, i, n int) string {
 	lo, hi := max(0, i-60), min(len(b), i+n+60)
 	return string(b[lo:hi])
 }
+
+// appendLine appends one line to a configuration file.
+func appendLine(path, line string) error {
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = fmt.Fprintln(f, line)
+	return err
+}
