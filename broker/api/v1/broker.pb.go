@@ -214,9 +214,16 @@ type WrappingKey struct {
 	Version uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
 	// suite names the HPKE KEM, KDF and AEAD, e.g.
 	// "MLKEM768X25519-HKDFSHA256-AES256GCM".
-	Suite         string `protobuf:"bytes,3,opt,name=suite,proto3" json:"suite,omitempty"`
-	PublicKey     []byte `protobuf:"bytes,4,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
-	BrokerId      string `protobuf:"bytes,5,opt,name=broker_id,json=brokerId,proto3" json:"broker_id,omitempty"`
+	Suite     string `protobuf:"bytes,3,opt,name=suite,proto3" json:"suite,omitempty"`
+	PublicKey []byte `protobuf:"bytes,4,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	BrokerId  string `protobuf:"bytes,5,opt,name=broker_id,json=brokerId,proto3" json:"broker_id,omitempty"`
+	// signature is the broker's ECDSA signature (ASN.1, SHA-256) over the
+	// canonical encoding of the fields above, by the key of signer_chain[0].
+	// Clients verify it on every use, from the wire or a cache.
+	Signature []byte `protobuf:"bytes,6,opt,name=signature,proto3" json:"signature,omitempty"`
+	// signer_chain is the signing certificate and any intermediates (DER),
+	// chaining to the broker CA that clients pin.
+	SignerChain   [][]byte `protobuf:"bytes,7,rep,name=signer_chain,json=signerChain,proto3" json:"signer_chain,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -284,6 +291,20 @@ func (x *WrappingKey) GetBrokerId() string {
 		return x.BrokerId
 	}
 	return ""
+}
+
+func (x *WrappingKey) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *WrappingKey) GetSignerChain() [][]byte {
+	if x != nil {
+		return x.SignerChain
+	}
+	return nil
 }
 
 // AKParameters mirrors go-attestation's AttestationParameters.
@@ -364,7 +385,10 @@ type EnrollStartRequest struct {
 	EkCertificate []byte        `protobuf:"bytes,3,opt,name=ek_certificate,json=ekCertificate,proto3" json:"ek_certificate,omitempty"`
 	Ak            *AKParameters `protobuf:"bytes,4,opt,name=ak,proto3" json:"ak,omitempty"`
 	// join_token, when valid, enrolls the node without admin approval.
-	JoinToken     string `protobuf:"bytes,5,opt,name=join_token,json=joinToken,proto3" json:"join_token,omitempty"`
+	JoinToken string `protobuf:"bytes,5,opt,name=join_token,json=joinToken,proto3" json:"join_token,omitempty"`
+	// ek_public_area is the EK's TPMT_PUBLIC, so the broker can check it
+	// uses a standard EK template and is the key in ek_public.
+	EkPublicArea  []byte `protobuf:"bytes,6,opt,name=ek_public_area,json=ekPublicArea,proto3" json:"ek_public_area,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -432,6 +456,13 @@ func (x *EnrollStartRequest) GetJoinToken() string {
 		return x.JoinToken
 	}
 	return ""
+}
+
+func (x *EnrollStartRequest) GetEkPublicArea() []byte {
+	if x != nil {
+		return x.EkPublicArea
+	}
+	return nil
 }
 
 type EnrollStartResponse struct {
@@ -563,9 +594,11 @@ type Node struct {
 	TagsVersion uint32 `protobuf:"varint,9,opt,name=tags_version,json=tagsVersion,proto3" json:"tags_version,omitempty"`
 	// ek_issuer names the CA of a verified EK certificate; empty when the
 	// EK is unverified (admitted by join token or approval only).
-	EkIssuer      string `protobuf:"bytes,10,opt,name=ek_issuer,json=ekIssuer,proto3" json:"ek_issuer,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	EkIssuer string `protobuf:"bytes,10,opt,name=ek_issuer,json=ekIssuer,proto3" json:"ek_issuer,omitempty"`
+	// pending_expires_unix is when an unapproved enrollment is dropped.
+	PendingExpiresUnix int64 `protobuf:"varint,11,opt,name=pending_expires_unix,json=pendingExpiresUnix,proto3" json:"pending_expires_unix,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Node) Reset() {
@@ -666,6 +699,13 @@ func (x *Node) GetEkIssuer() string {
 		return x.EkIssuer
 	}
 	return ""
+}
+
+func (x *Node) GetPendingExpiresUnix() int64 {
+	if x != nil {
+		return x.PendingExpiresUnix
+	}
+	return 0
 }
 
 type EnrollFinishResponse struct {
@@ -1692,8 +1732,12 @@ func (x *CreateJoinTokenResponse) GetExpiresUnix() int64 {
 }
 
 type NodeRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// ek_fingerprint ("SHA256:<hex>" or hex) names the TPM an approval is
+	// for; required by ApproveNode, so an admin approves what the node
+	// printed at enrollment and nothing else.
+	EkFingerprint string `protobuf:"bytes,2,opt,name=ek_fingerprint,json=ekFingerprint,proto3" json:"ek_fingerprint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1735,6 +1779,13 @@ func (x *NodeRequest) GetName() string {
 	return ""
 }
 
+func (x *NodeRequest) GetEkFingerprint() string {
+	if x != nil {
+		return x.EkFingerprint
+	}
+	return ""
+}
+
 type ListNodesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1772,8 +1823,11 @@ func (*ListNodesRequest) Descriptor() ([]byte, []int) {
 }
 
 type ListNodesResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Nodes         []*Node                `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Nodes []*Node                `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// pending are enrollments waiting for approval; several may name the
+	// same node, each with its own EK.
+	Pending       []*Node `protobuf:"bytes,2,rep,name=pending,proto3" json:"pending,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1811,6 +1865,13 @@ func (*ListNodesResponse) Descriptor() ([]byte, []int) {
 func (x *ListNodesResponse) GetNodes() []*Node {
 	if x != nil {
 		return x.Nodes
+	}
+	return nil
+}
+
+func (x *ListNodesResponse) GetPending() []*Node {
+	if x != nil {
+		return x.Pending
 	}
 	return nil
 }
@@ -2517,27 +2578,30 @@ const file_broker_proto_rawDesc = "" +
 	"\tbroker_id\x18\x01 \x01(\tR\bbrokerId\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\"+\n" +
 	"\x15GetWrappingKeyRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x8d\x01\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xce\x01\n" +
 	"\vWrappingKey\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x12\x14\n" +
 	"\x05suite\x18\x03 \x01(\tR\x05suite\x12\x1d\n" +
 	"\n" +
 	"public_key\x18\x04 \x01(\fR\tpublicKey\x12\x1b\n" +
-	"\tbroker_id\x18\x05 \x01(\tR\bbrokerId\"\xa1\x01\n" +
+	"\tbroker_id\x18\x05 \x01(\tR\bbrokerId\x12\x1c\n" +
+	"\tsignature\x18\x06 \x01(\fR\tsignature\x12!\n" +
+	"\fsigner_chain\x18\a \x03(\fR\vsignerChain\"\xa1\x01\n" +
 	"\fAKParameters\x12\x16\n" +
 	"\x06public\x18\x01 \x01(\fR\x06public\x12\x1f\n" +
 	"\vcreate_data\x18\x02 \x01(\fR\n" +
 	"createData\x12-\n" +
 	"\x12create_attestation\x18\x03 \x01(\fR\x11createAttestation\x12)\n" +
-	"\x10create_signature\x18\x04 \x01(\fR\x0fcreateSignature\"\xbd\x01\n" +
+	"\x10create_signature\x18\x04 \x01(\fR\x0fcreateSignature\"\xe3\x01\n" +
 	"\x12EnrollStartRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n" +
 	"\tek_public\x18\x02 \x01(\fR\bekPublic\x12%\n" +
 	"\x0eek_certificate\x18\x03 \x01(\fR\rekCertificate\x120\n" +
 	"\x02ak\x18\x04 \x01(\v2 .attested.broker.v1.AKParametersR\x02ak\x12\x1d\n" +
 	"\n" +
-	"join_token\x18\x05 \x01(\tR\tjoinToken\"r\n" +
+	"join_token\x18\x05 \x01(\tR\tjoinToken\x12$\n" +
+	"\x0eek_public_area\x18\x06 \x01(\fR\fekPublicArea\"r\n" +
 	"\x13EnrollStartResponse\x12#\n" +
 	"\renrollment_id\x18\x01 \x01(\tR\fenrollmentId\x12\x1e\n" +
 	"\n" +
@@ -2546,7 +2610,7 @@ const file_broker_proto_rawDesc = "" +
 	"\x06secret\x18\x03 \x01(\fR\x06secret\"e\n" +
 	"\x13EnrollFinishRequest\x12#\n" +
 	"\renrollment_id\x18\x01 \x01(\tR\fenrollmentId\x12)\n" +
-	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\xb3\x03\n" +
+	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\xe5\x03\n" +
 	"\x04Node\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x0eek_fingerprint\x18\x02 \x01(\tR\rekFingerprint\x123\n" +
@@ -2558,7 +2622,8 @@ const file_broker_proto_rawDesc = "" +
 	"\x04tags\x18\b \x03(\v2\".attested.broker.v1.Node.TagsEntryR\x04tags\x12!\n" +
 	"\ftags_version\x18\t \x01(\rR\vtagsVersion\x12\x1b\n" +
 	"\tek_issuer\x18\n" +
-	" \x01(\tR\bekIssuer\x1a7\n" +
+	" \x01(\tR\bekIssuer\x120\n" +
+	"\x14pending_expires_unix\x18\v \x01(\x03R\x12pendingExpiresUnix\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"D\n" +
@@ -2631,12 +2696,14 @@ const file_broker_proto_rawDesc = "" +
 	"ttlSeconds\"R\n" +
 	"\x17CreateJoinTokenResponse\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12!\n" +
-	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"!\n" +
+	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"H\n" +
 	"\vNodeRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x12\n" +
-	"\x10ListNodesRequest\"C\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
+	"\x0eek_fingerprint\x18\x02 \x01(\tR\rekFingerprint\"\x12\n" +
+	"\x10ListNodesRequest\"w\n" +
 	"\x11ListNodesResponse\x12.\n" +
-	"\x05nodes\x18\x01 \x03(\v2\x18.attested.broker.v1.NodeR\x05nodes\"\xc6\x01\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x18.attested.broker.v1.NodeR\x05nodes\x122\n" +
+	"\apending\x18\x02 \x03(\v2\x18.attested.broker.v1.NodeR\apending\"\xc6\x01\n" +
 	"\n" +
 	"AuditEvent\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12$\n" +
@@ -2790,58 +2857,59 @@ var file_broker_proto_depIdxs = []int32{
 	18, // 5: attested.broker.v1.ListKeysResponse.keys:type_name -> attested.broker.v1.Key
 	22, // 6: attested.broker.v1.ListPoliciesResponse.policies:type_name -> attested.broker.v1.Policy
 	9,  // 7: attested.broker.v1.ListNodesResponse.nodes:type_name -> attested.broker.v1.Node
-	31, // 8: attested.broker.v1.ListAuditResponse.events:type_name -> attested.broker.v1.AuditEvent
-	35, // 9: attested.broker.v1.KeyAppraisal.clauses:type_name -> attested.broker.v1.Clause
-	36, // 10: attested.broker.v1.ExplainResponse.keys:type_name -> attested.broker.v1.KeyAppraisal
-	44, // 11: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
-	45, // 12: attested.broker.v1.NodeTagsResponse.tags:type_name -> attested.broker.v1.NodeTagsResponse.TagsEntry
-	1,  // 13: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
-	3,  // 14: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
-	6,  // 15: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
-	8,  // 16: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
-	11, // 17: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
-	14, // 18: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
-	16, // 19: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
-	34, // 20: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
-	41, // 21: attested.broker.v1.Broker.NodeTags:input_type -> attested.broker.v1.NodeTagsRequest
-	19, // 22: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
-	20, // 23: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
-	23, // 24: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
-	24, // 25: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
-	26, // 26: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
-	28, // 27: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
-	28, // 28: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
-	28, // 29: attested.broker.v1.Admin.RemoveNode:input_type -> attested.broker.v1.NodeRequest
-	29, // 30: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
-	32, // 31: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
-	38, // 32: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
-	39, // 33: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
-	2,  // 34: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
-	4,  // 35: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
-	7,  // 36: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
-	10, // 37: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
-	12, // 38: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
-	15, // 39: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
-	17, // 40: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
-	37, // 41: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
-	42, // 42: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
-	18, // 43: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
-	21, // 44: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
-	22, // 45: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
-	25, // 46: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
-	27, // 47: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
-	9,  // 48: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
-	9,  // 49: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
-	9,  // 50: attested.broker.v1.Admin.RemoveNode:output_type -> attested.broker.v1.Node
-	30, // 51: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
-	33, // 52: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
-	9,  // 53: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
-	40, // 54: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
-	34, // [34:55] is the sub-list for method output_type
-	13, // [13:34] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	9,  // 8: attested.broker.v1.ListNodesResponse.pending:type_name -> attested.broker.v1.Node
+	31, // 9: attested.broker.v1.ListAuditResponse.events:type_name -> attested.broker.v1.AuditEvent
+	35, // 10: attested.broker.v1.KeyAppraisal.clauses:type_name -> attested.broker.v1.Clause
+	36, // 11: attested.broker.v1.ExplainResponse.keys:type_name -> attested.broker.v1.KeyAppraisal
+	44, // 12: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
+	45, // 13: attested.broker.v1.NodeTagsResponse.tags:type_name -> attested.broker.v1.NodeTagsResponse.TagsEntry
+	1,  // 14: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
+	3,  // 15: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
+	6,  // 16: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
+	8,  // 17: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
+	11, // 18: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
+	14, // 19: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
+	16, // 20: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
+	34, // 21: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
+	41, // 22: attested.broker.v1.Broker.NodeTags:input_type -> attested.broker.v1.NodeTagsRequest
+	19, // 23: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
+	20, // 24: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
+	23, // 25: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
+	24, // 26: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
+	26, // 27: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
+	28, // 28: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
+	28, // 29: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
+	28, // 30: attested.broker.v1.Admin.RemoveNode:input_type -> attested.broker.v1.NodeRequest
+	29, // 31: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
+	32, // 32: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
+	38, // 33: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
+	39, // 34: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
+	2,  // 35: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
+	4,  // 36: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
+	7,  // 37: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
+	10, // 38: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
+	12, // 39: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
+	15, // 40: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
+	17, // 41: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
+	37, // 42: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
+	42, // 43: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
+	18, // 44: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
+	21, // 45: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
+	22, // 46: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
+	25, // 47: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
+	27, // 48: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
+	9,  // 49: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
+	9,  // 50: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
+	9,  // 51: attested.broker.v1.Admin.RemoveNode:output_type -> attested.broker.v1.Node
+	30, // 52: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
+	33, // 53: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
+	9,  // 54: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
+	40, // 55: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
+	35, // [35:56] is the sub-list for method output_type
+	14, // [14:35] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_broker_proto_init() }
