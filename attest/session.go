@@ -3,6 +3,9 @@ package attest
 import (
 	"bytes"
 	"context"
+	"crypto/hpke"
+	"crypto/mlkem"
+	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -11,7 +14,6 @@ import (
 	"time"
 
 	"github.com/google/go-attestation/attest"
-	legacy "github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"google.golang.org/grpc"
@@ -22,20 +24,23 @@ import (
 )
 
 // Session is an appraised attestation the node can spend on unwraps. The
-// private key never leaves the node; the broker seals releases to it.
+// broker seals every release to its hybrid key: an ML-KEM-768 half held in
+// software (Seed) and a P-256 half that lives in the TPM (Key), usable only
+// while the PCRs the quote covered hold. Neither half opens anything alone.
 type Session struct {
-	Broker       string    `json:"broker"`
-	Node         string    `json:"node"`
-	Token        []byte    `json:"token"`
-	Suite        string    `json:"suite"`
-	PrivateKey   []byte    `json:"privateKey"`
-	PublicKey    []byte    `json:"publicKey"`
-	Expires      time.Time `json:"expires"`
-	ResetCount   uint32    `json:"resetCount"`
-	RestartCount uint32    `json:"restartCount"`
-	// PCRDigest is SHA-256 over the quoted PCR values; a change on the node
-	// means the session no longer describes it.
-	PCRDigest []byte `json:"pcrDigest"`
+	Broker string `json:"broker"`
+	Node   string `json:"node"`
+	Token  []byte `json:"token"`
+	Suite  string `json:"suite"`
+	// Seed is the ML-KEM-768 decapsulation key seed: the post-quantum half,
+	// useless without the TPM half.
+	Seed []byte `json:"mlkemSeed"`
+	// Key is the TPM half.
+	Key          SessionKey `json:"key"`
+	PublicKey    []byte     `json:"publicKey"`
+	Expires      time.Time  `json:"expires"`
+	ResetCount   uint32     `json:"resetCount"`
+	RestartCount uint32     `json:"restartCount"`
 }
 
 // Appraiser is the broker's attestation API as the node needs it.
@@ -55,14 +60,13 @@ type Platform struct {
 	RestartCount uint32
 }
 
-// Digest hashes the PCR values in index order.
-func (p Platform) Digest() []byte {
-	h := sha256.New()
+// Values maps each PCR index to its value.
+func (p Platform) Values() map[int][]byte {
+	out := make(map[int][]byte, len(p.PCRs))
 	for _, pcr := range p.PCRs {
-		fmt.Fprintf(h, "%d:", pcr.Index)
-		h.Write(pcr.Digest)
+		out[pcr.Index] = pcr.Digest
 	}
-	return h.Sum(nil)
+	return out
 }
 
 // ReadPlatform reads the SHA-256 PCRs and the reset/restart counters.
@@ -80,11 +84,15 @@ func (t *TPM) ReadPlatform() (Platform, error) {
 }
 
 // StillValid reports whether s still describes this node: not near expiry,
-// and the TPM has not rebooted or changed a PCR since the quote.
+// and the TPM has not rebooted or changed a PCR its key is bound to since
+// the quote. (The TPM enforces the PCRs itself at every use; checking first
+// spares the broker a release the node could not open.)
 func (s *Session) StillValid(now time.Time, p Platform) bool {
-	return now.Add(ExpiryMargin).Before(s.Expires) &&
-		s.ResetCount == p.ResetCount && s.RestartCount == p.RestartCount &&
-		bytes.Equal(s.PCRDigest, p.Digest())
+	if !now.Add(ExpiryMargin).Before(s.Expires) || s.ResetCount != p.ResetCount || s.RestartCount != p.RestartCount {
+		return false
+	}
+	d, err := binding.PCRDigest(p.Values(), s.Key.PCRs)
+	return err == nil && bytes.Equal(d, s.Key.PCRDigest)
 }
 
 // Logs names the event logs a node sends with its quote; empty sends none.
@@ -123,26 +131,43 @@ func readLog(path, what string) ([]byte, error) {
 // count quotes with it.
 var QuoteHook func()
 
-// NewSession asks the broker for a nonce, creates a session key pair,
-// quotes the PCRs over H(nonce, session key, node), and has the broker
-// appraise it. This is the only place a quote happens.
+// NewSession asks the broker for a nonce, collects the evidence for it and
+// has the broker appraise it. This is the only place a quote happens.
 func NewSession(ctx context.Context, b Appraiser, t *TPM, st *State, logs Logs) (*Session, error) {
 	ch, err := b.Challenge(ctx, &apiv1.ChallengeRequest{Node: st.Name})
 	if err != nil {
 		return nil, fmt.Errorf("attest: challenge: %w", err)
 	}
-	s := suite.Default()
-	priv, pub, err := s.GenerateKey()
+	ev, err := Collect(t, st, ch.GetNonce(), logs)
 	if err != nil {
 		return nil, err
 	}
-	ak, err := t.dev.LoadAK(st.AKBlob)
+	resp, err := b.Attest(ctx, ev.Request)
 	if err != nil {
-		return nil, fmt.Errorf("attest: load attestation key (was the TPM cleared? enroll again): %w", err)
+		return nil, fmt.Errorf("attest: %w", err)
 	}
-	defer ak.Close(t.dev)
-	qd := binding.QualifyingData(ch.GetNonce(), pub, st.Name)
-	q, plat, err := t.consistentQuote(ak, qd)
+	return ev.Session(resp), nil
+}
+
+// Evidence is a node's attestation for one nonce, ready for the broker,
+// with the session secrets that go with it.
+type Evidence struct {
+	Request *apiv1.AttestRequest
+	broker  string
+	ev      *evidence
+}
+
+// Collect creates a session key (its ML-KEM half in software, its P-256
+// half in the TPM bound to the current PCRs), quotes the PCRs over
+// H(nonce, session key, node), has the AK certify the TPM half and the tag
+// index, and reads the event logs.
+func Collect(t *TPM, st *State, nonce []byte, logs Logs) (*Evidence, error) {
+	ak, err := t.loadAK(st.AKBlob)
+	if err != nil {
+		return nil, err
+	}
+	defer ak.flush()
+	ev, err := t.evidence(ak, nonce, st.Name)
 	if err != nil {
 		return nil, err
 	}
@@ -157,69 +182,170 @@ func NewSession(ctx context.Context, b Appraiser, t *TPM, st *State, logs Logs) 
 	if err != nil {
 		return nil, err
 	}
-	req := &apiv1.AttestRequest{Node: st.Name, Nonce: ch.GetNonce(), SessionPublicKey: pub, SessionSuite: s.Name,
-		Quote: q.Quote, Signature: q.Signature, EventLog: fw, ImaLog: ima}
-	switch tc, err := t.certifyTags(st.AKBlob, qd); {
+	req := &apiv1.AttestRequest{Node: st.Name, Nonce: nonce, SessionPublicKey: ev.public, SessionSuite: suite.SessionName,
+		Quote: ev.quote, Signature: ev.quoteSig, EventLog: fw, ImaLog: ima,
+		SessionKeyPublic: ev.key.Public, SessionKeyCertifyInfo: ev.keyCertInfo, SessionKeyCertifySignature: ev.keyCertSig}
+	for _, p := range ev.key.PCRs {
+		req.SessionKeyPcrs = append(req.SessionKeyPcrs, uint32(p))
+	}
+	switch tc, err := t.certifyTags(ak, ev.qualifying); {
 	case err == nil:
 		req.TagCertifyInfo, req.TagCertifySignature, req.TagNvPublic = tc.Info, tc.Signature, tc.NVPublic
 	case !errors.Is(err, errNoTagIndex):
 		return nil, err
 	}
-	for _, p := range plat.PCRs {
+	for _, p := range ev.platform.PCRs {
 		req.Pcrs = append(req.Pcrs, &apiv1.PCR{Index: uint32(p.Index), Digest: p.Digest})
 	}
-	resp, err := b.Attest(ctx, req)
-	if err != nil {
-		return nil, fmt.Errorf("attest: %w", err)
-	}
-	return &Session{
-		Broker: st.Broker, Node: st.Name, Token: resp.GetSessionToken(), Suite: s.Name,
-		PrivateKey: priv, PublicKey: pub, Expires: time.Unix(resp.GetExpiresUnix(), 0),
-		ResetCount: resp.GetResetCount(), RestartCount: resp.GetRestartCount(), PCRDigest: plat.Digest(),
-	}, nil
+	return &Evidence{Request: req, broker: st.Broker, ev: ev}, nil
 }
 
-// quoteAttempts bounds retries when a PCR moves between the quote and the
-// PCR read (IMA extends PCR 10 all the time on a busy host).
+// Session is the session the broker opened for this evidence.
+func (e *Evidence) Session(resp *apiv1.AttestResponse) *Session {
+	return &Session{
+		Broker: e.broker, Node: e.Request.GetNode(), Token: resp.GetSessionToken(), Suite: suite.SessionName,
+		Seed: e.ev.seed, Key: *e.ev.key, PublicKey: e.ev.public, Expires: time.Unix(resp.GetExpiresUnix(), 0),
+		ResetCount: resp.GetResetCount(), RestartCount: resp.GetRestartCount(),
+	}
+}
+
+// quoteAttempts bounds retries when a PCR moves while the evidence is made
+// (IMA extends PCR 10 all the time on a busy host).
 const quoteAttempts = 3
 
-// consistentQuote quotes the SHA-256 PCRs and reads their values, retrying
-// while the values read are not the ones quoted, so the broker is not sent
-// evidence that cannot verify.
-func (t *TPM) consistentQuote(ak *attest.AK, qd []byte) (*attest.Quote, Platform, error) {
+// evidence is one consistent set of session key and quote.
+type evidence struct {
+	seed, public            []byte
+	key                     *SessionKey
+	keyCertInfo, keyCertSig []byte
+	qualifying              []byte
+	quote, quoteSig         []byte
+	platform                Platform
+}
+
+// evidence creates a session key bound to the current PCRs and quotes them,
+// retrying while the PCRs read after the quote are not the ones quoted or
+// the ones the key is bound to, so the broker is not sent evidence that
+// cannot verify.
+func (t *TPM) evidence(ak *akHandle, nonce []byte, node string) (*evidence, error) {
 	for i := 1; ; i++ {
-		q, err := ak.Quote(t.dev, qd, attest.HashSHA256)
+		ev, consistent, err := t.tryEvidence(ak, nonce, node)
 		if err != nil {
-			return nil, Platform{}, fmt.Errorf("attest: quote: %w", err)
+			return nil, err
 		}
-		if QuoteHook != nil {
-			QuoteHook()
-		}
-		plat, err := t.ReadPlatform()
-		if err != nil {
-			return nil, Platform{}, err
-		}
-		att, err := legacy.DecodeAttestationData(q.Quote)
-		if err != nil || att.AttestedQuoteInfo == nil {
-			return nil, Platform{}, fmt.Errorf("attest: the TPM's quote does not parse: %v", err)
-		}
-		h := sha256.New()
-		for _, p := range plat.PCRs {
-			h.Write(p.Digest)
-		}
-		if bytes.Equal(h.Sum(nil), att.AttestedQuoteInfo.PCRDigest) || i == quoteAttempts {
-			return q, plat, nil
+		if consistent || i == quoteAttempts {
+			return ev, nil
 		}
 	}
 }
 
-// Open decrypts a release the broker sealed to this session.
-func (s *Session) Open(key string, version uint32, sealed []byte) ([]byte, error) {
+func (t *TPM) tryEvidence(ak *akHandle, nonce []byte, node string) (*evidence, bool, error) {
+	before, err := t.ReadPlatform()
+	if err != nil {
+		return nil, false, err
+	}
+	key, creation, err := t.createSessionKey(before.Values(), binding.SessionKeyPCRs())
+	if err != nil {
+		return nil, false, err
+	}
+	point, err := key.ECDHPublic()
+	if err != nil {
+		return nil, false, err
+	}
+	seed := make([]byte, mlkem.SeedSize)
+	rand.Read(seed)
+	dk, err := mlkem.NewDecapsulationKey768(seed)
+	if err != nil {
+		return nil, false, err
+	}
+	public := append(dk.EncapsulationKey().Bytes(), point.Bytes()...)
+	ev := &evidence{seed: seed, public: public, key: key, qualifying: binding.QualifyingData(nonce, public, node)}
+	l, err := t.loadSessionKey(key)
+	if err != nil {
+		return nil, false, err
+	}
+	ev.keyCertInfo, ev.keyCertSig, err = t.certifyCreation(ak, l, creation, ev.qualifying)
+	l.flush()
+	if err != nil {
+		return nil, false, err
+	}
+	q, err := tpm2.Quote{
+		SignHandle:     tpm2.AuthHandle{Handle: ak.handle, Name: ak.name, Auth: tpm2.PasswordAuth(nil)},
+		QualifyingData: tpm2.TPM2BData{Buffer: ev.qualifying},
+		InScheme:       tpm2.TPMTSigScheme{Scheme: tpm2.TPMAlgNull},
+		PCRSelect:      binding.PCRSelection(allPCRs()),
+	}.Execute(ak.tp)
+	if err != nil {
+		return nil, false, fmt.Errorf("attest: quote: %w", err)
+	}
+	if QuoteHook != nil {
+		QuoteHook()
+	}
+	ev.quote, ev.quoteSig = q.Quoted.Bytes(), tpm2.Marshal(q.Signature)
+	if ev.platform, err = t.ReadPlatform(); err != nil {
+		return nil, false, err
+	}
+	att, err := tpm2.Unmarshal[tpm2.TPMSAttest](ev.quote)
+	if err != nil {
+		return nil, false, fmt.Errorf("attest: the TPM's quote does not parse: %v", err)
+	}
+	info, err := att.Attested.Quote()
+	if err != nil {
+		return nil, false, fmt.Errorf("attest: the TPM's quote does not parse: %v", err)
+	}
+	h := sha256.New()
+	for _, p := range ev.platform.PCRs {
+		h.Write(p.Digest)
+	}
+	after, err := binding.PCRDigest(ev.platform.Values(), key.PCRs)
+	if err != nil {
+		return nil, false, err
+	}
+	return ev, bytes.Equal(h.Sum(nil), info.PCRDigest.Buffer) && bytes.Equal(after, key.PCRDigest), nil
+}
+
+func allPCRs() []int {
+	out := make([]int, 24)
+	for i := range out {
+		out[i] = i
+	}
+	return out
+}
+
+// Open decrypts a release the broker sealed to this session; the TPM half
+// of the key does its part in t, and only while the session's PCRs hold
+// (ErrSessionKeyLocked otherwise).
+func (s *Session) Open(t *TPM, key string, version uint32, sealed []byte) ([]byte, error) {
+	return s.open(t, binding.ReleaseInfo(s.Node, s.PublicKey, key, version), sealed)
+}
+
+func (s *Session) open(t *TPM, info, sealed []byte) ([]byte, error) {
 	st, err := suite.Lookup(s.Suite)
 	if err != nil {
 		return nil, err
 	}
-	pt, err := st.Open(s.PrivateKey, binding.ReleaseInfo(s.Node, s.PublicKey, key, version), sealed)
+	dk, err := mlkem.NewDecapsulationKey768(s.Seed)
+	if err != nil {
+		return nil, errors.New("attest: session key seed is corrupt")
+	}
+	pub, err := s.Key.ECDHPublic()
+	if err != nil {
+		return nil, err
+	}
+	l, err := t.loadSessionKey(&s.Key)
+	if err != nil {
+		return nil, err
+	}
+	defer l.flush()
+	x := &exchanger{key: l, sk: &s.Key, pub: pub}
+	priv, err := hpke.NewHybridPrivateKey(dk, x)
+	if err != nil {
+		return nil, fmt.Errorf("attest: session key: %w", err)
+	}
+	pt, err := st.OpenWith(priv, info, sealed)
+	if x.err != nil {
+		return nil, x.err
+	}
 	if err != nil {
 		return nil, fmt.Errorf("attest: the broker's release does not open with this session's key")
 	}

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/google/renameio/v2"
+
+	"github.com/attested-dev/attested/attest/localfile"
 )
 
 // Sessions hands out a valid session, attesting only when there is none:
@@ -149,10 +151,46 @@ func (m *Sessions) Invalidate(ctx context.Context, s *Session) error {
 	return nil
 }
 
+// Open decrypts a release sealed to s. The TPM half of the session key
+// works only while its PCRs hold: if they moved, the session is dropped and
+// ErrSessionKeyLocked returned, so the caller attests again.
+func (m *Sessions) Open(ctx context.Context, s *Session, key string, version uint32, sealed []byte) ([]byte, error) {
+	return m.openWith(ctx, s, func(t *TPM) ([]byte, error) { return s.Open(t, key, version, sealed) })
+}
+
+// OpenSealed decrypts a non-key answer the broker sealed to s under info.
+func (m *Sessions) OpenSealed(ctx context.Context, s *Session, info, sealed []byte) ([]byte, error) {
+	return m.openWith(ctx, s, func(t *TPM) ([]byte, error) { return s.open(t, info, sealed) })
+}
+
+func (m *Sessions) openWith(ctx context.Context, s *Session, open func(*TPM) ([]byte, error)) ([]byte, error) {
+	// One TPM user at a time in this process: swtpm serves one connection.
+	if err := m.acquire(ctx); err != nil {
+		return nil, err
+	}
+	t, err := m.TPM(ctx)
+	if err != nil {
+		m.release()
+		return nil, err
+	}
+	out, err := open(t)
+	t.Close()
+	m.release()
+	if errors.Is(err, ErrSessionKeyLocked) {
+		if ierr := m.Invalidate(ctx, s); ierr != nil {
+			return nil, ierr
+		}
+	}
+	return out, err
+}
+
 // FileStore keeps the session in a directory, which should be on tmpfs
 // (/run/attested) so a session never outlives a reboot on disk. The file is
-// 0600 in a 0700 directory; the session key is short-lived and useless
-// without this node's broker session.
+// 0600 in a 0700 directory. It holds no usable private key: the session
+// key's TPM half opens only in this TPM while its PCRs hold. The directory
+// and every file in it must belong to this user and be closed to others;
+// anything else (a planted lock symlink, a failure text from another user)
+// is refused rather than followed.
 type FileStore struct {
 	Dir string
 }
@@ -164,11 +202,20 @@ const (
 	// lockGrace is how long a process that gave up waiting for the lock
 	// waits for the holder's verdict; the exec watchdog allows more.
 	lockGrace = time.Second
+	// maxStateFile bounds what is read back from the directory.
+	maxStateFile = 64 << 10
 )
 
 type failure struct {
 	Time    time.Time `json:"time"`
 	Message string    `json:"message"`
+}
+
+func (f *FileStore) dir() error {
+	if err := localfile.EnsureDir(f.Dir); err != nil {
+		return fmt.Errorf("attest: session directory: %w", err)
+	}
+	return nil
 }
 
 // recordFailure leaves the outcome of an attestation for processes that
@@ -188,7 +235,7 @@ func (f *FileStore) failureSince(since time.Time, grace time.Duration) string {
 	deadline := time.Now().Add(grace)
 	for {
 		var fl failure
-		if data, err := os.ReadFile(filepath.Join(f.Dir, failureFile)); err == nil &&
+		if data, err := localfile.ReadFile(filepath.Join(f.Dir, failureFile), maxStateFile); err == nil &&
 			json.Unmarshal(data, &fl) == nil && !fl.Time.Before(since) {
 			return strings.TrimPrefix(fl.Message, "attest: ")
 		}
@@ -201,10 +248,10 @@ func (f *FileStore) failureSince(since time.Time, grace time.Duration) string {
 
 // Lock takes the cross-process lock, waiting at most until ctx ends.
 func (f *FileStore) Lock(ctx context.Context) (func(), error) {
-	if err := os.MkdirAll(f.Dir, 0o700); err != nil {
-		return nil, fmt.Errorf("attest: session dir: %w", err)
+	if err := f.dir(); err != nil {
+		return nil, err
 	}
-	fd, err := os.OpenFile(filepath.Join(f.Dir, lockFile), os.O_CREATE|os.O_RDWR, 0o600)
+	fd, err := localfile.Open(filepath.Join(f.Dir, lockFile), os.O_CREATE|os.O_RDWR)
 	if err != nil {
 		return nil, fmt.Errorf("attest: session lock: %w", err)
 	}
@@ -229,7 +276,7 @@ func (f *FileStore) Lock(ctx context.Context) (func(), error) {
 // Load returns the stored session, or nil if there is none or it is
 // unreadable (a new attestation replaces it).
 func (f *FileStore) Load() *Session {
-	data, err := os.ReadFile(filepath.Join(f.Dir, sessionFile))
+	data, err := localfile.ReadFile(filepath.Join(f.Dir, sessionFile), maxStateFile)
 	if err != nil {
 		return nil
 	}
@@ -242,6 +289,9 @@ func (f *FileStore) Load() *Session {
 
 // Save stores the session atomically.
 func (f *FileStore) Save(s *Session) error {
+	if err := f.dir(); err != nil {
+		return err
+	}
 	data, err := json.Marshal(s)
 	if err != nil {
 		return err

@@ -8,7 +8,6 @@ import (
 	legacy "github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
-	"github.com/google/go-tpm/tpmutil"
 
 	"github.com/attested-dev/attested/attest/binding"
 )
@@ -75,7 +74,7 @@ var errNoTagIndex = errors.New("attest: no tag index")
 
 // certifyTags has the AK certify the tag index's contents over the same
 // qualifying data as the quote.
-func (t *TPM) certifyTags(akBlob, qualifying []byte) (*TagCertification, error) {
+func (t *TPM) certifyTags(ak *akHandle, qualifying []byte) (*TagCertification, error) {
 	tp := transport.FromReadWriter(t.ch)
 	idx := tpm2.TPMHandle(binding.TagIndex)
 	pub, err := (tpm2.NVReadPublic{NVIndex: idx}).Execute(tp)
@@ -87,17 +86,8 @@ func (t *TPM) certifyTags(akBlob, qualifying []byte) (*TagCertification, error) 
 		// certification a policy may require.
 		return nil, fmt.Errorf("attest: read tag index: %w", err)
 	}
-	ak, err := t.loadAKHandle(akBlob)
-	if err != nil {
-		return nil, err
-	}
-	defer legacy.FlushContext(t.ch, ak)
-	akPub, err := (tpm2.ReadPublic{ObjectHandle: tpm2.TPMHandle(ak)}).Execute(tp)
-	if err != nil {
-		return nil, fmt.Errorf("attest: attestation key: %w", err)
-	}
 	rsp, err := tpm2.NVCertify{
-		SignHandle:     tpm2.AuthHandle{Handle: tpm2.TPMHandle(ak), Name: akPub.Name, Auth: tpm2.PasswordAuth(nil)},
+		SignHandle:     tpm2.AuthHandle{Handle: ak.handle, Name: ak.name, Auth: tpm2.PasswordAuth(nil)},
 		AuthHandle:     tpm2.AuthHandle{Handle: idx, Name: pub.NVName, Auth: tpm2.PasswordAuth(nil)},
 		NVIndex:        tpm2.NamedHandle{Handle: idx, Name: pub.NVName},
 		QualifyingData: tpm2.TPM2BData{Buffer: qualifying},
@@ -114,22 +104,36 @@ func (t *TPM) certifyTags(akBlob, qualifying []byte) (*TagCertification, error) 
 	return &TagCertification{Info: rsp.CertifyInfo.Bytes(), Signature: tpm2.Marshal(rsp.Signature), NVPublic: tpm2.Marshal(nvPub)}, nil
 }
 
-// loadAKHandle loads a go-attestation AK blob under the SRK and returns its
-// transient handle; go-attestation does not expose handles, and NV_Certify
-// needs one.
-func (t *TPM) loadAKHandle(blob []byte) (tpmutil.Handle, error) {
+// akHandle is the attestation key loaded in the TPM. One load serves the
+// quote and every certification of an attestation.
+type akHandle struct {
+	tp     transport.TPM
+	handle tpm2.TPMHandle
+	name   tpm2.TPM2BName
+}
+
+func (a *akHandle) flush() { (tpm2.FlushContext{FlushHandle: a.handle}).Execute(a.tp) }
+
+// loadAK loads a go-attestation AK blob under the SRK.
+func (t *TPM) loadAK(blob []byte) (*akHandle, error) {
 	var k struct {
 		Public []byte
 		Blob   []byte `json:"KeyBlob"`
 	}
 	if err := json.Unmarshal(blob, &k); err != nil || len(k.Public) == 0 || len(k.Blob) == 0 {
-		return 0, errors.New("attest: attestation key blob is not in the expected format")
+		return nil, errors.New("attest: attestation key blob is not in the expected format")
 	}
 	h, _, err := legacy.Load(t.ch, srkHandle, "", k.Public, k.Blob)
 	if err != nil {
-		return 0, fmt.Errorf("attest: load attestation key: %w", err)
+		return nil, fmt.Errorf("attest: load attestation key (was the TPM cleared? enroll again): %w", err)
 	}
-	return h, nil
+	tp := transport.FromReadWriter(t.ch)
+	pub, err := (tpm2.ReadPublic{ObjectHandle: tpm2.TPMHandle(h)}).Execute(tp)
+	if err != nil {
+		legacy.FlushContext(t.ch, h)
+		return nil, fmt.Errorf("attest: attestation key: %w", err)
+	}
+	return &akHandle{tp: tp, handle: tpm2.TPMHandle(h), name: pub.Name}, nil
 }
 
 // RemoveTags deletes the tag index (owner authorization).

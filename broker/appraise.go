@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"encoding/json"
@@ -24,140 +25,204 @@ import (
 // NumPCRs is the number of PCRs a quote must cover (the SHA-256 bank).
 const NumPCRs = 24
 
-// Challenge implements apiv1.BrokerServer.
+// Challenge implements apiv1.BrokerServer. Every valid node name gets a
+// nonce, enrolled or not: the answer says nothing about the broker's state,
+// and nothing is stored (see nonce.go).
 func (s *Server) Challenge(ctx context.Context, req *apiv1.ChallengeRequest) (*apiv1.ChallengeResponse, error) {
-	n, err := s.activeNode(ctx, req.GetNode())
-	if err != nil {
-		return nil, err
+	if !annotation.ValidName(req.GetNode()) {
+		return nil, status.Errorf(codes.InvalidArgument, "node name %q must be 1-63 letters, digits, '.', '_' or '-'", req.GetNode())
 	}
-	nonce := randomBytes(32)
-	exp := s.now().Add(s.cfg.NonceTTL)
-	if err := s.store.PutNonce(ctx, nonce, store.Nonce{Node: n.Name, Expires: exp}); err != nil {
-		return nil, storeErr("nonce", err)
-	}
-	return &apiv1.ChallengeResponse{Nonce: nonce, ExpiresUnix: exp.Unix()}, nil
+	now := s.now()
+	return &apiv1.ChallengeResponse{Nonce: s.issueNonce(req.GetNode(), now), ExpiresUnix: now.Add(s.cfg.NonceTTL).Unix()}, nil
 }
 
-// activeNode returns the node if it may attest, or a status saying why not.
-func (s *Server) activeNode(ctx context.Context, name string) (store.Node, error) {
-	n, err := s.store.GetNode(ctx, name)
-	if errors.Is(err, store.ErrNotFound) {
-		return n, status.Errorf(codes.PermissionDenied, "node %q is not enrolled with broker %s; run 'attested node enroll' on it", name, s.cfg.ID)
-	}
-	if err != nil {
-		return n, storeErr("node", err)
-	}
+// stateError says why a node that proved itself may not attest.
+func (s *Server) stateError(n store.Node) error {
 	switch n.State {
 	case store.NodeActive:
-		return n, nil
+		return nil
 	case store.NodePending:
-		return n, status.Errorf(codes.PermissionDenied, "node %q is enrolled but not approved; an admin must run 'attested node approve %s'", name, name)
+		return status.Errorf(codes.PermissionDenied, "node %q is enrolled but not approved; an admin must approve it ('attested node approve %s --ek SHA256:%s')", n.Name, n.Name, n.EKFingerprint)
 	case store.NodeRevoked:
-		return n, status.Errorf(codes.PermissionDenied, "node %q is revoked", name)
+		return status.Errorf(codes.PermissionDenied, "node %q is revoked", n.Name)
 	}
-	return n, status.Errorf(codes.PermissionDenied, "node %q is in unknown state %q", name, n.State)
+	return status.Errorf(codes.PermissionDenied, "node %q is in unknown state %q", n.Name, n.State)
 }
 
 // Attest implements apiv1.BrokerServer. It verifies the quote against the
-// enrolled AK and the single-use nonce, and opens a session whose claims
-// are the quoted PCR values. Policy is evaluated per key at Unwrap.
+// enrolled AK and the nonce, checks the session key's TPM half, replays the
+// event logs, and records the outcome with the node in one transaction:
+// evidence that fails, or that shows PCRs or counters other than a live
+// session's, ends those sessions at once. Policy is evaluated per key at
+// Unwrap.
 func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.AttestResponse, error) {
-	// Nothing before the quote is verified is authenticated: refusals up
-	// to there are audited (with a checked name) but change no node.
-	if !annotation.ValidName(req.GetNode()) {
-		return nil, status.Error(codes.InvalidArgument, "node name is not valid")
+	// Until the quote verifies nothing is authenticated: every refusal up
+	// to there gives the same answer whatever the broker knows of the node
+	// (the precise reason goes to the audit), and changes nothing.
+	name := req.GetNode()
+	if !annotation.ValidName(name) {
+		return nil, status.Errorf(codes.InvalidArgument, "node name %q must be 1-63 letters, digits, '.', '_' or '-'", name)
 	}
-	nonce, err := s.store.ConsumeNonce(ctx, req.GetNonce())
+	now := s.now()
+	nonceExpires, err := s.checkNonce(name, req.GetNonce(), now)
+	if err != nil {
+		return nil, s.refuseUnverified(ctx, name, codes.PermissionDenied, err.Error(), err.Error())
+	}
+	n, err := s.store.GetNode(ctx, name)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, s.refuseUnverified(ctx, req.GetNode(), codes.PermissionDenied, "nonce unknown or already used (replayed evidence?); ask for a new challenge")
+		return nil, s.refuseUnverified(ctx, name, codes.PermissionDenied, "node is not enrolled", s.unverified(name))
 	}
 	if err != nil {
-		return nil, storeErr("nonce", err)
-	}
-	if nonce.Node != req.GetNode() {
-		return nil, s.refuseUnverified(ctx, req.GetNode(), codes.PermissionDenied, fmt.Sprintf("nonce was issued to node %q, not %q", nonce.Node, req.GetNode()))
-	}
-	if s.now().After(nonce.Expires) {
-		return nil, s.refuseUnverified(ctx, req.GetNode(), codes.DeadlineExceeded, "nonce expired before the evidence arrived")
-	}
-	n, err := s.activeNode(ctx, req.GetNode())
-	if err != nil {
-		return nil, err
-	}
-	st, err := suite.Lookup(req.GetSessionSuite())
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	if _, err := st.KEM.NewPublicKey(req.GetSessionPublicKey()); err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "session public key is not a %s key", st.Name)
+		return nil, storeErr("node", err)
 	}
 	qd := binding.QualifyingData(req.GetNonce(), req.GetSessionPublicKey(), n.Name)
 	pcrs, clock, err := verifyQuote(n.AKPublic, req, qd)
 	if err != nil {
-		return nil, s.refuseUnverified(ctx, n.Name, codes.PermissionDenied, "quote refused: "+err.Error())
+		return nil, s.refuseUnverified(ctx, name, codes.PermissionDenied, "quote refused: "+err.Error(), s.unverified(name))
+	}
+	// The node's TPM signed this evidence for this challenge: from here on
+	// the node is told the precise reason, and a failure is its state.
+	if err := s.stateError(n); err != nil {
+		return nil, err
+	}
+	facts, failure := s.appraiseEvidence(req, n, pcrs, qd)
+	st, _ := suite.Lookup(suite.SessionName)
+	token := randomBytes(32)
+	sess := store.Session{
+		TokenHash: hashToken(token), Node: n.Name, EKFingerprint: n.EKFingerprint,
+		PublicKey: req.GetSessionPublicKey(), Suite: st.Name,
+		PCRs: pcrs, ResetCount: clock.ResetCount, RestartCount: clock.RestartCount,
+		Created: now, Expires: now.Add(s.cfg.SessionTTL),
+	}
+	if failure == "" {
+		if sess.Facts, err = json.Marshal(facts); err != nil {
+			return nil, status.Errorf(codes.Internal, "facts: %v", err)
+		}
+	}
+	var ended int
+	var reboot bool
+	_, err = s.store.Appraise(ctx, n.Name, store.SpentNonce{Nonce: req.GetNonce(), Expires: nonceExpires.Add(spentMargin)}, now,
+		func(cur *store.Node, live []store.Session) (store.Outcome, error) {
+			if cur.EKFingerprint != n.EKFingerprint {
+				// Removed and enrolled again while this evidence was being
+				// checked: it was signed by another identity's AK.
+				return store.Outcome{}, errIdentityChanged
+			}
+			if err := s.stateError(*cur); err != nil {
+				return store.Outcome{}, err
+			}
+			// A TPM's counters only grow; going back means old evidence or
+			// another TPM. The check reads them in the transaction that
+			// moves them, so concurrent attestations cannot roll them back.
+			if failure == "" && cur.ClockSeen && (clock.ResetCount < cur.ResetCount || (clock.ResetCount == cur.ResetCount && clock.RestartCount < cur.RestartCount)) {
+				failure = fmt.Sprintf("TPM reset/restart counters went backwards (%d/%d, last seen %d/%d)", clock.ResetCount, clock.RestartCount, cur.ResetCount, cur.RestartCount)
+			}
+			if failure != "" {
+				cur.Trust, cur.TrustReason = "untrusted", evidenceRefused+failure
+				ended = len(live)
+				return store.Outcome{EndAll: true}, nil
+			}
+			reboot = cur.ClockSeen && (clock.ResetCount != cur.ResetCount || clock.RestartCount != cur.RestartCount)
+			cur.ResetCount, cur.RestartCount, cur.ClockSeen = clock.ResetCount, clock.RestartCount, true
+			cur.LastAttested, cur.LastPCRs, cur.LastFacts = now, pcrs, sess.Facts
+			if cur.Trust != "untrusted" || strings.HasPrefix(cur.TrustReason, evidenceRefused) {
+				// Good evidence clears a refusal of evidence; a policy
+				// refusal stands until the next release or refusal decides.
+				cur.Trust, cur.TrustReason = "trusted", "evidence verified"
+			}
+			out := store.Outcome{Open: &sess}
+			for _, l := range live {
+				if l.ResetCount != clock.ResetCount || l.RestartCount != clock.RestartCount || !samePCRs(l.PCRs, pcrs) {
+					out.End = append(out.End, l.TokenHash)
+				}
+			}
+			ended = len(out.End)
+			return out, nil
+		})
+	switch {
+	case errors.Is(err, store.ErrNonceSpent):
+		return nil, s.refuseUnverified(ctx, name, codes.PermissionDenied, "nonce already used (replayed evidence?)", "nonce already used (replayed evidence?); ask for a new challenge")
+	case errors.Is(err, errIdentityChanged), errors.Is(err, store.ErrNotFound):
+		return nil, status.Errorf(codes.PermissionDenied, "node %q was removed or enrolled again while its evidence was appraised; attest again", name)
+	case err != nil:
+		if _, ok := status.FromError(err); ok {
+			return nil, err
+		}
+		return nil, storeErr("node", err)
+	}
+	if failure != "" {
+		reason := evidenceRefused + failure
+		if ended > 0 {
+			reason += fmt.Sprintf(" (%d live session(s) ended)", ended)
+		}
+		s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Reason: reason})
+		return nil, status.Error(codes.PermissionDenied, reason)
+	}
+	reason := "evidence verified; session opened"
+	switch {
+	case reboot:
+		reason += fmt.Sprintf(" (TPM rebooted since last attestation; %d older session(s) ended)", ended)
+	case ended > 0:
+		reason += fmt.Sprintf(" (PCRs changed since last attestation; %d older session(s) ended)", ended)
+	}
+	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Allowed: true, Reason: reason})
+	return &apiv1.AttestResponse{SessionToken: token, ExpiresUnix: sess.Expires.Unix(),
+		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount}, nil
+}
+
+// evidenceRefused prefixes the trust reason of a node whose signed
+// evidence was refused.
+const evidenceRefused = "evidence refused: "
+
+var errIdentityChanged = errors.New("node identity changed")
+
+// unverified is the one answer to evidence that did not authenticate.
+func (s *Server) unverified(node string) string {
+	return fmt.Sprintf("broker %s refused the evidence of node %q: the node is not enrolled, not approved or revoked, or its quote is not signed by its enrolled attestation key over this challenge; an admin sees which in the audit ('attested audit list --node %s')", s.cfg.ID, node, node)
+}
+
+// appraiseEvidence checks everything in the evidence beyond the quote: the
+// session key's TPM half, the event logs, the tag certification. It
+// returns the facts, or why the evidence is refused.
+func (s *Server) appraiseEvidence(req *apiv1.AttestRequest, n store.Node, pcrs map[int][]byte, qd []byte) (evidence.Facts, string) {
+	if req.GetSessionSuite() != suite.SessionName {
+		return evidence.Facts{}, fmt.Sprintf("session key suite is %q; this broker needs %s, with the P-256 half in the TPM", req.GetSessionSuite(), suite.SessionName)
+	}
+	st, _ := suite.Lookup(suite.SessionName)
+	if _, err := st.KEM.NewPublicKey(req.GetSessionPublicKey()); err != nil {
+		return evidence.Facts{}, fmt.Sprintf("session public key is not a %s key", st.Name)
+	}
+	sk := evidence.SessionKey{Public: req.GetSessionKeyPublic(), CertifyInfo: req.GetSessionKeyCertifyInfo(), Signature: req.GetSessionKeyCertifySignature()}
+	for _, p := range req.GetSessionKeyPcrs() {
+		sk.PCRs = append(sk.PCRs, int(p))
+	}
+	if err := evidence.VerifySessionKey(n.AKPublic, sk, req.GetSessionPublicKey(), qd, pcrs); err != nil {
+		return evidence.Facts{}, err.Error()
 	}
 	facts, err := appraiseLogs(req, pcrs)
 	if err != nil {
-		return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, "evidence refused: "+err.Error())
+		return facts, err.Error()
 	}
 	if len(req.GetTagCertifyInfo()) > 0 {
 		facts.CertifiedTagDigest, err = evidence.VerifyTagCertification(n.AKPublic, req.GetTagCertifyInfo(),
 			req.GetTagCertifySignature(), req.GetTagNvPublic(), qd)
 		if err != nil {
-			return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, "evidence refused: "+err.Error())
+			return facts, err.Error()
 		}
 	}
-	factsJSON, err := json.Marshal(facts)
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "facts: %v", err)
+	return facts, ""
+}
+
+func samePCRs(a, b map[int][]byte) bool {
+	if len(a) != len(b) {
+		return false
 	}
-	token := randomBytes(32)
-	now := s.now()
-	sess := store.Session{
-		TokenHash: hashToken(token), Node: n.Name, PublicKey: req.GetSessionPublicKey(), Suite: st.Name,
-		PCRs: pcrs, ResetCount: clock.ResetCount, RestartCount: clock.RestartCount, Facts: factsJSON,
-		Created: now, Expires: now.Add(s.cfg.SessionTTL),
-	}
-	// A TPM's reset counter only grows; going back means old evidence or
-	// another TPM. A change means a reboot, which ends older sessions. The
-	// check reads the counters in the same transaction that moves them, so
-	// concurrent attestations cannot roll them back.
-	var rebooted bool
-	var backwards string
-	if _, err := s.store.UpdateNode(ctx, n.Name, func(n *store.Node) error {
-		if n.ClockSeen && (clock.ResetCount < n.ResetCount || (clock.ResetCount == n.ResetCount && clock.RestartCount < n.RestartCount)) {
-			backwards = fmt.Sprintf("TPM reset/restart counters went backwards (%d/%d, last seen %d/%d)", clock.ResetCount, clock.RestartCount, n.ResetCount, n.RestartCount)
-			return errBackwards
-		}
-		rebooted = n.ClockSeen && (clock.ResetCount != n.ResetCount || clock.RestartCount != n.RestartCount)
-		n.ResetCount, n.RestartCount, n.ClockSeen = clock.ResetCount, clock.RestartCount, true
-		n.LastAttested, n.LastPCRs, n.LastFacts = now, pcrs, factsJSON
-		if n.Trust != "untrusted" {
-			// A verified quote alone does not clear a policy refusal; the
-			// next release or refusal decides.
-			n.Trust, n.TrustReason = "trusted", "quote verified"
-		}
-		return nil
-	}); errors.Is(err, errBackwards) {
-		return nil, s.refuseAttest(ctx, n.Name, codes.PermissionDenied, backwards)
-	} else if err != nil {
-		return nil, storeErr("node", err)
-	}
-	if rebooted {
-		if err := s.store.DeleteNodeSessions(ctx, n.Name); err != nil {
-			return nil, storeErr("sessions", err)
+	for i, v := range a {
+		if !bytes.Equal(v, b[i]) {
+			return false
 		}
 	}
-	if err := s.store.PutSession(ctx, sess); err != nil {
-		return nil, storeErr("session", err)
-	}
-	reason := "quote verified; session opened"
-	if rebooted {
-		reason += " (TPM rebooted since last attestation; older sessions ended)"
-	}
-	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Allowed: true, Reason: reason})
-	return &apiv1.AttestResponse{SessionToken: token, ExpiresUnix: sess.Expires.Unix(),
-		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount}, nil
+	return true
 }
 
 // appraiseLogs replays the event logs, when sent, against the verified
@@ -180,10 +245,6 @@ func appraiseLogs(req *apiv1.AttestRequest, pcrs map[int][]byte) (evidence.Facts
 	return f, nil
 }
 
-var errBackwards = errors.New("counters went backwards")
-
-// refuseUnverified refuses evidence that did not authenticate: it is
-// audited, but says nothing about the node it names.
 // quoteFailure says in words which part of a quote did not verify;
 // go-attestation's own text dumps raw nonce bytes.
 func quoteFailure(err error) string {
@@ -199,23 +260,12 @@ func quoteFailure(err error) string {
 	}
 }
 
-func (s *Server) refuseUnverified(ctx context.Context, node string, code codes.Code, reason string) error {
+// refuseUnverified refuses evidence that did not authenticate: the audit
+// gets the precise reason, the caller the answer it would get whatever
+// the node's state; nothing about the node changes.
+func (s *Server) refuseUnverified(ctx context.Context, node string, code codes.Code, reason, answer string) error {
 	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: node, Reason: reason})
-	return status.Error(code, reason)
-}
-
-// refuseAttest refuses evidence the node's AK signed, and records the node
-// as untrusted with the reason.
-func (s *Server) refuseAttest(ctx context.Context, node string, code codes.Code, reason string) error {
-	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: node, Reason: reason})
-	if node != "" {
-		// Only record trust on nodes that exist; unknown names are noise.
-		_, _ = s.store.UpdateNode(ctx, node, func(n *store.Node) error {
-			n.Trust, n.TrustReason = "untrusted", reason
-			return nil
-		})
-	}
-	return status.Error(code, reason)
+	return status.Error(code, answer)
 }
 
 // verifyQuote checks the quote's signature by the enrolled AK, its

@@ -6,6 +6,7 @@ import (
 	"crypto/cipher"
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/hkdf"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
@@ -248,7 +249,11 @@ func newServerCert(ca *x509.Certificate, caKey *ecdsa.PrivateKey, id, listen str
 
 // Seal and open key material under the master key (AES-256-GCM). The AAD
 // names the key and version, so sealed blobs cannot be swapped in the store.
-type masterKey struct{ aead cipher.AEAD }
+type masterKey struct {
+	aead cipher.AEAD
+	// nonceKey authenticates challenges (see nonce.go).
+	nonceKey []byte
+}
 
 func loadMasterKey(path string) (*masterKey, error) {
 	key, err := os.ReadFile(path)
@@ -266,7 +271,11 @@ func loadMasterKey(path string) (*masterKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &masterKey{aead: aead}, nil
+	nonceKey, err := hkdf.Key(sha256.New, key, nil, "attested/v1/nonce-mac", 32)
+	if err != nil {
+		return nil, err
+	}
+	return &masterKey{aead: aead, nonceKey: nonceKey}, nil
 }
 
 func (m *masterKey) seal(plaintext, aad []byte) []byte {

@@ -21,7 +21,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	nodeattest "github.com/attested-dev/attested/attest"
-	"github.com/attested-dev/attested/attest/binding"
 	"github.com/attested-dev/attested/attest/simtpm"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/brokertest"
@@ -123,7 +122,35 @@ func unwrap(n *node, s *nodeattest.Session, ann []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return s.Open(resp.GetKey(), resp.GetKeyVersion(), resp.GetSealed())
+	tpm, err := nodeattest.OpenTPM(context.Background(), "simulator")
+	if err != nil {
+		return nil, err
+	}
+	defer tpm.Close()
+	return s.Open(tpm, resp.GetKey(), resp.GetKeyVersion(), resp.GetSealed())
+}
+
+// auditReasons are the audit reasons recorded for a node: where refusals
+// of unauthenticated evidence say precisely what failed.
+func auditReasons(t *testing.T, b *brokertest.Broker, node string) string {
+	t.Helper()
+	evs, err := b.Admin.ListAudit(context.Background(), &apiv1.ListAuditRequest{Node: node})
+	require.NoError(t, err)
+	var out []string
+	for _, e := range evs.GetEvents() {
+		out = append(out, e.GetReason())
+	}
+	return strings.Join(out, "\n")
+}
+
+// assertUnverified checks a refusal of evidence that did not authenticate:
+// one answer whatever the reason, which the audit holds.
+func assertUnverified(t *testing.T, b *brokertest.Broker, err error, node, auditReason string) {
+	t.Helper()
+	require.Error(t, err)
+	assert.Equal(t, codes.PermissionDenied, status.Code(err))
+	assert.Contains(t, err.Error(), "the node is not enrolled, not approved or revoked, or its quote is not signed by its enrolled attestation key")
+	assert.Contains(t, auditReasons(t, b, node), auditReason)
 }
 
 func setup(t *testing.T) (*brokertest.Broker, *node, []byte, []byte) {
@@ -166,28 +193,21 @@ func TestSessionNoLongerValidLocallyAfterPCRChange(t *testing.T) {
 	assert.False(t, s.StillValid(time.Now(), platform(t)), "a PCR change must end the cached session")
 }
 
-// attestRequest builds evidence by hand so tests can tamper with it.
+// attestRequest collects evidence for name with the AK in akBlob, so tests
+// can tamper with it before it reaches the broker.
 func attestRequest(t *testing.T, b *brokertest.Broker, name string, akBlob []byte) *apiv1.AttestRequest {
+	return collect(t, b, &nodeattest.State{Name: name, Broker: "broker-test", AKBlob: akBlob}, nodeattest.Logs{}).Request
+}
+
+func collect(t *testing.T, b *brokertest.Broker, st *nodeattest.State, logs nodeattest.Logs) *nodeattest.Evidence {
 	t.Helper()
-	ctx := context.Background()
-	ch, err := b.Node.Challenge(ctx, &apiv1.ChallengeRequest{Node: name})
+	ch, err := b.Node.Challenge(context.Background(), &apiv1.ChallengeRequest{Node: st.Name})
 	require.NoError(t, err)
-	_, pub, err := suite.Default().GenerateKey()
+	tpm := openTPM(t)
+	defer tpm.Close()
+	ev, err := nodeattest.Collect(tpm, st, ch.GetNonce(), logs)
 	require.NoError(t, err)
-	dev, err := attest.OpenTPM(&attest.OpenConfig{CommandChannel: simChannel(t)})
-	require.NoError(t, err)
-	ak, err := dev.LoadAK(akBlob)
-	require.NoError(t, err)
-	defer ak.Close(dev)
-	q, err := ak.Quote(dev, binding.QualifyingData(ch.GetNonce(), pub, name), attest.HashSHA256)
-	require.NoError(t, err)
-	pcrs, err := dev.PCRs(attest.HashSHA256)
-	require.NoError(t, err)
-	req := &apiv1.AttestRequest{Node: name, Nonce: ch.GetNonce(), SessionPublicKey: pub, SessionSuite: suite.DefaultName, Quote: q.Quote, Signature: q.Signature}
-	for _, p := range pcrs {
-		req.Pcrs = append(req.Pcrs, &apiv1.PCR{Index: uint32(p.Index), Digest: p.Digest})
-	}
-	return req
+	return ev
 }
 
 func TestReplayedEvidenceIsRefused(t *testing.T) {
@@ -197,20 +217,20 @@ func TestReplayedEvidenceIsRefused(t *testing.T) {
 	require.NoError(t, err)
 	_, err = b.Node.Attest(context.Background(), req)
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "nonce unknown or already used")
+	assert.Contains(t, err.Error(), "nonce already used (replayed evidence?)")
 }
 
 func TestEvidenceBoundToSessionKey(t *testing.T) {
 	b, n, _, _ := setup(t)
 	req := attestRequest(t, b, "node1", n.state.AKBlob)
-	_, other, err := suite.Default().GenerateKey()
+	st, err := suite.Lookup(suite.SessionName)
+	require.NoError(t, err)
+	_, other, err := st.GenerateKey()
 	require.NoError(t, err)
 	req.SessionPublicKey = other // an attacker swaps in its own session key
 	_, err = b.Node.Attest(context.Background(), req)
-	require.Error(t, err)
-	assert.Contains(t, err.Error(), "quote refused")
-	assert.Contains(t, err.Error(), "qualifying data is for another nonce, session key or node")
-	assert.NotContains(t, err.Error(), "[]byte", "no raw bytes in a refusal")
+	assertUnverified(t, b, err, "node1", "quote refused: not signed by this node's enrolled AK over this nonce, session key and PCR values: its qualifying data is for another nonce, session key or node")
+	assert.NotContains(t, auditReasons(t, b, "node1"), "[]byte", "no raw bytes in a refusal")
 }
 
 func TestQuoteByUnenrolledKeyIsRefused(t *testing.T) {
@@ -224,16 +244,22 @@ func TestQuoteByUnenrolledKeyIsRefused(t *testing.T) {
 	require.NoError(t, rogue.Close(dev))
 	req := attestRequest(t, b, n.state.Name, blob)
 	_, err = b.Node.Attest(context.Background(), req)
-	require.Error(t, err)
-	assert.Equal(t, codes.PermissionDenied, status.Code(err))
-	assert.Contains(t, err.Error(), "not signed by this node's enrolled AK")
+	assertUnverified(t, b, err, "node1", "not signed by this node's enrolled AK")
 }
 
+// TestUnenrolledNodeIsRefused: an unauthenticated caller gets the same
+// answers for a name that is not enrolled as for one that is: a nonce,
+// then a refusal that does not say which.
 func TestUnenrolledNodeIsRefused(t *testing.T) {
-	b := brokertest.Start(t)
-	_, err := b.Node.Challenge(context.Background(), &apiv1.ChallengeRequest{Node: "ghost"})
-	require.Error(t, err)
-	assert.Contains(t, err.Error(), `node "ghost" is not enrolled`)
+	b, n, _, _ := setup(t)
+	ghost := collect(t, b, &nodeattest.State{Name: "ghost", Broker: "broker-test", AKBlob: n.state.AKBlob}, nodeattest.Logs{})
+	_, err := b.Node.Attest(context.Background(), ghost.Request)
+	assertUnverified(t, b, err, "ghost", "node is not enrolled")
+	forged := attestRequest(t, b, "node1", n.state.AKBlob)
+	forged.Signature[len(forged.Signature)-1] ^= 1
+	_, err2 := b.Node.Attest(context.Background(), forged)
+	require.Error(t, err2)
+	assert.Equal(t, strings.ReplaceAll(err.Error(), "ghost", "node1"), err2.Error(), "enrolled or not, the same answer")
 }
 
 func TestRevocationEndsSessionAtOnce(t *testing.T) {
@@ -280,12 +306,13 @@ func TestEnrollWithoutTokenWaitsForApproval(t *testing.T) {
 	tpm.Close()
 	require.NoError(t, err)
 	assert.Equal(t, apiv1.NodeState_NODE_STATE_PENDING, n.GetState())
-	_, err = b.Node.Challenge(context.Background(), &apiv1.ChallengeRequest{Node: st.Name})
+	pending := &node{b: b, state: st}
+	_, err = pending.session(t)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "not approved")
 	_, err = b.Admin.ApproveNode(context.Background(), &apiv1.NodeRequest{Name: "n2"})
 	require.NoError(t, err)
-	_, err = b.Node.Challenge(context.Background(), &apiv1.ChallengeRequest{Node: st.Name})
+	_, err = pending.session(t)
 	require.NoError(t, err)
 }
 
@@ -321,7 +348,7 @@ func TestNoKeyMaterialInAudit(t *testing.T) {
 	require.NoError(t, err)
 	dump, err := json.Marshal(evs)
 	require.NoError(t, err)
-	for _, secret := range [][]byte{optsdata, s.Token, s2.Token, s.PrivateKey} {
+	for _, secret := range [][]byte{optsdata, s.Token, s2.Token, s.Seed} {
 		assert.NotContains(t, string(dump), base64.StdEncoding.EncodeToString(secret))
 		assert.NotContains(t, string(dump), string(secret))
 	}

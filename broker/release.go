@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/attested-dev/attested/attest/binding"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
@@ -98,23 +99,36 @@ func (s *Server) setTrust(ctx context.Context, n store.Node, trust, reason strin
 }
 
 // liveSession returns the session behind a token and its node, if the
-// session has not expired, the node may still attest, and its TPM has not
-// rebooted since (a newer quote showed other reset/restart counters). The
-// session is returned with the error when one was found, for the audit.
+// session has not expired, was opened for the identity the node still
+// has, the node may still attest, and its TPM has not rebooted since (a
+// newer quote showed other reset/restart counters). The session is
+// returned with the error when one was found, for the audit.
 func (s *Server) liveSession(ctx context.Context, token []byte) (store.Session, store.Node, error) {
 	sess, err := s.store.GetSession(ctx, hashToken(token))
-	if errors.Is(err, store.ErrNotFound) || (err == nil && s.now().After(sess.Expires)) {
+	now := s.now()
+	if errors.Is(err, store.ErrNotFound) || (err == nil && now.After(sess.Expires)) {
 		return store.Session{}, store.Node{}, status.Error(codes.Unauthenticated, "session unknown, expired or ended; attest again")
 	}
 	if err != nil {
 		return store.Session{}, store.Node{}, storeErr("session", err)
 	}
-	n, err := s.activeNode(ctx, sess.Node)
+	if now.Before(sess.Created) {
+		// Opened "in the future": the clock stepped back since. Its age
+		// cannot be told, so it is over.
+		return sess, store.Node{}, status.Error(codes.Unauthenticated, "session was opened after the broker's current time (the clock stepped back); attest again")
+	}
+	n, err := s.store.GetNode(ctx, sess.Node)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && n.EKFingerprint != sess.EKFingerprint) {
+		return sess, n, status.Errorf(codes.Unauthenticated, "node %q was removed or enrolled again since this session was opened; attest again", sess.Node)
+	}
 	if err != nil {
+		return sess, n, storeErr("node", err)
+	}
+	if err := s.stateError(n); err != nil {
 		return sess, n, err
 	}
 	if n.ResetCount != sess.ResetCount || n.RestartCount != sess.RestartCount {
-		return sess, n, status.Errorf(codes.Unauthenticated, "node %s rebooted since this session was opened; attest again", n.Name)
+		return sess, n, status.Errorf(codes.Unauthenticated, "node %q rebooted since this session was opened; attest again", n.Name)
 	}
 	return sess, n, nil
 }
@@ -131,7 +145,8 @@ func sessionClaims(n store.Node, sess store.Session, now time.Time) (policy.Clai
 }
 
 // Explain implements apiv1.BrokerServer: the session's facts and every
-// key's policy evaluated clause by clause. Nothing is released.
+// key's policy evaluated clause by clause, sealed to the session key so a
+// stolen token alone reads nothing. Nothing is released.
 func (s *Server) Explain(ctx context.Context, req *apiv1.ExplainRequest) (*apiv1.ExplainResponse, error) {
 	sess, n, err := s.liveSession(ctx, req.GetSessionToken())
 	if err != nil {
@@ -141,7 +156,7 @@ func (s *Server) Explain(ctx context.Context, req *apiv1.ExplainRequest) (*apiv1
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	out := &apiv1.ExplainResponse{Node: n.Name, Facts: claims.Facts.Lines()}
+	out := &apiv1.Explanation{Node: n.Name, Facts: claims.Facts.Lines()}
 	keys, err := s.store.ListKeys(ctx)
 	if err != nil {
 		return nil, storeErr("keys", err)
@@ -166,7 +181,28 @@ func (s *Server) Explain(ctx context.Context, req *apiv1.ExplainRequest) (*apiv1
 		}
 		out.Keys = append(out.Keys, ka)
 	}
-	return out, nil
+	sealed, err := s.sealToSession(sess, binding.ExplainInfo(n.Name, sess.PublicKey), out)
+	if err != nil {
+		return nil, err
+	}
+	return &apiv1.ExplainResponse{Sealed: sealed}, nil
+}
+
+// sealToSession seals an answer for the session's node only.
+func (s *Server) sealToSession(sess store.Session, info []byte, m proto.Message) ([]byte, error) {
+	data, err := proto.Marshal(m)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "answer: %v", err)
+	}
+	st, err := suite.Lookup(sess.Suite)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	sealed, err := st.Seal(sess.PublicKey, info, data)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "sealing to session: %v", err)
+	}
+	return sealed, nil
 }
 
 // release evaluates one recipient's policy and, if it holds, opens the

@@ -49,7 +49,8 @@ type Server struct {
 	store  store.Store
 	master *masterKey
 	log    *slog.Logger
-	now    func() time.Time
+	// now is the broker's clock (see clock.go).
+	now func() time.Time
 
 	adminHash []byte
 	ekRoots   *EKRoots
@@ -87,10 +88,11 @@ func New(o Options) (*Server, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	now := o.Now
-	if now == nil {
-		now = time.Now
+	wall := o.Now
+	if wall == nil {
+		wall = time.Now
 	}
+	now := newClock(wall, log).now
 	roots, err := LoadEKRoots(o.Config.EKRoots)
 	if err != nil {
 		return nil, err

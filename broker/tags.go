@@ -72,12 +72,18 @@ func dashIfEmpty(s string) string {
 	return s
 }
 
-// NodeTags implements apiv1.BrokerServer. Tags are not secret; the node
-// needs them to write their digest into its TPM.
+// NodeTags implements apiv1.BrokerServer. The node needs its tags to write
+// their digest into its TPM; they go to a live session of that node only,
+// sealed to its key, so nobody else learns them.
 func (s *Server) NodeTags(ctx context.Context, req *apiv1.NodeTagsRequest) (*apiv1.NodeTagsResponse, error) {
-	n, err := s.activeNode(ctx, req.GetNode())
+	sess, n, err := s.liveSession(ctx, req.GetSessionToken())
 	if err != nil {
 		return nil, err
 	}
-	return &apiv1.NodeTagsResponse{Tags: n.Tags, Digest: binding.TagDigest(n.Name, n.Tags)}, nil
+	sealed, err := s.sealToSession(sess, binding.TagsInfo(n.Name, sess.PublicKey),
+		&apiv1.NodeTagSet{Tags: n.Tags, Digest: binding.TagDigest(n.Name, n.Tags)})
+	if err != nil {
+		return nil, err
+	}
+	return &apiv1.NodeTagsResponse{Sealed: sealed}, nil
 }

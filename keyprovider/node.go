@@ -39,8 +39,8 @@ func (u *NodeUnwrapper) Unwrap(ctx context.Context, a annotation.Annotation, raw
 		}
 		resp, err := u.Broker.Unwrap(ctx, &apiv1.UnwrapRequest{SessionToken: sess.Token, Annotation: raw})
 		if status.Code(err) == codes.Unauthenticated && attempt == 0 {
-			// The broker ended the session (expiry, reboot seen by a newer
-			// quote); attest once more.
+			// The broker ended the session (expiry, a reboot or PCR change
+			// seen by a newer quote); attest once more.
 			if err := u.Sessions.Invalidate(ctx, sess); err != nil {
 				return nil, err
 			}
@@ -52,7 +52,13 @@ func (u *NodeUnwrapper) Unwrap(ctx context.Context, a annotation.Annotation, raw
 		if !recipientOf(a, resp.GetKey(), resp.GetKeyVersion()) {
 			return nil, errors.New("unwrap: broker released a key that is not on this layer")
 		}
-		return sess.Open(resp.GetKey(), resp.GetKeyVersion(), resp.GetSealed())
+		optsdata, err := u.Sessions.Open(ctx, sess, resp.GetKey(), resp.GetKeyVersion(), resp.GetSealed())
+		if errors.Is(err, attest.ErrSessionKeyLocked) && attempt == 0 {
+			// A PCR moved since the check: the TPM refuses the session key,
+			// and a new attestation shows the broker what changed.
+			continue
+		}
+		return optsdata, err
 	}
 }
 

@@ -241,38 +241,87 @@ func (s *Bolt) JoinTokenValid(ctx context.Context, hash []byte, now time.Time) (
 	return ok, err
 }
 
-// PutNonce implements Store.
-func (s *Bolt) PutNonce(ctx context.Context, nonce []byte, n Nonce) error {
-	return s.update(ctx, func(tx *bolt.Tx) error {
-		return put(tx.Bucket(bucketNonces), nonce, n)
-	})
-}
-
-// ConsumeNonce implements Store.
-func (s *Bolt) ConsumeNonce(ctx context.Context, nonce []byte) (Nonce, error) {
-	var n Nonce
+// Appraise implements Store.
+func (s *Bolt) Appraise(ctx context.Context, node string, nonce SpentNonce, now time.Time, fn func(*Node, []Session) (Outcome, error)) (Node, error) {
+	var n Node
 	err := s.update(ctx, func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketNonces)
-		if err := get(b, nonce, &n); err != nil {
+		spent := tx.Bucket(bucketNonces)
+		if spent.Get(nonce.Nonce) != nil {
+			return ErrNonceSpent
+		}
+		if err := put(spent, nonce.Nonce, struct {
+			Expires time.Time `json:"expires"`
+		}{nonce.Expires}); err != nil {
 			return err
 		}
-		return b.Delete(nonce)
+		nodes := tx.Bucket(bucketNodes)
+		if err := get(nodes, []byte(node), &n); err != nil {
+			return err
+		}
+		live, err := nodeSessions(tx, node, now)
+		if err != nil {
+			return err
+		}
+		out, err := fn(&n, live)
+		if err != nil {
+			return err
+		}
+		if out.EndAll {
+			if err := deleteNodeSessions(tx, node); err != nil {
+				return err
+			}
+		}
+		for _, h := range out.End {
+			if err := deleteSession(tx, node, h); err != nil {
+				return err
+			}
+		}
+		if out.Open != nil {
+			if out.Open.Node != node {
+				return fmt.Errorf("store: session for node %q opened in an appraisal of %q", out.Open.Node, node)
+			}
+			if err := tx.Bucket(bucketNodeSess).Put(nodeSessKey(node, out.Open.TokenHash), nil); err != nil {
+				return err
+			}
+			if err := put(tx.Bucket(bucketSessions), out.Open.TokenHash, out.Open); err != nil {
+				return err
+			}
+		}
+		return put(nodes, []byte(node), n)
 	})
 	return n, err
 }
 
-func nodeSessKey(node string, hash []byte) []byte {
-	return append(append([]byte(node), 0), hash...)
+// nodeSessions returns a node's sessions that have not expired.
+func nodeSessions(tx *bolt.Tx, node string, now time.Time) ([]Session, error) {
+	idx, sessions := tx.Bucket(bucketNodeSess), tx.Bucket(bucketSessions)
+	prefix := append([]byte(node), 0)
+	var out []Session
+	c := idx.Cursor()
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+		var sess Session
+		switch err := get(sessions, k[len(prefix):], &sess); err {
+		case nil:
+			if now.Before(sess.Expires) {
+				out = append(out, sess)
+			}
+		case ErrNotFound:
+		default:
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
-// PutSession implements Store.
-func (s *Bolt) PutSession(ctx context.Context, sess Session) error {
-	return s.update(ctx, func(tx *bolt.Tx) error {
-		if err := tx.Bucket(bucketNodeSess).Put(nodeSessKey(sess.Node, sess.TokenHash), nil); err != nil {
-			return err
-		}
-		return put(tx.Bucket(bucketSessions), sess.TokenHash, sess)
-	})
+func deleteSession(tx *bolt.Tx, node string, hash []byte) error {
+	if err := tx.Bucket(bucketSessions).Delete(hash); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketNodeSess).Delete(nodeSessKey(node, hash))
+}
+
+func nodeSessKey(node string, hash []byte) []byte {
+	return append(append([]byte(node), 0), hash...)
 }
 
 // GetSession implements Store.
@@ -331,6 +380,7 @@ func (s *Bolt) Expire(ctx context.Context, now, pendingBefore time.Time) error {
 				return err
 			}
 		}
+		// Spent nonces are kept until the nonces themselves expire.
 		for _, name := range [][]byte{bucketNonces, bucketSessions, bucketEnroll, bucketJoin} {
 			if err := expireBucket(tx, name, now); err != nil {
 				return err

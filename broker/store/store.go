@@ -17,6 +17,8 @@ import (
 var (
 	ErrNotFound = errors.New("not found")
 	ErrExists   = errors.New("already exists")
+	// ErrNonceSpent means a challenge was already answered.
+	ErrNonceSpent = errors.New("nonce already used")
 )
 
 // NodeState mirrors the API's node states.
@@ -68,17 +70,34 @@ type Enrollment struct {
 	Expires       time.Time `json:"expires"`
 }
 
-// Nonce is a single-use quote challenge.
-type Nonce struct {
-	Node    string    `json:"node"`
-	Expires time.Time `json:"expires"`
+// SpentNonce is a challenge that was answered with verified evidence. It is
+// kept until Expires, past which the nonce itself is refused as stale, so
+// the same evidence can never be accepted twice.
+type SpentNonce struct {
+	Nonce   []byte
+	Expires time.Time
+}
+
+// Outcome is what one appraisal of a node's verified evidence decided,
+// written together with the node in one transaction.
+type Outcome struct {
+	// EndAll ends every session of the node; End ends those listed (by
+	// token hash).
+	EndAll bool
+	End    [][]byte
+	// Open is the session to open, or nil.
+	Open *Session
 }
 
 // Session is an appraised attestation. Tokens are stored by hash so a copy
 // of the database does not yield usable tokens.
 type Session struct {
-	TokenHash    []byte         `json:"tokenHash"`
-	Node         string         `json:"node"`
+	TokenHash []byte `json:"tokenHash"`
+	Node      string `json:"node"`
+	// EKFingerprint is the identity the session was opened for: a node
+	// removed and enrolled again under the same name is another identity,
+	// and inherits nothing.
+	EKFingerprint string         `json:"ekFingerprint"`
 	PublicKey    []byte         `json:"publicKey"`
 	Suite        string         `json:"suite"`
 	PCRs         map[int][]byte `json:"pcrs"`
@@ -154,16 +173,17 @@ type Store interface {
 	// without using it up.
 	JoinTokenValid(ctx context.Context, hash []byte, now time.Time) (bool, error)
 
-	PutNonce(ctx context.Context, nonce []byte, n Nonce) error
-	// ConsumeNonce deletes the nonce and returns it; ErrNotFound if unknown
-	// or already used.
-	ConsumeNonce(ctx context.Context, nonce []byte) (Nonce, error)
+	// Appraise records an appraisal of a node's verified evidence in one
+	// transaction: it spends the nonce (ErrNonceSpent, and nothing written,
+	// if it was spent before), applies fn to the node and its unexpired
+	// sessions, and writes the node, ends the sessions the outcome names and
+	// opens its new session. An error from fn aborts everything.
+	Appraise(ctx context.Context, node string, nonce SpentNonce, now time.Time, fn func(n *Node, live []Session) (Outcome, error)) (Node, error)
 
-	PutSession(ctx context.Context, s Session) error
 	GetSession(ctx context.Context, tokenHash []byte) (Session, error)
 	// DeleteNodeSessions ends every session of a node.
 	DeleteNodeSessions(ctx context.Context, node string) error
-	// Expire drops nonces, sessions, enrollments and join tokens past their
+	// Expire drops spent nonces, sessions, enrollments and join tokens past their
 	// expiry, and pending nodes enrolled before pendingBefore, so an
 	// unapproved enrollment cannot hold a name or an EK forever.
 	Expire(ctx context.Context, now, pendingBefore time.Time) error

@@ -62,7 +62,11 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 				if !explain {
 					return nil
 				}
-				ex, err := b.Explain(ctx, &apiv1.ExplainRequest{SessionToken: s.Token})
+				r, err := b.Explain(ctx, &apiv1.ExplainRequest{SessionToken: s.Token})
+				if err != nil {
+					return err
+				}
+				ex, err := s.OpenExplanation(t, r)
 				if err != nil {
 					return err
 				}
@@ -180,7 +184,17 @@ certifiedTags: true accepts tags only as this TPM attests them.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return withEnrolledNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM, st *attest.State) error {
-				r, err := b.NodeTags(ctx, &apiv1.NodeTagsRequest{Node: st.Name})
+				// The broker tells a node its tags only through a session,
+				// sealed to the node's TPM.
+				s, err := attest.NewSession(ctx, b, t, st, c.logs())
+				if err != nil {
+					return err
+				}
+				sealed, err := b.NodeTags(ctx, &apiv1.NodeTagsRequest{SessionToken: s.Token})
+				if err != nil {
+					return err
+				}
+				r, err := s.OpenTags(t, sealed)
 				if err != nil {
 					return err
 				}
@@ -226,7 +240,7 @@ func withNode(c *config, fn func(ctx context.Context, b apiv1.BrokerClient, t *a
 	return fn(ctx, apiv1.NewBrokerClient(cc), t)
 }
 
-func printExplanation(w io.Writer, ex *apiv1.ExplainResponse) {
+func printExplanation(w io.Writer, ex *apiv1.Explanation) {
 	fmt.Fprintf(w, "\nevidence of node %s:\n", ex.GetNode())
 	for _, f := range ex.GetFacts() {
 		fmt.Fprintf(w, "  %s\n", f)

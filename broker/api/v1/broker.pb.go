@@ -923,8 +923,18 @@ type AttestRequest struct {
 	TagCertifyInfo      []byte `protobuf:"bytes,10,opt,name=tag_certify_info,json=tagCertifyInfo,proto3" json:"tag_certify_info,omitempty"`
 	TagCertifySignature []byte `protobuf:"bytes,11,opt,name=tag_certify_signature,json=tagCertifySignature,proto3" json:"tag_certify_signature,omitempty"`
 	TagNvPublic         []byte `protobuf:"bytes,12,opt,name=tag_nv_public,json=tagNvPublic,proto3" json:"tag_nv_public,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// The session key's TPM half: a P-256 ECDH key created in the node's
+	// TPM (fixedTPM, fixedParent, usable only under PolicyPCR over the
+	// values of session_key_pcrs this quote covers), whose point is the
+	// classical half of session_public_key. session_key_public is its
+	// TPMT_PUBLIC; the certify fields are TPM2_CertifyCreation by the AK over
+	// the quote's qualifying data (TPMS_ATTEST and TPMT_SIGNATURE).
+	SessionKeyPublic           []byte   `protobuf:"bytes,13,opt,name=session_key_public,json=sessionKeyPublic,proto3" json:"session_key_public,omitempty"`
+	SessionKeyCertifyInfo      []byte   `protobuf:"bytes,14,opt,name=session_key_certify_info,json=sessionKeyCertifyInfo,proto3" json:"session_key_certify_info,omitempty"`
+	SessionKeyCertifySignature []byte   `protobuf:"bytes,15,opt,name=session_key_certify_signature,json=sessionKeyCertifySignature,proto3" json:"session_key_certify_signature,omitempty"`
+	SessionKeyPcrs             []uint32 `protobuf:"varint,16,rep,packed,name=session_key_pcrs,json=sessionKeyPcrs,proto3" json:"session_key_pcrs,omitempty"`
+	unknownFields              protoimpl.UnknownFields
+	sizeCache                  protoimpl.SizeCache
 }
 
 func (x *AttestRequest) Reset() {
@@ -1037,6 +1047,34 @@ func (x *AttestRequest) GetTagCertifySignature() []byte {
 func (x *AttestRequest) GetTagNvPublic() []byte {
 	if x != nil {
 		return x.TagNvPublic
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetSessionKeyPublic() []byte {
+	if x != nil {
+		return x.SessionKeyPublic
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetSessionKeyCertifyInfo() []byte {
+	if x != nil {
+		return x.SessionKeyCertifyInfo
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetSessionKeyCertifySignature() []byte {
+	if x != nil {
+		return x.SessionKeyCertifySignature
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetSessionKeyPcrs() []uint32 {
+	if x != nil {
+		return x.SessionKeyPcrs
 	}
 	return nil
 }
@@ -2256,10 +2294,9 @@ func (x *KeyAppraisal) GetClauses() []*Clause {
 
 type ExplainResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
-	// facts are what the broker established from the evidence, one per line.
-	Facts         []string        `protobuf:"bytes,2,rep,name=facts,proto3" json:"facts,omitempty"`
-	Keys          []*KeyAppraisal `protobuf:"bytes,3,rep,name=keys,proto3" json:"keys,omitempty"`
+	// sealed is an Explanation sealed with HPKE to the session public key:
+	// a stolen session token alone reads nothing.
+	Sealed        []byte `protobuf:"bytes,4,opt,name=sealed,proto3" json:"sealed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2294,21 +2331,68 @@ func (*ExplainResponse) Descriptor() ([]byte, []int) {
 	return file_broker_proto_rawDescGZIP(), []int{36}
 }
 
-func (x *ExplainResponse) GetNode() string {
+func (x *ExplainResponse) GetSealed() []byte {
+	if x != nil {
+		return x.Sealed
+	}
+	return nil
+}
+
+type Explanation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// facts are what the broker established from the evidence, one per line.
+	Facts         []string        `protobuf:"bytes,2,rep,name=facts,proto3" json:"facts,omitempty"`
+	Keys          []*KeyAppraisal `protobuf:"bytes,3,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Explanation) Reset() {
+	*x = Explanation{}
+	mi := &file_broker_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Explanation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Explanation) ProtoMessage() {}
+
+func (x *Explanation) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Explanation.ProtoReflect.Descriptor instead.
+func (*Explanation) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *Explanation) GetNode() string {
 	if x != nil {
 		return x.Node
 	}
 	return ""
 }
 
-func (x *ExplainResponse) GetFacts() []string {
+func (x *Explanation) GetFacts() []string {
 	if x != nil {
 		return x.Facts
 	}
 	return nil
 }
 
-func (x *ExplainResponse) GetKeys() []*KeyAppraisal {
+func (x *Explanation) GetKeys() []*KeyAppraisal {
 	if x != nil {
 		return x.Keys
 	}
@@ -2326,7 +2410,7 @@ type TagNodeRequest struct {
 
 func (x *TagNodeRequest) Reset() {
 	*x = TagNodeRequest{}
-	mi := &file_broker_proto_msgTypes[37]
+	mi := &file_broker_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2338,7 +2422,7 @@ func (x *TagNodeRequest) String() string {
 func (*TagNodeRequest) ProtoMessage() {}
 
 func (x *TagNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[37]
+	mi := &file_broker_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2351,7 +2435,7 @@ func (x *TagNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TagNodeRequest.ProtoReflect.Descriptor instead.
 func (*TagNodeRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{37}
+	return file_broker_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *TagNodeRequest) GetName() string {
@@ -2386,7 +2470,7 @@ type LearnPolicyRequest struct {
 
 func (x *LearnPolicyRequest) Reset() {
 	*x = LearnPolicyRequest{}
-	mi := &file_broker_proto_msgTypes[38]
+	mi := &file_broker_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2398,7 +2482,7 @@ func (x *LearnPolicyRequest) String() string {
 func (*LearnPolicyRequest) ProtoMessage() {}
 
 func (x *LearnPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[38]
+	mi := &file_broker_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2411,7 +2495,7 @@ func (x *LearnPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LearnPolicyRequest.ProtoReflect.Descriptor instead.
 func (*LearnPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{38}
+	return file_broker_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *LearnPolicyRequest) GetNode() string {
@@ -2437,7 +2521,7 @@ type LearnPolicyResponse struct {
 
 func (x *LearnPolicyResponse) Reset() {
 	*x = LearnPolicyResponse{}
-	mi := &file_broker_proto_msgTypes[39]
+	mi := &file_broker_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2449,7 +2533,7 @@ func (x *LearnPolicyResponse) String() string {
 func (*LearnPolicyResponse) ProtoMessage() {}
 
 func (x *LearnPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[39]
+	mi := &file_broker_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2462,7 +2546,7 @@ func (x *LearnPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LearnPolicyResponse.ProtoReflect.Descriptor instead.
 func (*LearnPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{39}
+	return file_broker_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *LearnPolicyResponse) GetYaml() string {
@@ -2473,15 +2557,17 @@ func (x *LearnPolicyResponse) GetYaml() string {
 }
 
 type NodeTagsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// session_token is a live session of the node; tags are released to it
+	// sealed, like a layer key.
+	SessionToken  []byte `protobuf:"bytes,2,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeTagsRequest) Reset() {
 	*x = NodeTagsRequest{}
-	mi := &file_broker_proto_msgTypes[40]
+	mi := &file_broker_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2493,7 +2579,7 @@ func (x *NodeTagsRequest) String() string {
 func (*NodeTagsRequest) ProtoMessage() {}
 
 func (x *NodeTagsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[40]
+	mi := &file_broker_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2506,27 +2592,27 @@ func (x *NodeTagsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeTagsRequest.ProtoReflect.Descriptor instead.
 func (*NodeTagsRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{40}
+	return file_broker_proto_rawDescGZIP(), []int{41}
 }
 
-func (x *NodeTagsRequest) GetNode() string {
+func (x *NodeTagsRequest) GetSessionToken() []byte {
 	if x != nil {
-		return x.Node
+		return x.SessionToken
 	}
-	return ""
+	return nil
 }
 
 type NodeTagsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Tags          map[string]string      `protobuf:"bytes,1,rep,name=tags,proto3" json:"tags,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	Digest        []byte                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// sealed is a NodeTagSet sealed with HPKE to the session public key.
+	Sealed        []byte `protobuf:"bytes,3,opt,name=sealed,proto3" json:"sealed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeTagsResponse) Reset() {
 	*x = NodeTagsResponse{}
-	mi := &file_broker_proto_msgTypes[41]
+	mi := &file_broker_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2538,7 +2624,7 @@ func (x *NodeTagsResponse) String() string {
 func (*NodeTagsResponse) ProtoMessage() {}
 
 func (x *NodeTagsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[41]
+	mi := &file_broker_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2551,17 +2637,62 @@ func (x *NodeTagsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeTagsResponse.ProtoReflect.Descriptor instead.
 func (*NodeTagsResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{41}
+	return file_broker_proto_rawDescGZIP(), []int{42}
 }
 
-func (x *NodeTagsResponse) GetTags() map[string]string {
+func (x *NodeTagsResponse) GetSealed() []byte {
+	if x != nil {
+		return x.Sealed
+	}
+	return nil
+}
+
+type NodeTagSet struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tags          map[string]string      `protobuf:"bytes,1,rep,name=tags,proto3" json:"tags,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Digest        []byte                 `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeTagSet) Reset() {
+	*x = NodeTagSet{}
+	mi := &file_broker_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeTagSet) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeTagSet) ProtoMessage() {}
+
+func (x *NodeTagSet) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeTagSet.ProtoReflect.Descriptor instead.
+func (*NodeTagSet) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *NodeTagSet) GetTags() map[string]string {
 	if x != nil {
 		return x.Tags
 	}
 	return nil
 }
 
-func (x *NodeTagsResponse) GetDigest() []byte {
+func (x *NodeTagSet) GetDigest() []byte {
 	if x != nil {
 		return x.Digest
 	}
@@ -2636,7 +2767,7 @@ const file_broker_proto_rawDesc = "" +
 	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"3\n" +
 	"\x03PCR\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x16\n" +
-	"\x06digest\x18\x02 \x01(\fR\x06digest\"\xa5\x03\n" +
+	"\x06digest\x18\x02 \x01(\fR\x06digest\"\xf9\x04\n" +
 	"\rAttestRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12,\n" +
@@ -2650,7 +2781,11 @@ const file_broker_proto_rawDesc = "" +
 	"\x10tag_certify_info\x18\n" +
 	" \x01(\fR\x0etagCertifyInfo\x122\n" +
 	"\x15tag_certify_signature\x18\v \x01(\fR\x13tagCertifySignature\x12\"\n" +
-	"\rtag_nv_public\x18\f \x01(\fR\vtagNvPublic\"\x9e\x01\n" +
+	"\rtag_nv_public\x18\f \x01(\fR\vtagNvPublic\x12,\n" +
+	"\x12session_key_public\x18\r \x01(\fR\x10sessionKeyPublic\x127\n" +
+	"\x18session_key_certify_info\x18\x0e \x01(\fR\x15sessionKeyCertifyInfo\x12A\n" +
+	"\x1dsession_key_certify_signature\x18\x0f \x01(\fR\x1asessionKeyCertifySignature\x12(\n" +
+	"\x10session_key_pcrs\x18\x10 \x03(\rR\x0esessionKeyPcrs\"\x9e\x01\n" +
 	"\x0eAttestResponse\x12#\n" +
 	"\rsession_token\x18\x01 \x01(\fR\fsessionToken\x12!\n" +
 	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\x12\x1f\n" +
@@ -2730,8 +2865,10 @@ const file_broker_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06policy\x18\x02 \x01(\tR\x06policy\x12\x18\n" +
 	"\aallowed\x18\x03 \x01(\bR\aallowed\x124\n" +
-	"\aclauses\x18\x04 \x03(\v2\x1a.attested.broker.v1.ClauseR\aclauses\"q\n" +
-	"\x0fExplainResponse\x12\x12\n" +
+	"\aclauses\x18\x04 \x03(\v2\x1a.attested.broker.v1.ClauseR\aclauses\";\n" +
+	"\x0fExplainResponse\x12\x16\n" +
+	"\x06sealed\x18\x04 \x01(\fR\x06sealedJ\x04\b\x01\x10\x02J\x04\b\x02\x10\x03J\x04\b\x03\x10\x04\"m\n" +
+	"\vExplanation\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05facts\x18\x02 \x03(\tR\x05facts\x124\n" +
 	"\x04keys\x18\x03 \x03(\v2 .attested.broker.v1.KeyAppraisalR\x04keys\"\xb3\x01\n" +
@@ -2746,11 +2883,14 @@ const file_broker_proto_rawDesc = "" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\")\n" +
 	"\x13LearnPolicyResponse\x12\x12\n" +
-	"\x04yaml\x18\x01 \x01(\tR\x04yaml\"%\n" +
-	"\x0fNodeTagsRequest\x12\x12\n" +
-	"\x04node\x18\x01 \x01(\tR\x04node\"\xa7\x01\n" +
-	"\x10NodeTagsResponse\x12B\n" +
-	"\x04tags\x18\x01 \x03(\v2..attested.broker.v1.NodeTagsResponse.TagsEntryR\x04tags\x12\x16\n" +
+	"\x04yaml\x18\x01 \x01(\tR\x04yaml\"<\n" +
+	"\x0fNodeTagsRequest\x12#\n" +
+	"\rsession_token\x18\x02 \x01(\fR\fsessionTokenJ\x04\b\x01\x10\x02\"6\n" +
+	"\x10NodeTagsResponse\x12\x16\n" +
+	"\x06sealed\x18\x03 \x01(\fR\x06sealedJ\x04\b\x01\x10\x02J\x04\b\x02\x10\x03\"\x9b\x01\n" +
+	"\n" +
+	"NodeTagSet\x12<\n" +
+	"\x04tags\x18\x01 \x03(\v2(.attested.broker.v1.NodeTagSet.TagsEntryR\x04tags\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\fR\x06digest\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
@@ -2799,7 +2939,7 @@ func file_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 45)
+var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
 var file_broker_proto_goTypes = []any{
 	(NodeState)(0),                  // 0: attested.broker.v1.NodeState
 	(*InfoRequest)(nil),             // 1: attested.broker.v1.InfoRequest
@@ -2839,19 +2979,21 @@ var file_broker_proto_goTypes = []any{
 	(*Clause)(nil),                  // 35: attested.broker.v1.Clause
 	(*KeyAppraisal)(nil),            // 36: attested.broker.v1.KeyAppraisal
 	(*ExplainResponse)(nil),         // 37: attested.broker.v1.ExplainResponse
-	(*TagNodeRequest)(nil),          // 38: attested.broker.v1.TagNodeRequest
-	(*LearnPolicyRequest)(nil),      // 39: attested.broker.v1.LearnPolicyRequest
-	(*LearnPolicyResponse)(nil),     // 40: attested.broker.v1.LearnPolicyResponse
-	(*NodeTagsRequest)(nil),         // 41: attested.broker.v1.NodeTagsRequest
-	(*NodeTagsResponse)(nil),        // 42: attested.broker.v1.NodeTagsResponse
-	nil,                             // 43: attested.broker.v1.Node.TagsEntry
-	nil,                             // 44: attested.broker.v1.TagNodeRequest.SetEntry
-	nil,                             // 45: attested.broker.v1.NodeTagsResponse.TagsEntry
+	(*Explanation)(nil),             // 38: attested.broker.v1.Explanation
+	(*TagNodeRequest)(nil),          // 39: attested.broker.v1.TagNodeRequest
+	(*LearnPolicyRequest)(nil),      // 40: attested.broker.v1.LearnPolicyRequest
+	(*LearnPolicyResponse)(nil),     // 41: attested.broker.v1.LearnPolicyResponse
+	(*NodeTagsRequest)(nil),         // 42: attested.broker.v1.NodeTagsRequest
+	(*NodeTagsResponse)(nil),        // 43: attested.broker.v1.NodeTagsResponse
+	(*NodeTagSet)(nil),              // 44: attested.broker.v1.NodeTagSet
+	nil,                             // 45: attested.broker.v1.Node.TagsEntry
+	nil,                             // 46: attested.broker.v1.TagNodeRequest.SetEntry
+	nil,                             // 47: attested.broker.v1.NodeTagSet.TagsEntry
 }
 var file_broker_proto_depIdxs = []int32{
 	5,  // 0: attested.broker.v1.EnrollStartRequest.ak:type_name -> attested.broker.v1.AKParameters
 	0,  // 1: attested.broker.v1.Node.state:type_name -> attested.broker.v1.NodeState
-	43, // 2: attested.broker.v1.Node.tags:type_name -> attested.broker.v1.Node.TagsEntry
+	45, // 2: attested.broker.v1.Node.tags:type_name -> attested.broker.v1.Node.TagsEntry
 	9,  // 3: attested.broker.v1.EnrollFinishResponse.node:type_name -> attested.broker.v1.Node
 	13, // 4: attested.broker.v1.AttestRequest.pcrs:type_name -> attested.broker.v1.PCR
 	18, // 5: attested.broker.v1.ListKeysResponse.keys:type_name -> attested.broker.v1.Key
@@ -2860,9 +3002,9 @@ var file_broker_proto_depIdxs = []int32{
 	9,  // 8: attested.broker.v1.ListNodesResponse.pending:type_name -> attested.broker.v1.Node
 	31, // 9: attested.broker.v1.ListAuditResponse.events:type_name -> attested.broker.v1.AuditEvent
 	35, // 10: attested.broker.v1.KeyAppraisal.clauses:type_name -> attested.broker.v1.Clause
-	36, // 11: attested.broker.v1.ExplainResponse.keys:type_name -> attested.broker.v1.KeyAppraisal
-	44, // 12: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
-	45, // 13: attested.broker.v1.NodeTagsResponse.tags:type_name -> attested.broker.v1.NodeTagsResponse.TagsEntry
+	36, // 11: attested.broker.v1.Explanation.keys:type_name -> attested.broker.v1.KeyAppraisal
+	46, // 12: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
+	47, // 13: attested.broker.v1.NodeTagSet.tags:type_name -> attested.broker.v1.NodeTagSet.TagsEntry
 	1,  // 14: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
 	3,  // 15: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
 	6,  // 16: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
@@ -2871,7 +3013,7 @@ var file_broker_proto_depIdxs = []int32{
 	14, // 19: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
 	16, // 20: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
 	34, // 21: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
-	41, // 22: attested.broker.v1.Broker.NodeTags:input_type -> attested.broker.v1.NodeTagsRequest
+	42, // 22: attested.broker.v1.Broker.NodeTags:input_type -> attested.broker.v1.NodeTagsRequest
 	19, // 23: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
 	20, // 24: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
 	23, // 25: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
@@ -2882,8 +3024,8 @@ var file_broker_proto_depIdxs = []int32{
 	28, // 30: attested.broker.v1.Admin.RemoveNode:input_type -> attested.broker.v1.NodeRequest
 	29, // 31: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
 	32, // 32: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
-	38, // 33: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
-	39, // 34: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
+	39, // 33: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
+	40, // 34: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
 	2,  // 35: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
 	4,  // 36: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
 	7,  // 37: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
@@ -2892,7 +3034,7 @@ var file_broker_proto_depIdxs = []int32{
 	15, // 40: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
 	17, // 41: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
 	37, // 42: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
-	42, // 43: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
+	43, // 43: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
 	18, // 44: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
 	21, // 45: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
 	22, // 46: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
@@ -2904,7 +3046,7 @@ var file_broker_proto_depIdxs = []int32{
 	30, // 52: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
 	33, // 53: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
 	9,  // 54: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
-	40, // 55: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
+	41, // 55: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
 	35, // [35:56] is the sub-list for method output_type
 	14, // [14:35] is the sub-list for method input_type
 	14, // [14:14] is the sub-list for extension type_name
@@ -2923,7 +3065,7 @@ func file_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_broker_proto_rawDesc), len(file_broker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   45,
+			NumMessages:   47,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -54,10 +54,12 @@ type BrokerClient interface {
 	// policy holds for the session's claims.
 	Unwrap(ctx context.Context, in *UnwrapRequest, opts ...grpc.CallOption) (*UnwrapResponse, error)
 	// Explain appraises a session against every key's policy, clause by
-	// clause, without releasing anything.
+	// clause, without releasing anything; the answer is sealed to the
+	// session key.
 	Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error)
-	// NodeTags returns the asset tags the broker holds for a node, so the
-	// node can write their digest into its TPM.
+	// NodeTags returns the asset tags the broker holds for a session's node,
+	// sealed to the session key, so the node can write their digest into its
+	// TPM.
 	NodeTags(ctx context.Context, in *NodeTagsRequest, opts ...grpc.CallOption) (*NodeTagsResponse, error)
 }
 
@@ -180,10 +182,12 @@ type BrokerServer interface {
 	// policy holds for the session's claims.
 	Unwrap(context.Context, *UnwrapRequest) (*UnwrapResponse, error)
 	// Explain appraises a session against every key's policy, clause by
-	// clause, without releasing anything.
+	// clause, without releasing anything; the answer is sealed to the
+	// session key.
 	Explain(context.Context, *ExplainRequest) (*ExplainResponse, error)
-	// NodeTags returns the asset tags the broker holds for a node, so the
-	// node can write their digest into its TPM.
+	// NodeTags returns the asset tags the broker holds for a session's node,
+	// sealed to the session key, so the node can write their digest into its
+	// TPM.
 	NodeTags(context.Context, *NodeTagsRequest) (*NodeTagsResponse, error)
 	mustEmbedUnimplementedBrokerServer()
 }

@@ -3,6 +3,7 @@ package storetest
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -13,6 +14,16 @@ import (
 
 	"github.com/attested-dev/attested/broker/store"
 )
+
+// openSession opens sess through an appraisal of its node, as the broker does.
+func openSession(t *testing.T, s store.Store, sess store.Session) {
+	t.Helper()
+	_, err := s.Appraise(context.Background(), sess.Node, store.SpentNonce{Nonce: append([]byte("nonce-"), sess.TokenHash...), Expires: time.Now().Add(time.Minute)},
+		time.Now().Add(-time.Hour), func(*store.Node, []store.Session) (store.Outcome, error) {
+			return store.Outcome{Open: &sess}, nil
+		})
+	require.NoError(t, err)
+}
 
 // Run exercises open(t), a fresh empty store per subtest.
 func Run(t *testing.T, open func(t *testing.T) store.Store) {
@@ -36,7 +47,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		nodes, err := s.ListNodes(ctx)
 		require.NoError(t, err)
 		assert.Len(t, nodes, 1)
-		require.NoError(t, s.PutSession(ctx, store.Session{TokenHash: []byte("s"), Node: "n1", Expires: now.Add(time.Minute)}))
+		openSession(t, s, store.Session{TokenHash: []byte("s"), Node: "n1", Expires: now.Add(time.Minute)})
 		require.NoError(t, s.DeleteNode(ctx, "n1"))
 		_, err = s.GetSession(ctx, []byte("s"))
 		assert.ErrorIs(t, err, store.ErrNotFound, "removing a node ends its sessions")
@@ -62,20 +73,94 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 
 	t.Run("NonceIsSingleUseUnderConcurrency", func(t *testing.T) {
 		s := open(t)
-		require.NoError(t, s.PutNonce(ctx, []byte("n"), store.Nonce{Node: "a", Expires: now.Add(time.Minute)}))
-		var wins atomic.Int32
+		require.NoError(t, s.CreateNode(ctx, store.Node{Name: "a", EKFingerprint: "ek-a", State: store.NodeActive}))
+		var wins, spent atomic.Int32
 		var wg sync.WaitGroup
-		for range 8 {
+		for i := range 8 {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if _, err := s.ConsumeNonce(ctx, []byte("n")); err == nil {
+				_, err := s.Appraise(ctx, "a", store.SpentNonce{Nonce: []byte("n"), Expires: now.Add(time.Minute)}, now,
+					func(n *store.Node, _ []store.Session) (store.Outcome, error) {
+						return store.Outcome{Open: &store.Session{TokenHash: []byte{byte(i)}, Node: "a", Expires: now.Add(time.Minute)}}, nil
+					})
+				switch {
+				case err == nil:
 					wins.Add(1)
+				case errors.Is(err, store.ErrNonceSpent):
+					spent.Add(1)
 				}
 			}()
 		}
 		wg.Wait()
 		assert.Equal(t, int32(1), wins.Load())
+		assert.Equal(t, int32(7), spent.Load())
+	})
+
+	t.Run("AppraisalIsOneTransaction", func(t *testing.T) {
+		s := open(t)
+		require.NoError(t, s.CreateNode(ctx, store.Node{Name: "a", EKFingerprint: "ek-a", State: store.NodeActive}))
+		openSession(t, s, store.Session{TokenHash: []byte("old1"), Node: "a", Expires: now.Add(time.Minute)})
+		openSession(t, s, store.Session{TokenHash: []byte("old2"), Node: "a", Expires: now.Add(time.Minute)})
+		openSession(t, s, store.Session{TokenHash: []byte("gone"), Node: "a", Expires: now.Add(-time.Minute)})
+
+		// An aborted appraisal writes nothing, and leaves the nonce unspent.
+		_, err := s.Appraise(ctx, "a", store.SpentNonce{Nonce: []byte("n1"), Expires: now.Add(time.Minute)}, now,
+			func(n *store.Node, live []store.Session) (store.Outcome, error) {
+				n.Trust = "changed"
+				return store.Outcome{EndAll: true}, errors.New("abort")
+			})
+		require.Error(t, err)
+		got, err := s.GetNode(ctx, "a")
+		require.NoError(t, err)
+		assert.Empty(t, got.Trust)
+		_, err = s.GetSession(ctx, []byte("old1"))
+		require.NoError(t, err)
+
+		// fn sees only live sessions; ending one and opening another is
+		// atomic with the node's change.
+		n, err := s.Appraise(ctx, "a", store.SpentNonce{Nonce: []byte("n1"), Expires: now.Add(time.Minute)}, now,
+			func(n *store.Node, live []store.Session) (store.Outcome, error) {
+				assert.Len(t, live, 2, "expired sessions are not live")
+				n.Trust = "trusted"
+				return store.Outcome{End: [][]byte{[]byte("old1")}, Open: &store.Session{TokenHash: []byte("new"), Node: "a", Expires: now.Add(time.Minute)}}, nil
+			})
+		require.NoError(t, err)
+		assert.Equal(t, "trusted", n.Trust)
+		_, err = s.GetSession(ctx, []byte("old1"))
+		assert.ErrorIs(t, err, store.ErrNotFound)
+		for _, h := range []string{"old2", "new"} {
+			_, err = s.GetSession(ctx, []byte(h))
+			assert.NoError(t, err, h)
+		}
+		_, err = s.Appraise(ctx, "a", store.SpentNonce{Nonce: []byte("n1"), Expires: now.Add(time.Minute)}, now,
+			func(*store.Node, []store.Session) (store.Outcome, error) { return store.Outcome{}, nil })
+		assert.ErrorIs(t, err, store.ErrNonceSpent)
+
+		_, err = s.Appraise(ctx, "a", store.SpentNonce{Nonce: []byte("n2"), Expires: now.Add(time.Minute)}, now,
+			func(*store.Node, []store.Session) (store.Outcome, error) { return store.Outcome{EndAll: true}, nil })
+		require.NoError(t, err)
+		for _, h := range []string{"old2", "new"} {
+			_, err = s.GetSession(ctx, []byte(h))
+			assert.ErrorIs(t, err, store.ErrNotFound, h)
+		}
+		_, err = s.Appraise(ctx, "nope", store.SpentNonce{Nonce: []byte("n3"), Expires: now.Add(time.Minute)}, now,
+			func(*store.Node, []store.Session) (store.Outcome, error) { return store.Outcome{}, nil })
+		assert.ErrorIs(t, err, store.ErrNotFound)
+	})
+
+	t.Run("SpentNoncesExpire", func(t *testing.T) {
+		s := open(t)
+		require.NoError(t, s.CreateNode(ctx, store.Node{Name: "a", EKFingerprint: "ek-a", State: store.NodeActive}))
+		none := func(*store.Node, []store.Session) (store.Outcome, error) { return store.Outcome{}, nil }
+		_, err := s.Appraise(ctx, "a", store.SpentNonce{Nonce: []byte("n"), Expires: now.Add(time.Minute)}, now, none)
+		require.NoError(t, err)
+		require.NoError(t, s.Expire(ctx, now, now.Add(-time.Hour)))
+		_, err = s.Appraise(ctx, "a", store.SpentNonce{Nonce: []byte("n"), Expires: now.Add(time.Minute)}, now, none)
+		assert.ErrorIs(t, err, store.ErrNonceSpent, "kept until it expires")
+		require.NoError(t, s.Expire(ctx, now.Add(2*time.Minute), now.Add(-time.Hour)))
+		_, err = s.Appraise(ctx, "a", store.SpentNonce{Nonce: []byte("n"), Expires: now.Add(time.Minute)}, now, none)
+		assert.NoError(t, err, "dropped once expired")
 	})
 
 	t.Run("JoinTokenSingleUseAndExpiry", func(t *testing.T) {
@@ -107,13 +192,15 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 
 	t.Run("SessionsEndPerNodeAndExpire", func(t *testing.T) {
 		s := open(t)
+		require.NoError(t, s.CreateNode(ctx, store.Node{Name: "a", EKFingerprint: "ek-a", State: store.NodeActive}))
+		require.NoError(t, s.CreateNode(ctx, store.Node{Name: "b", EKFingerprint: "ek-b", State: store.NodeActive}))
 		for _, sess := range []store.Session{
 			{TokenHash: []byte("a1"), Node: "a", Expires: now.Add(time.Minute)},
 			{TokenHash: []byte("a2"), Node: "a", Expires: now.Add(time.Minute)},
 			{TokenHash: []byte("b1"), Node: "b", Expires: now.Add(time.Minute)},
 			{TokenHash: []byte("b2"), Node: "b", Expires: now.Add(-time.Minute)},
 		} {
-			require.NoError(t, s.PutSession(ctx, sess))
+			openSession(t, s, sess)
 		}
 		require.NoError(t, s.DeleteNodeSessions(ctx, "a"))
 		for _, h := range []string{"a1", "a2"} {
