@@ -98,11 +98,11 @@ type Session struct {
 	// removed and enrolled again under the same name is another identity,
 	// and inherits nothing.
 	EKFingerprint string         `json:"ekFingerprint"`
-	PublicKey    []byte         `json:"publicKey"`
-	Suite        string         `json:"suite"`
-	PCRs         map[int][]byte `json:"pcrs"`
-	ResetCount   uint32         `json:"resetCount"`
-	RestartCount uint32         `json:"restartCount"`
+	PublicKey     []byte         `json:"publicKey"`
+	Suite         string         `json:"suite"`
+	PCRs          map[int][]byte `json:"pcrs"`
+	ResetCount    uint32         `json:"resetCount"`
+	RestartCount  uint32         `json:"restartCount"`
 	// Facts are what the event logs established (JSON).
 	Facts   json.RawMessage `json:"facts,omitempty"`
 	Created time.Time       `json:"created"`
