@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 
+	"github.com/attested-dev/attested/attest/localfile"
 	"github.com/attested-dev/attested/keyprovider"
 )
 
@@ -50,8 +51,9 @@ func runAgent(c *config, listen string) error {
 		return err
 	}
 	defer closeFn()
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("agent: %w", err)
+	// Whoever can write the socket's directory can swap the socket.
+	if err := localfile.EnsureDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("agent: socket directory: %w", err)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("agent: remove stale socket: %w", err)

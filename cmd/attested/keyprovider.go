@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/attested-dev/attested/attest"
+	"github.com/attested-dev/attested/attest/localfile"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/keyprovider"
 	"github.com/attested-dev/attested/keyprovider/annotation"
@@ -65,6 +66,9 @@ func serveExec(ctx context.Context, c *config, in []byte) ([]byte, error) {
 		if answered {
 			// The agent's answer is final, refusals included.
 			if err != nil {
+				if _, ok := status.FromError(err); !ok {
+					return nil, err
+				}
 				return nil, errors.New(strings.TrimPrefix(status.Convert(err).Message(), "attested: "))
 			}
 			return out, nil
@@ -85,8 +89,17 @@ const agentConnectTimeout = 500 * time.Millisecond
 // agent could be reached, so the caller serves the request itself.
 func forwardToAgent(ctx context.Context, addr string, in []byte) (out []byte, answered bool, err error) {
 	path := strings.TrimPrefix(addr, "unix://")
-	if _, err := os.Stat(path); err != nil {
+	if _, err := os.Lstat(path); err != nil {
 		return nil, false, nil
+	}
+	// Requests carry layer keys (wrap) and get them back (unwrap): only an
+	// agent of this user, behind a directory nobody else can change, gets
+	// them. A planted socket is an attack, not a reason to fall back.
+	if err := localfile.CheckDir(filepath.Dir(path)); err != nil {
+		return nil, true, fmt.Errorf("agent socket directory: %w", err)
+	}
+	if err := localfile.CheckSocket(path); err != nil {
+		return nil, true, fmt.Errorf("agent socket: %w", err)
 	}
 	cc, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
