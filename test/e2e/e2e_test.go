@@ -132,8 +132,8 @@ func TestUnenrolledNodeRefused(t *testing.T) {
 		assert.Contains(t, msg, "not enrolled")
 		assert.Contains(t, msg, "attested node enroll")
 
-		// A node whose local state names it, but which the broker never
-		// enrolled, is refused by the broker.
+		// A node whose local state was copied from another node: its TPM
+		// does not hold that AK, so it fails before any quote.
 		n3 := w.newNode("node3")
 		state, err := os.ReadFile(filepath.Join(w.node1.stateDir, "node.json"))
 		require.NoError(t, err)
@@ -149,9 +149,22 @@ func TestUnenrolledNodeRefused(t *testing.T) {
 			n3.startAgent(false)
 		}
 		msg, _ = w.refusedPull(n3, m)
-		assert.Contains(t, msg, `node "node3" is not enrolled with broker `+w.brokerID)
+		assert.Contains(t, msg, "load attestation key (was the TPM cleared? enroll again)")
 		total, _ := w.quotes(n3)
 		assert.Zero(t, total)
+
+		// A node the broker removed: its TPM quotes, and the broker gives
+		// the answer it gives anyone whose evidence does not authenticate,
+		// keeping the reason for the admin.
+		n4 := w.newNode("node4")
+		n4.enroll()
+		w.admin("node", "remove", "node4")
+		if m == grpcMode {
+			n4.startAgent(false)
+		}
+		msg, _ = w.refusedPull(n4, m)
+		assert.Contains(t, msg, `broker `+w.brokerID+` refused the evidence of node "node4": the node is not enrolled, not approved or revoked`)
+		assert.Contains(t, w.auditReasons("node4"), "node is not enrolled")
 	})
 }
 
@@ -385,8 +398,11 @@ func TestRebootEndsSession(t *testing.T) {
 
 // session is the exec-mode session file of the node.
 type sessionFile struct {
-	Token      []byte `json:"token"`
-	PrivateKey []byte `json:"privateKey"`
+	Token []byte `json:"token"`
+	Seed  []byte `json:"mlkemSeed"`
+	Key   struct {
+		Private []byte `json:"private"`
+	} `json:"key"`
 }
 
 func (n *node) session() sessionFile {
@@ -410,7 +426,7 @@ func TestNoSecretsInOutput(t *testing.T) {
 	// Pulls in both modes; the exec one leaves a session file.
 	w.mustPull(n, execMode)
 	s1 := n.session()
-	secrets = append(secrets, secret{"session token", s1.Token}, secret{"session private key", s1.PrivateKey})
+	secrets = append(secrets, secret{"session token", s1.Token}, secret{"session ML-KEM seed", s1.Seed}, secret{"session TPM key blob", s1.Key.Private})
 	w.mustPull(n, grpcMode)
 
 	// A layer key we choose, wrapped and unwrapped directly in both modes.
@@ -485,7 +501,7 @@ func TestNoSecretsInOutput(t *testing.T) {
 	w.refusedPull(n, grpcMode)
 	s2 := n.session()
 	require.NotEqual(t, s1.Token, s2.Token, "the exec pull after the PCR change attested again")
-	secrets = append(secrets, secret{"second session token", s2.Token}, secret{"second session private key", s2.PrivateKey})
+	secrets = append(secrets, secret{"second session token", s2.Token}, secret{"second session ML-KEM seed", s2.Seed})
 
 	// What an admin reads.
 	w.admin("audit", "list", "--json")

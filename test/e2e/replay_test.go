@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/base64"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -44,7 +45,7 @@ func TestReplayedEvidenceRefused(t *testing.T) {
 		_, err := b.Attest(ctx, rec.last)
 		require.Error(t, err)
 		assert.Equal(t, codes.PermissionDenied, status.Code(err), "%v", err)
-		assert.Contains(t, status.Convert(err).Message(), "nonce unknown or already used")
+		assert.Contains(t, status.Convert(err).Message(), "nonce already used (replayed evidence?)")
 	})
 	t.Run("old quote under a fresh nonce", func(t *testing.T) {
 		ch, err := b.Challenge(ctx, &apiv1.ChallengeRequest{Node: n.name})
@@ -54,10 +55,13 @@ func TestReplayedEvidenceRefused(t *testing.T) {
 		_, err = b.Attest(ctx, req)
 		require.Error(t, err)
 		assert.Equal(t, codes.PermissionDenied, status.Code(err), "%v", err)
-		assert.Contains(t, status.Convert(err).Message(), "quote refused")
+		assert.Contains(t, status.Convert(err).Message(), "its quote is not signed by its enrolled attestation key over this challenge")
+		assert.Contains(t, w.auditReasons(n.name), "quote refused: not signed by this node's enrolled AK over this nonce, session key and PCR values: its qualifying data is for another nonce")
 	})
 	t.Run("fresh evidence with an attacker's session key", func(t *testing.T) {
-		_, pub, err := suite.Default().GenerateKey()
+		st, err := suite.Lookup(suite.SessionName)
+		require.NoError(t, err)
+		_, pub, err := st.GenerateKey()
 		require.NoError(t, err)
 		hijack := &recordingBroker{BrokerClient: b, rewrite: func(r *apiv1.AttestRequest) { r.SessionPublicKey = pub }}
 		n.withTPM(ctx, func(tpm *attest.TPM, st *attest.State) {
@@ -65,12 +69,22 @@ func TestReplayedEvidenceRefused(t *testing.T) {
 		})
 		require.Error(t, err)
 		assert.Equal(t, codes.PermissionDenied, status.Code(err), "%v", err)
-		assert.Contains(t, err.Error(), "quote refused")
+		assert.Contains(t, err.Error(), "its quote is not signed by its enrolled attestation key over this challenge")
 	})
 
 	total, allowed := w.quotes(n)
 	assert.Equal(t, 4, total, "one honest and three refused appraisals")
 	assert.Equal(t, 1, allowed)
+}
+
+// auditReasons joins the reasons of the node's audit records: where the
+// broker keeps what it does not tell unauthenticated callers.
+func (w *world) auditReasons(node string) string {
+	var out []string
+	for _, e := range w.audit("--node", node) {
+		out = append(out, e.Reason)
+	}
+	return strings.Join(out, "\n")
 }
 
 // recordingBroker passes attestation calls through, keeping (and
