@@ -215,7 +215,7 @@ func Init(o InitOptions) (*Config, error) {
 	for _, f := range files {
 		p := filepath.Join(f.dir, f.name)
 		if err := createExclusive(p, f.data, f.mode); err != nil {
-			return nil, fmt.Errorf("broker: init: %w (nothing was overwritten; remove what this init created in %s and %s before trying again)", err, o.DataDir, caDir)
+			return nil, fmt.Errorf("broker: init: %w (nothing was overwritten; remove what this init created in %q and %q before trying again)", err, o.DataDir, caDir)
 		}
 		if f.dir == caDir && f.name == CACertFile {
 			if err := syncDir(caDir); err != nil {
@@ -279,10 +279,10 @@ func refuseExisting(dir string, names []string, what string) error {
 		return nil
 	}
 	if what == "CA" {
-		return fmt.Errorf("broker: init: the CA directory %s already holds %s: refusing to overwrite the CA of another broker; choose another --ca-dir, or move that one away if it is truly unused", dir, strings.Join(found, ", "))
+		return fmt.Errorf("broker: init: the CA directory %q already holds %s: refusing to overwrite the CA of another broker; choose another --ca-dir, or move that one away if it is truly unused", dir, strings.Join(found, ", "))
 	}
-	return fmt.Errorf("broker: init: %s already holds broker files (%s): refusing to overwrite them, which would make every sealed key unopenable and every node lose its pinned CA. "+
-		"To run that broker: attested broker serve --data-dir %s (if %s is missing, restore it from a backup). "+
+	return fmt.Errorf("broker: init: %q already holds broker files (%s): refusing to overwrite them, which would make every sealed key unopenable and every node lose its pinned CA. "+
+		"To run that broker: attested broker serve --data-dir %q (if %s is missing, restore it from a backup). "+
 		"An init that was interrupted leaves such files without %s; only if nothing ever served from this directory, move it away and run init again",
 		dir, strings.Join(found, ", "), dir, ConfigFile, ConfigFile)
 }
@@ -298,7 +298,7 @@ func makePrivateDir(dir string) error {
 		return fmt.Errorf("broker: init: %w", err)
 	}
 	if !fi.IsDir() {
-		return fmt.Errorf("broker: init: %s is not a directory", dir)
+		return fmt.Errorf("broker: init: %q is not a directory", dir)
 	}
 	if err := fsperm.Check(dir, fi, 0); err != nil {
 		return fmt.Errorf("broker: init: %w", err)
@@ -330,13 +330,13 @@ func createExclusive(path string, data []byte, mode os.FileMode) error {
 		err = cerr
 	}
 	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+		return fmt.Errorf("write %q: %w", path, err)
 	}
 	if err := os.Link(tmp, path); err != nil {
 		if errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("%s appeared while init ran; it was left as it is", path)
+			return fmt.Errorf("%q appeared while init ran; it was left as it is", path)
 		}
-		return fmt.Errorf("put %s in place (init links files into place so that it never overwrites one; the file system must support hard links): %w", path, err)
+		return fmt.Errorf("put %q in place (init links files into place so that it never overwrites one; the file system must support hard links): %w", path, err)
 	}
 	return nil
 }
@@ -401,13 +401,13 @@ func configYAML(cfg *Config) ([]byte, error) {
 func CheckDataDir(dir string) error {
 	fi, err := os.Stat(dir)
 	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("broker: %s does not exist (run 'attested broker init' first)", dir)
+		return fmt.Errorf("broker: %q does not exist (run 'attested broker init' first)", dir)
 	}
 	if err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
 	if !fi.IsDir() {
-		return fmt.Errorf("broker: %s is not a directory", dir)
+		return fmt.Errorf("broker: %q is not a directory", dir)
 	}
 	var problems []string
 	if err := fsperm.Check(dir, fi, fsperm.Private); err != nil {
@@ -424,7 +424,7 @@ func CheckDataDir(dir string) error {
 			continue
 		}
 		if !fi.Mode().IsRegular() {
-			problems = append(problems, p+" is not a regular file")
+			problems = append(problems, fmt.Sprintf("%q is not a regular file", p))
 			continue
 		}
 		mask := fsperm.NotWritable
@@ -436,7 +436,7 @@ func CheckDataDir(dir string) error {
 		}
 	}
 	if len(problems) > 0 {
-		return fmt.Errorf("broker: refusing to serve from %s, whose keys and settings must be private to the broker's user: %s",
+		return fmt.Errorf("broker: refusing to serve from %q, whose keys and settings must be private to the broker's user: %s",
 			dir, strings.Join(problems, "; "))
 	}
 	return nil
@@ -460,7 +460,7 @@ func IssueSigner(dataDir, caDir string) (*x509.Certificate, error) {
 	caKeyPath := filepath.Join(caDir, CAKeyFile)
 	if err := fsperm.Stat(caKeyPath, fsperm.Private); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("broker: issue signer: no CA private key %s (name the directory that holds %s with --ca-dir)", caKeyPath, CAKeyFile)
+			return nil, fmt.Errorf("broker: issue signer: no CA private key %q (name the directory that holds %s with --ca-dir)", caKeyPath, CAKeyFile)
 		}
 		return nil, fmt.Errorf("broker: issue signer: %w", err)
 	}
@@ -473,7 +473,7 @@ func IssueSigner(dataDir, caDir string) (*x509.Certificate, error) {
 		return nil, fmt.Errorf("broker: issue signer: %w", err)
 	}
 	if !caKey.PublicKey.Equal(caCert.PublicKey) {
-		return nil, fmt.Errorf("broker: issue signer: %s is not the key of the CA in %s that clients pin", caKeyPath, filepath.Join(dataDir, CACertFile))
+		return nil, fmt.Errorf("broker: issue signer: %q is not the key of the CA in %q that clients pin", caKeyPath, filepath.Join(dataDir, CACertFile))
 	}
 	if time.Now().After(caCert.NotAfter) {
 		return nil, fmt.Errorf("broker: issue signer: the broker CA expired on %s", caCert.NotAfter.Format(time.DateOnly))
@@ -507,7 +507,7 @@ func refuseSigner(dataDir string) error {
 	for _, n := range []string{SignerCertFile, SignerKeyFile} {
 		p := filepath.Join(dataDir, n)
 		if _, err := os.Lstat(p); err == nil {
-			return fmt.Errorf("broker: issue signer: %s exists; this broker has a signing certificate (remove both %s and %s to issue a new one)", p, SignerCertFile, SignerKeyFile)
+			return fmt.Errorf("broker: issue signer: %q exists; this broker has a signing certificate (remove both %s and %s to issue a new one)", p, SignerCertFile, SignerKeyFile)
 		}
 	}
 	return nil
@@ -520,7 +520,7 @@ func readECKey(path string) (*ecdsa.PrivateKey, error) {
 	}
 	block, _ := pem.Decode(b)
 	if block == nil || block.Type != "EC PRIVATE KEY" {
-		return nil, fmt.Errorf("%s holds no PEM EC private key", path)
+		return nil, fmt.Errorf("%q holds no PEM EC private key", path)
 	}
 	return x509.ParseECPrivateKey(block.Bytes)
 }
@@ -532,7 +532,7 @@ func readCert(path string) (*x509.Certificate, error) {
 	}
 	block, _ := pem.Decode(b)
 	if block == nil || block.Type != "CERTIFICATE" {
-		return nil, fmt.Errorf("%s holds no PEM certificate", path)
+		return nil, fmt.Errorf("%q holds no PEM certificate", path)
 	}
 	return x509.ParseCertificate(block.Bytes)
 }
@@ -542,7 +542,7 @@ func LoadConfig(dataDir string) (*Config, error) {
 	data, err := os.ReadFile(filepath.Join(dataDir, ConfigFile))
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("broker: %s is not a broker data directory (run 'attested broker init' first)", dataDir)
+			return nil, fmt.Errorf("broker: %q is not a broker data directory (run 'attested broker init' first)", dataDir)
 		}
 		return nil, fmt.Errorf("broker: %w", err)
 	}
@@ -588,7 +588,7 @@ func loadMasterKey(path string) (*masterKey, error) {
 		return nil, fmt.Errorf("broker: master key: %w", err)
 	}
 	if len(key) != 32 {
-		return nil, fmt.Errorf("broker: master key %s: want 32 bytes, have %d", path, len(key))
+		return nil, fmt.Errorf("broker: master key %q: want 32 bytes, have %d", path, len(key))
 	}
 	block, err := aes.NewCipher(key)
 	if err != nil {

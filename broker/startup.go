@@ -73,7 +73,7 @@ func loadSigner(dataDir string) (*keysig.Signer, error) {
 		return nil, nil
 	}
 	if !exists(key) {
-		return nil, fmt.Errorf("broker: %s exists without its key %s", cert, key)
+		return nil, fmt.Errorf("broker: %q exists without its key %q", cert, key)
 	}
 	signer, err := keysig.LoadSigner(cert, key)
 	if err != nil {

@@ -57,7 +57,24 @@ func Start(t testing.TB, configure ...func(*broker.Config)) *Broker {
 		require.NoError(t, err)
 		require.NoError(t, os.WriteFile(filepath.Join(dir, broker.ConfigFile), data, 0o600))
 	}
-	srv, err := broker.Open(dir, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	return serve(t, dir, lis, slog.New(slog.NewTextHandler(io.Discard, nil)))
+}
+
+// Serve runs the broker of an existing data directory on loopback until
+// the test ends, logging to log.
+func Serve(t testing.TB, dataDir string, log *slog.Logger) *Broker {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	return serve(t, dataDir, lis, log)
+}
+
+func serve(t testing.TB, dir string, lis net.Listener, log *slog.Logger) *Broker {
+	t.Helper()
+	srv, err := broker.Open(dir, log)
+	if err != nil {
+		lis.Close()
+	}
 	require.NoError(t, err)
 	cert, err := broker.LoadServerCertificate(dir)
 	require.NoError(t, err)

@@ -104,7 +104,7 @@ func LoadSigner(certFile, keyFile string) (*Signer, error) {
 		}
 	}
 	if len(chain) == 0 {
-		return nil, fmt.Errorf("keysig: %s holds no PEM certificate", certFile)
+		return nil, fmt.Errorf("keysig: %q holds no PEM certificate", certFile)
 	}
 	keyPEM, err := os.ReadFile(keyFile)
 	if err != nil {
@@ -112,15 +112,15 @@ func LoadSigner(certFile, keyFile string) (*Signer, error) {
 	}
 	block, _ := pem.Decode(keyPEM)
 	if block == nil || block.Type != "EC PRIVATE KEY" {
-		return nil, fmt.Errorf("keysig: %s holds no PEM EC private key", keyFile)
+		return nil, fmt.Errorf("keysig: %q holds no PEM EC private key", keyFile)
 	}
 	key, err := x509.ParseECPrivateKey(block.Bytes)
 	if err != nil {
-		return nil, fmt.Errorf("keysig: %s: %w", keyFile, err)
+		return nil, fmt.Errorf("keysig: %q: %w", keyFile, err)
 	}
 	s, err := NewSigner(key, chain)
 	if err != nil {
-		return nil, fmt.Errorf("%w (%s, %s)", err, certFile, keyFile)
+		return nil, fmt.Errorf("%w (%q, %q)", err, certFile, keyFile)
 	}
 	return s, nil
 }
