@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"slices"
 	"strings"
 	"time"
 
@@ -66,7 +67,7 @@ func brokerNames(id, listen string, sans []string) (serverNames, error) {
 		if !validDNSName(strings.TrimPrefix(name, "*.")) {
 			return n, fmt.Errorf("broker: init: %q is neither an IP address nor a DNS name", s)
 		}
-		if !containsString(n.DNS, name) {
+		if !slices.Contains(n.DNS, name) {
 			n.DNS = append(n.DNS, name)
 		}
 	}
@@ -78,7 +79,7 @@ func brokerNames(id, listen string, sans []string) (serverNames, error) {
 func (n serverNames) constraints() (dns []string, ips []*net.IPNet) {
 	for _, d := range n.DNS {
 		d = strings.TrimPrefix(d, "*.")
-		if !containsString(dns, d) {
+		if !slices.Contains(dns, d) {
 			dns = append(dns, d)
 		}
 	}
@@ -99,15 +100,6 @@ func (n serverNames) String() string {
 func containsIP(ips []net.IP, ip net.IP) bool {
 	for _, x := range ips {
 		if x.Equal(ip) {
-			return true
-		}
-	}
-	return false
-}
-
-func containsString(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
 			return true
 		}
 	}

@@ -190,3 +190,26 @@ func TestMessageIsUnambiguous(t *testing.T) {
 	}
 	assert.Equal(t, m, keysig.Message("ab", "c", 1, "s", []byte("k")))
 }
+
+// FuzzVerify: signatures and chains come from the wire and from cache
+// files; whatever they hold, Verify refuses without panicking.
+func FuzzVerify(f *testing.F) {
+	dir := f.TempDir()
+	_, err := broker.Init(broker.InitOptions{DataDir: filepath.Join(dir, "data"), CADir: filepath.Join(dir, "ca"), ID: "b1"})
+	require.NoError(f, err)
+	ca, err := conn.CAPool(filepath.Join(dir, "data", broker.CACertFile))
+	require.NoError(f, err)
+	s, err := keysig.LoadSigner(filepath.Join(dir, "data", broker.SignerCertFile), filepath.Join(dir, "data", broker.SignerKeyFile))
+	require.NoError(f, err)
+	wk := key("b1")
+	require.NoError(f, s.Sign(wk))
+	f.Add(wk.Signature, wk.SignerChain[0], []byte("pub"))
+	f.Add([]byte{}, []byte{0x30, 0x03, 0x02, 0x01, 0x00}, []byte{})
+	f.Fuzz(func(t *testing.T, sig, cert, pub []byte) {
+		k := key("b1")
+		k.PublicKey, k.Signature, k.SignerChain = pub, sig, [][]byte{cert}
+		if keysig.Verify(k, ca, time.Now()) == nil && !bytes.Equal(cert, wk.SignerChain[0]) {
+			t.Fatalf("a key verified under a certificate the broker did not issue")
+		}
+	})
+}
