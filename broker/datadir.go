@@ -214,6 +214,13 @@ func Init(o InitOptions) (*Config, error) {
 	}
 	for _, f := range files {
 		p := filepath.Join(f.dir, f.name)
+		if f.name == ConfigFile {
+			// Every other file is durable before the one that marks the
+			// broker complete.
+			if err := syncDir(o.DataDir); err != nil {
+				return nil, fmt.Errorf("broker: init: %w", err)
+			}
+		}
 		if err := createExclusive(p, f.data, f.mode); err != nil {
 			return nil, fmt.Errorf("broker: init: %w (nothing was overwritten; remove what this init created in %q and %q before trying again)", err, o.DataDir, caDir)
 		}
