@@ -5,38 +5,59 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/hkdf"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
-	"net"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
-	"github.com/google/renameio/v2"
 	"gopkg.in/yaml.v3"
+
+	"github.com/attested-dev/attested/broker/fsperm"
+	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
 // Files in a broker data directory. Everything secret is 0600 in a 0700
 // directory.
 const (
-	ConfigFile     = "broker.yaml"
-	MasterKeyFile  = "master.key"
-	CACertFile     = "ca.pem"
+	ConfigFile    = "broker.yaml"
+	MasterKeyFile = "master.key"
+	CACertFile    = "ca.pem"
+	// CAKeyFile is the CA private key. Init writes it, with a copy of
+	// ca.pem, to the CA directory, never to the data directory: serve never
+	// uses it, and it belongs offline.
 	CAKeyFile      = "ca-key.pem"
 	ServerCertFile = "server.pem"
 	ServerKeyFile  = "server-key.pem"
+	// SignerCertFile and SignerKeyFile sign wrapping keys (see keysig).
+	SignerCertFile = "signer.pem"
+	SignerKeyFile  = "signer-key.pem"
 	AdminTokenFile = "admin.token"
 	DatabaseFile   = "broker.db"
 )
+
+// brokerFiles are the files a broker keeps in its data directory; any one
+// of them means a broker, or what is left of one, is there. CAKeyFile is
+// listed for brokers initialised before it moved out.
+var brokerFiles = []string{ConfigFile, DatabaseFile, MasterKeyFile, AdminTokenFile, CACertFile, CAKeyFile,
+	ServerCertFile, ServerKeyFile, SignerCertFile, SignerKeyFile}
+
+// secretFiles may be read by the broker's user only; the others must not
+// be writable by anyone else.
+var secretFiles = map[string]bool{MasterKeyFile: true, AdminTokenFile: true, CAKeyFile: true,
+	ServerKeyFile: true, SignerKeyFile: true, DatabaseFile: true}
+
+// DefaultCADir is where init writes the CA private key when not told:
+// beside the data directory, e.g. /var/lib/attested-broker-ca.
+func DefaultCADir(dataDir string) string { return filepath.Clean(dataDir) + "-ca" }
 
 // Config is the broker's configuration (broker.yaml).
 type Config struct {
@@ -69,77 +90,459 @@ const (
 // InitOptions configures Init.
 type InitOptions struct {
 	DataDir string
-	ID      string
-	Listen  string
-	// SANs are extra DNS names or IPs for the server certificate.
+	// CADir receives the CA private key (and a copy of the CA certificate),
+	// outside the serving data directory; DefaultCADir(DataDir) if empty.
+	CADir  string
+	ID     string
+	Listen string
+	// SANs are extra DNS names or IPs for the server certificate. The CA is
+	// constrained to the server certificate's names.
 	SANs []string
+	// EKRoots are written to broker.yaml (see Config.EKRoots).
+	EKRoots []string
+	// AdmitUncertifiedTPMs writes requireEKCertificate: false. The default
+	// admits only TPMs whose EK certificate chains to EKRoots.
+	AdmitUncertifiedTPMs bool
 }
 
-// Init creates a broker data directory: master key, TLS CA and server
-// certificate, admin credential and configuration. It refuses to touch an
-// existing broker so that a second init cannot destroy keys.
+// initHook, when set by a test, runs after each file init puts in place;
+// an error stops init there, as a crash would.
+var initHook func(path string) error
+
+// Init creates a broker: in the data directory the master key, the CA
+// certificate, the TLS server certificate and key, the wrapping-key signing
+// certificate and key, the admin credential and broker.yaml; in the CA
+// directory the CA private key. It refuses when either directory holds any
+// broker file, creates every file exclusively (a file that appears
+// meanwhile is never overwritten), and writes broker.yaml last, so an init
+// that stops half way leaves nothing serve accepts and a second init
+// refuses rather than destroying keys.
 func Init(o InitOptions) (*Config, error) {
 	if o.DataDir == "" {
 		return nil, errors.New("broker: init: no data directory given")
 	}
-	if _, err := os.Stat(filepath.Join(o.DataDir, ConfigFile)); err == nil {
-		return nil, fmt.Errorf("broker: init: %s already holds a broker (remove it first to start over)", o.DataDir)
+	caDir := o.CADir
+	if caDir == "" {
+		caDir = DefaultCADir(o.DataDir)
 	}
-	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("broker: init: %w", err)
-	}
-	if err := os.Chmod(o.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("broker: init: %w", err)
+	if err := separateDirs(o.DataDir, caDir); err != nil {
+		return nil, err
 	}
 	id := o.ID
 	if id == "" {
 		id = "broker-" + hex.EncodeToString(randomBytes(6))
 	}
+	if !annotation.ValidName(id) {
+		return nil, fmt.Errorf("broker: init: broker id %q must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit", id)
+	}
 	listen := o.Listen
 	if listen == "" {
 		listen = DefaultListen
 	}
+	names, err := brokerNames(id, listen, o.SANs)
+	if err != nil {
+		return nil, err
+	}
+	if len(o.EKRoots) > 0 {
+		if _, err := LoadEKRoots(o.EKRoots); err != nil {
+			return nil, fmt.Errorf("broker: init: %w", err)
+		}
+	}
+	// Refuse before anything is created.
+	if err := refuseExisting(o.DataDir, brokerFiles, "data"); err != nil {
+		return nil, err
+	}
+	if err := refuseExisting(caDir, []string{CAKeyFile, CACertFile}, "CA"); err != nil {
+		return nil, err
+	}
+	for _, d := range []string{o.DataDir, caDir} {
+		if err := makePrivateDir(d); err != nil {
+			return nil, err
+		}
+	}
+
 	master := randomBytes(32)
 	token := "atk_" + hex.EncodeToString(randomBytes(32))
-	caCert, caKey, err := newCA(id)
+	caCert, caKey, err := newCA(id, names)
 	if err != nil {
 		return nil, err
 	}
-	srvCert, srvKey, err := newServerCert(caCert, caKey, id, listen, o.SANs)
+	srvCert, srvKey, err := newServerCert(caCert, caKey, id, names)
 	if err != nil {
 		return nil, err
 	}
-	caKeyDER, err := x509.MarshalECPrivateKey(caKey)
+	signerCert, signerKey, err := newSignerCert(caCert, caKey, id)
 	if err != nil {
 		return nil, err
 	}
 	sum := sha256.Sum256([]byte(token))
 	cfg := &Config{ID: id, Listen: listen, AdminTokenSHA256: hex.EncodeToString(sum[:]),
-		SessionTTL: DefaultSessionTTL, NonceTTL: DefaultNonceTTL}
-	cfgYAML, err := yaml.Marshal(cfg)
+		SessionTTL: DefaultSessionTTL, NonceTTL: DefaultNonceTTL,
+		EKRoots: o.EKRoots, RequireEKCertificate: !o.AdmitUncertifiedTPMs}
+	cfgYAML, err := configYAML(cfg)
 	if err != nil {
 		return nil, err
 	}
+	caKeyPEM, err := ecKeyPEM(caKey)
+	if err != nil {
+		return nil, err
+	}
+	srvKeyPEM, err := ecKeyPEM(srvKey)
+	if err != nil {
+		return nil, err
+	}
+	signerKeyPEM, err := ecKeyPEM(signerKey)
+	if err != nil {
+		return nil, err
+	}
+	caPEM := pemBlock("CERTIFICATE", caCert.Raw)
 	files := []struct {
+		dir, name string
+		data      []byte
+		mode      os.FileMode
+	}{
+		{caDir, CAKeyFile, caKeyPEM, 0o600},
+		{caDir, CACertFile, caPEM, 0o644},
+		{o.DataDir, MasterKeyFile, master, 0o600},
+		{o.DataDir, CACertFile, caPEM, 0o644},
+		{o.DataDir, ServerKeyFile, srvKeyPEM, 0o600},
+		{o.DataDir, ServerCertFile, pemBlock("CERTIFICATE", srvCert), 0o644},
+		{o.DataDir, SignerKeyFile, signerKeyPEM, 0o600},
+		{o.DataDir, SignerCertFile, pemBlock("CERTIFICATE", signerCert), 0o644},
+		{o.DataDir, AdminTokenFile, []byte(token + "\n"), 0o600},
+		// The config goes last: its presence marks a complete init.
+		{o.DataDir, ConfigFile, cfgYAML, 0o600},
+	}
+	for _, f := range files {
+		p := filepath.Join(f.dir, f.name)
+		if f.name == ConfigFile {
+			// Every other file is durable before the one that marks the
+			// broker complete.
+			if err := syncDir(o.DataDir); err != nil {
+				return nil, fmt.Errorf("broker: init: %w", err)
+			}
+		}
+		if err := createExclusive(p, f.data, f.mode); err != nil {
+			return nil, fmt.Errorf("broker: init: %w (nothing was overwritten; remove what this init created in %q and %q before trying again)", err, o.DataDir, caDir)
+		}
+		if f.dir == caDir && f.name == CACertFile {
+			if err := syncDir(caDir); err != nil {
+				return nil, fmt.Errorf("broker: init: %w", err)
+			}
+		}
+		if initHook != nil {
+			if err := initHook(p); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if err := syncDir(o.DataDir); err != nil {
+		return nil, fmt.Errorf("broker: init: %w", err)
+	}
+	return cfg, nil
+}
+
+// separateDirs refuses a CA directory that is, or is inside, the data
+// directory (or the other way round): the CA key must be removable without
+// touching what serve reads.
+func separateDirs(dataDir, caDir string) error {
+	d, err := filepath.Abs(dataDir)
+	if err != nil {
+		return fmt.Errorf("broker: init: %w", err)
+	}
+	c, err := filepath.Abs(caDir)
+	if err != nil {
+		return fmt.Errorf("broker: init: %w", err)
+	}
+	inside := func(parent, child string) bool {
+		rel, err := filepath.Rel(parent, child)
+		return err == nil && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator))
+	}
+	if inside(d, c) || inside(c, d) {
+		return fmt.Errorf("broker: init: the CA directory %q must lie outside the data directory %q (and not contain it): serve reads the data directory, and the CA private key belongs offline", caDir, dataDir)
+	}
+	return nil
+}
+
+// refuseExisting fails when dir holds any of names, or the temporary file
+// of an init that stopped before putting one in place.
+func refuseExisting(dir string, names []string, what string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("broker: init: %w", err)
+	}
+	var found []string
+	for _, e := range entries {
+		for _, n := range names {
+			if e.Name() == n || strings.HasPrefix(e.Name(), "."+n) {
+				found = append(found, e.Name())
+				break
+			}
+		}
+	}
+	if len(found) == 0 {
+		return nil
+	}
+	if what == "CA" {
+		return fmt.Errorf("broker: init: the CA directory %q already holds %s: refusing to overwrite the CA of another broker; choose another --ca-dir, or move that one away if it is truly unused", dir, strings.Join(found, ", "))
+	}
+	return fmt.Errorf("broker: init: %q already holds broker files (%s): refusing to overwrite them, which would make every sealed key unopenable and every node lose its pinned CA. "+
+		"To run that broker: attested broker serve --data-dir %q (if %s is missing, restore it from a backup). "+
+		"An init that was interrupted leaves such files without %s; only if nothing ever served from this directory, move it away and run init again",
+		dir, strings.Join(found, ", "), dir, ConfigFile, ConfigFile)
+}
+
+// makePrivateDir creates dir 0700, or makes an existing one 0700 after
+// checking that it belongs to this user.
+func makePrivateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("broker: init: %w", err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("broker: init: %w", err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("broker: init: %q is not a directory", dir)
+	}
+	if err := fsperm.Check(dir, fi, 0); err != nil {
+		return fmt.Errorf("broker: init: %w", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("broker: init: %w", err)
+	}
+	return nil
+}
+
+// createExclusive writes a file that must not exist yet: the content goes
+// to a temporary file that is synced and then hard-linked to its name,
+// which fails if the name exists. The file appears complete or not at all.
+func createExclusive(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".init-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	err = f.Chmod(mode)
+	if err == nil {
+		_, err = f.Write(data)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write %q: %w", path, err)
+	}
+	if err := os.Link(tmp, path); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("%q appeared while init ran; it was left as it is", path)
+		}
+		return fmt.Errorf("put %q in place (init links files into place so that it never overwrites one; the file system must support hard links): %w", path, err)
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+func ecKeyPEM(k *ecdsa.PrivateKey) ([]byte, error) {
+	der, err := x509.MarshalECPrivateKey(k)
+	if err != nil {
+		return nil, err
+	}
+	return pemBlock("EC PRIVATE KEY", der), nil
+}
+
+const configHeader = `# attested broker configuration, written by 'attested broker init'.
+# 'attested broker serve' flags override these settings.
+#
+# requireEKCertificate: true admits only TPMs whose endorsement key (EK)
+# certificate chains to a TPM manufacturer CA listed in ekRoots; serve
+# refuses to start until ekRoots names one. false admits TPMs without a
+# certificate through a join token or an admin approval: a leaked token or a
+# careless approval then admits a software "TPM" that can report any PCR
+# values. serve warns of it at every start.
+`
+
+const ekRootsHint = `# ekRoots lists PEM files, or directories of them, holding the CA
+# certificates of the TPM manufacturers in your fleet (Infineon, Nuvoton,
+# STMicroelectronics, Intel, AMD, ... publish them), for example:
+# ekRoots:
+#   - /etc/attested/ek-roots/
+`
+
+// configYAML is broker.yaml for a new broker, with the comments above.
+func configYAML(cfg *Config) ([]byte, error) {
+	body, err := yaml.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	var b bytes.Buffer
+	b.WriteString(configHeader)
+	b.Write(body)
+	if !cfg.RequireEKCertificate && !bytes.Contains(body, []byte("\nrequireEKCertificate:")) {
+		// Written out, so the choice is visible (the field is omitted when false).
+		b.WriteString("requireEKCertificate: false\n")
+	}
+	if len(cfg.EKRoots) == 0 {
+		b.WriteString(ekRootsHint)
+	}
+	return b.Bytes(), nil
+}
+
+// CheckDataDir refuses, as ssh does, a data directory that others may
+// enter or that another user owns, and broker files others may read
+// (secrets) or change (the rest). Every problem is named with its fix.
+func CheckDataDir(dir string) error {
+	fi, err := os.Stat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("broker: %q does not exist (run 'attested broker init' first)", dir)
+	}
+	if err != nil {
+		return fmt.Errorf("broker: %w", err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("broker: %q is not a directory", dir)
+	}
+	var problems []string
+	if err := fsperm.Check(dir, fi, fsperm.Private); err != nil {
+		problems = append(problems, err.Error())
+	}
+	for _, name := range brokerFiles {
+		p := filepath.Join(dir, name)
+		fi, err := os.Stat(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // the loaders say what is missing
+		}
+		if err != nil {
+			problems = append(problems, err.Error())
+			continue
+		}
+		if !fi.Mode().IsRegular() {
+			problems = append(problems, fmt.Sprintf("%q is not a regular file", p))
+			continue
+		}
+		mask := fsperm.NotWritable
+		if secretFiles[name] {
+			mask = fsperm.Private
+		}
+		if err := fsperm.Check(p, fi, mask); err != nil {
+			problems = append(problems, err.Error())
+		}
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("broker: refusing to serve from %q, whose keys and settings must be private to the broker's user: %s",
+			dir, strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+// IssueSigner gives a broker initialised before signed wrapping keys its
+// signing certificate, issued by the CA whose private key is in caDir (such
+// a broker keeps it in its data directory). The CA must be the one in the
+// data directory's ca.pem, which clients pin.
+func IssueSigner(dataDir, caDir string) (*x509.Certificate, error) {
+	if err := CheckDataDir(dataDir); err != nil {
+		return nil, err
+	}
+	cfg, err := LoadConfig(dataDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := refuseSigner(dataDir); err != nil {
+		return nil, err
+	}
+	caKeyPath := filepath.Join(caDir, CAKeyFile)
+	if err := fsperm.Stat(caKeyPath, fsperm.Private); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("broker: issue signer: no CA private key %q (name the directory that holds %s with --ca-dir)", caKeyPath, CAKeyFile)
+		}
+		return nil, fmt.Errorf("broker: issue signer: %w", err)
+	}
+	caKey, err := readECKey(caKeyPath)
+	if err != nil {
+		return nil, fmt.Errorf("broker: issue signer: %w", err)
+	}
+	caCert, err := readCert(filepath.Join(dataDir, CACertFile))
+	if err != nil {
+		return nil, fmt.Errorf("broker: issue signer: %w", err)
+	}
+	if !caKey.PublicKey.Equal(caCert.PublicKey) {
+		return nil, fmt.Errorf("broker: issue signer: %q is not the key of the CA in %q that clients pin", caKeyPath, filepath.Join(dataDir, CACertFile))
+	}
+	if time.Now().After(caCert.NotAfter) {
+		return nil, fmt.Errorf("broker: issue signer: the broker CA expired on %s", caCert.NotAfter.Format(time.DateOnly))
+	}
+	der, key, err := newSignerCert(caCert, caKey, cfg.ID)
+	if err != nil {
+		return nil, err
+	}
+	keyPEM, err := ecKeyPEM(key)
+	if err != nil {
+		return nil, err
+	}
+	// The key first: serve takes a broker without signer.pem for one that
+	// has none, whatever else is there.
+	for _, f := range []struct {
 		name string
 		data []byte
 		mode os.FileMode
-	}{
-		{MasterKeyFile, master, 0o600},
-		{CACertFile, pemBlock("CERTIFICATE", caCert.Raw), 0o644},
-		{CAKeyFile, pemBlock("EC PRIVATE KEY", caKeyDER), 0o600},
-		{ServerCertFile, pemBlock("CERTIFICATE", srvCert), 0o644},
-		{ServerKeyFile, srvKey, 0o600},
-		{AdminTokenFile, []byte(token + "\n"), 0o600},
-		// The config goes last: its presence marks a complete init.
-		{ConfigFile, cfgYAML, 0o600},
-	}
-	for _, f := range files {
-		if err := renameio.WriteFile(filepath.Join(o.DataDir, f.name), f.data, f.mode); err != nil {
-			return nil, fmt.Errorf("broker: init: write %s: %w", f.name, err)
+	}{{SignerKeyFile, keyPEM, 0o600}, {SignerCertFile, pemBlock("CERTIFICATE", der), 0o644}} {
+		if err := createExclusive(filepath.Join(dataDir, f.name), f.data, f.mode); err != nil {
+			return nil, fmt.Errorf("broker: issue signer: %w", err)
 		}
 	}
-	return cfg, nil
+	if err := syncDir(dataDir); err != nil {
+		return nil, fmt.Errorf("broker: issue signer: %w", err)
+	}
+	return x509.ParseCertificate(der)
+}
+
+func refuseSigner(dataDir string) error {
+	for _, n := range []string{SignerCertFile, SignerKeyFile} {
+		p := filepath.Join(dataDir, n)
+		if _, err := os.Lstat(p); err == nil {
+			return fmt.Errorf("broker: issue signer: %q exists; this broker has a signing certificate (remove both %s and %s to issue a new one)", p, SignerCertFile, SignerKeyFile)
+		}
+	}
+	return nil
+}
+
+func readECKey(path string) (*ecdsa.PrivateKey, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(b)
+	if block == nil || block.Type != "EC PRIVATE KEY" {
+		return nil, fmt.Errorf("%q holds no PEM EC private key", path)
+	}
+	return x509.ParseECPrivateKey(block.Bytes)
+}
+
+func readCert(path string) (*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(b)
+	if block == nil || block.Type != "CERTIFICATE" {
+		return nil, fmt.Errorf("%q holds no PEM certificate", path)
+	}
+	return x509.ParseCertificate(block.Bytes)
 }
 
 // LoadConfig reads broker.yaml from a data directory.
@@ -147,7 +550,7 @@ func LoadConfig(dataDir string) (*Config, error) {
 	data, err := os.ReadFile(filepath.Join(dataDir, ConfigFile))
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("broker: %s is not a broker data directory (run 'attested broker init' first)", dataDir)
+			return nil, fmt.Errorf("broker: %q is not a broker data directory (run 'attested broker init' first)", dataDir)
 		}
 		return nil, fmt.Errorf("broker: %w", err)
 	}
@@ -183,70 +586,6 @@ func pemBlock(typ string, der []byte) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
 }
 
-func newCA(id string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, fmt.Errorf("broker: CA key: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          new(big.Int).SetBytes(randomBytes(16)),
-		Subject:               pkix.Name{CommonName: "attested broker CA " + id},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().AddDate(10, 0, 0),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		MaxPathLenZero:        true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		return nil, nil, fmt.Errorf("broker: CA certificate: %w", err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	return cert, key, err
-}
-
-func newServerCert(ca *x509.Certificate, caKey *ecdsa.PrivateKey, id, listen string, sans []string) (certDER, keyPEM []byte, err error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, fmt.Errorf("broker: server key: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: new(big.Int).SetBytes(randomBytes(16)),
-		Subject:      pkix.Name{CommonName: id},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().AddDate(2, 0, 0),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     []string{"localhost", id},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
-	}
-	if host, _, err := net.SplitHostPort(listen); err == nil {
-		sans = append(sans, host)
-	}
-	for _, s := range sans {
-		if s == "" {
-			continue
-		}
-		if ip := net.ParseIP(s); ip != nil {
-			if !ip.IsUnspecified() {
-				tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-			}
-		} else {
-			tmpl.DNSNames = append(tmpl.DNSNames, s)
-		}
-	}
-	certDER, err = x509.CreateCertificate(rand.Reader, tmpl, ca, key.Public(), caKey)
-	if err != nil {
-		return nil, nil, fmt.Errorf("broker: server certificate: %w", err)
-	}
-	der, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return nil, nil, err
-	}
-	return certDER, pemBlock("EC PRIVATE KEY", der), nil
-}
-
 // Seal and open key material under the master key (AES-256-GCM). The AAD
 // names the key and version, so sealed blobs cannot be swapped in the store.
 type masterKey struct {
@@ -261,7 +600,7 @@ func loadMasterKey(path string) (*masterKey, error) {
 		return nil, fmt.Errorf("broker: master key: %w", err)
 	}
 	if len(key) != 32 {
-		return nil, fmt.Errorf("broker: master key %s: want 32 bytes, have %d", path, len(key))
+		return nil, fmt.Errorf("broker: master key %q: want 32 bytes, have %d", path, len(key))
 	}
 	block, err := aes.NewCipher(key)
 	if err != nil {

@@ -105,7 +105,7 @@ func policyPinning(t *testing.T, b *brokertest.Broker, name string, idx int) {
 // wrap seals optsdata for key the way the keyprovider does at build time.
 func wrap(t *testing.T, b *brokertest.Broker, key string, optsdata []byte) []byte {
 	t.Helper()
-	h := &keyprovider.Handler{Keys: &keyprovider.BrokerKeys{Broker: b.Node, Addr: b.Addr}}
+	h := &keyprovider.Handler{Keys: &keyprovider.BrokerKeys{Broker: b.Node, CA: b.CA, Addr: b.Addr}}
 	req := fmt.Sprintf(`{"op":"keywrap","keywrapparams":{"ec":{"Parameters":{"attested":[%q]},"DecryptConfig":{"Parameters":{}}},"optsdata":%q},"keyunwrapparams":{"dc":null,"annotation":null}}`,
 		base64.StdEncoding.EncodeToString([]byte("key="+key)), base64.StdEncoding.EncodeToString(optsdata))
 	out, err := h.Handle(context.Background(), []byte(req))

@@ -34,7 +34,17 @@ func (s *Server) GetWrappingKey(ctx context.Context, req *apiv1.GetWrappingKeyRe
 	if err != nil {
 		return nil, storeErr("key", err)
 	}
-	return &apiv1.WrappingKey{Name: k.Name, Version: k.Version, Suite: k.Suite, PublicKey: k.PublicKey, BrokerId: s.cfg.ID}, nil
+	wk := &apiv1.WrappingKey{Name: k.Name, Version: k.Version, Suite: k.Suite, PublicKey: k.PublicKey, BrokerId: s.cfg.ID}
+	// A pipeline verifies this signature each time it seals to the key, so
+	// a cache entry or a key from anywhere but this broker is refused. A
+	// broker without a signer (initialised before) sends the key unsigned
+	// and pipelines say what to do; serve warned at start.
+	if s.signer != nil {
+		if err := s.signer.Sign(wk); err != nil {
+			return nil, status.Errorf(codes.Internal, "signing wrapping key %q: %v", k.Name, err)
+		}
+	}
+	return wk, nil
 }
 
 // Unwrap implements apiv1.BrokerServer.

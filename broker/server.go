@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/keysig"
 	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
 )
@@ -54,6 +55,7 @@ type Server struct {
 
 	adminHash []byte
 	ekRoots   *EKRoots
+	signer    *keysig.Signer // nil on a broker initialised before signed wrapping keys
 
 	mu       sync.Mutex
 	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
@@ -107,6 +109,9 @@ func New(o Options) (*Server, error) {
 // Open opens the broker in dataDir with its embedded store; override, if
 // given, adjusts broker.yaml's settings (command-line flags).
 func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server, error) {
+	if err := CheckDataDir(dataDir); err != nil {
+		return nil, err
+	}
 	cfg, err := LoadConfig(dataDir)
 	if err != nil {
 		return nil, err
@@ -114,11 +119,17 @@ func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server,
 	for _, o := range override {
 		o(cfg)
 	}
+	if err := checkEKPolicy(cfg); err != nil {
+		return nil, err
+	}
 	st, err := store.OpenBolt(filepath.Join(dataDir, DatabaseFile))
 	if err != nil {
 		return nil, err
 	}
 	s, err := New(Options{Config: cfg, Store: st, MasterKey: filepath.Join(dataDir, MasterKeyFile), Logger: log})
+	if err == nil {
+		err = s.startup(dataDir)
+	}
 	if err != nil {
 		st.Close()
 		return nil, err

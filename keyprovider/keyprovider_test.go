@@ -60,7 +60,7 @@ func newFixture(t *testing.T, store *attest.FileStore) *fixture {
 	sessions := &attest.Sessions{Broker: b.Node, State: st, Store: store,
 		TPM: func(ctx context.Context) (*attest.TPM, error) { return attest.OpenTPM(ctx, "simulator") }}
 	h := &keyprovider.Handler{
-		Keys:      &keyprovider.BrokerKeys{Broker: b.Node, Addr: b.Addr, CacheDir: t.TempDir()},
+		Keys:      &keyprovider.BrokerKeys{Broker: b.Node, CA: b.CA, Addr: b.Addr, CacheDir: t.TempDir()},
 		Unwrapper: &keyprovider.NodeUnwrapper{Broker: b.Node, Sessions: sessions, BrokerID: "broker-test"},
 	}
 	return &fixture{b: b, h: h, sessions: sessions}

@@ -4,6 +4,7 @@
 package brokertest
 
 import (
+	"crypto/x509"
 	"io"
 	"log/slog"
 	"net"
@@ -25,6 +26,8 @@ type Broker struct {
 	Server  *broker.Server
 	DataDir string
 	Addr    string
+	// CA is the broker CA, as clients pin it.
+	CA *x509.CertPool
 	// Node is an unauthenticated client (nodes and pipelines).
 	Node apiv1.BrokerClient
 	// Admin carries the admin credential.
@@ -41,7 +44,10 @@ func Start(t testing.TB, configure ...func(*broker.Config)) *Broker {
 	dir := t.TempDir()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	cfg, err := broker.Init(broker.InitOptions{DataDir: dir, ID: "broker-test", Listen: lis.Addr().String()})
+	// Tests enroll simulator TPMs, which have no EK certificate; tests that
+	// require one configure it.
+	cfg, err := broker.Init(broker.InitOptions{DataDir: dir, CADir: t.TempDir(), ID: "broker-test",
+		Listen: lis.Addr().String(), AdmitUncertifiedTPMs: true})
 	require.NoError(t, err)
 	if len(configure) > 0 {
 		for _, f := range configure {
@@ -51,13 +57,32 @@ func Start(t testing.TB, configure ...func(*broker.Config)) *Broker {
 		require.NoError(t, err)
 		require.NoError(t, os.WriteFile(filepath.Join(dir, broker.ConfigFile), data, 0o600))
 	}
-	srv, err := broker.Open(dir, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	return serve(t, dir, lis, slog.New(slog.NewTextHandler(io.Discard, nil)))
+}
+
+// Serve runs the broker of an existing data directory on loopback until
+// the test ends, logging to log.
+func Serve(t testing.TB, dataDir string, log *slog.Logger) *Broker {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	return serve(t, dataDir, lis, log)
+}
+
+func serve(t testing.TB, dir string, lis net.Listener, log *slog.Logger) *Broker {
+	t.Helper()
+	srv, err := broker.Open(dir, log)
+	if err != nil {
+		lis.Close()
+	}
 	require.NoError(t, err)
 	cert, err := broker.LoadServerCertificate(dir)
 	require.NoError(t, err)
 	g := srv.GRPCServer(cert)
 	go g.Serve(lis)
-	b := &Broker{Server: srv, DataDir: dir, Addr: lis.Addr().String(), grpc: g}
+	ca, err := conn.CAPool(filepath.Join(dir, broker.CACertFile))
+	require.NoError(t, err)
+	b := &Broker{Server: srv, DataDir: dir, Addr: lis.Addr().String(), CA: ca, grpc: g}
 	t.Cleanup(func() { g.Stop(); srv.Close() })
 
 	dial := func(admin bool) *grpc.ClientConn {

@@ -42,13 +42,9 @@ func Dial(o Options) (*grpc.ClientConn, error) {
 	if o.CAFile == "" {
 		return nil, errors.New("conn: no broker CA configured (--broker-ca); the broker is only trusted through its own CA")
 	}
-	pem, err := os.ReadFile(o.CAFile)
+	pool, err := CAPool(o.CAFile)
 	if err != nil {
-		return nil, fmt.Errorf("conn: broker CA: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("conn: broker CA %s holds no PEM certificate", o.CAFile)
+		return nil, err
 	}
 	timeout := o.Timeout
 	if timeout <= 0 {
@@ -70,6 +66,20 @@ func Dial(o Options) (*grpc.ClientConn, error) {
 		return nil, fmt.Errorf("conn: %w", err)
 	}
 	return c, nil
+}
+
+// CAPool reads the broker CA file, the only root the broker is trusted
+// through: for TLS, and for the signatures on its wrapping keys.
+func CAPool(caFile string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("conn: broker CA: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("conn: broker CA %s holds no PEM certificate", caFile)
+	}
+	return pool, nil
 }
 
 func deadline(d time.Duration) grpc.UnaryClientInterceptor {

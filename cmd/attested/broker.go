@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -19,26 +20,92 @@ import (
 
 func brokerCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "broker", Short: "Run the key broker"}
-	var dataDir, id, listen string
-	var sans []string
+	var dataDir, caDir, id, listen string
+	var sans, initEKRoots []string
+	var initRequireEK bool
 	initCmd := &cobra.Command{
 		Use:   "init",
-		Short: "Create a broker: master key, TLS CA and certificate, admin credential",
-		Args:  cobra.NoArgs,
+		Short: "Create a broker: master key, TLS CA and certificates, wrapping-key signer, admin credential",
+		Long: `Create a broker in --data-dir: master key, TLS CA certificate, server certificate,
+wrapping-key signing certificate, admin credential and broker.yaml. The CA private key
+goes to --ca-dir, outside the data directory: serve never reads it, so move it offline.
+
+init refuses when either directory already holds any broker file, and never
+overwrites one: a second init cannot destroy a broker's keys. The CA may vouch only
+for the server certificate's names (localhost, loopback, --id, the --listen host and
+every --san) and the usages the broker needs; name every address clients use now.
+
+New brokers admit only TPMs whose EK certificate chains to a manufacturer CA
+(requireEKCertificate: true): give the CAs with --ek-roots, or add them under
+ekRoots in broker.yaml before 'broker serve'.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := broker.Init(broker.InitOptions{DataDir: dataDir, ID: id, Listen: listen, SANs: sans})
+			if !cmd.Flags().Changed("ca-dir") {
+				caDir = broker.DefaultCADir(dataDir)
+			}
+			cfg, err := broker.Init(broker.InitOptions{DataDir: dataDir, CADir: caDir, ID: id, Listen: listen, SANs: sans,
+				EKRoots: initEKRoots, AdmitUncertifiedTPMs: !initRequireEK})
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "broker %s initialised in %s\n", cfg.ID, dataDir)
-			fmt.Fprintf(cmd.OutOrStdout(), "  listen:           %s\n", cfg.Listen)
-			fmt.Fprintf(cmd.OutOrStdout(), "  CA for clients:   %s\n", filepath.Join(dataDir, broker.CACertFile))
-			fmt.Fprintf(cmd.OutOrStdout(), "  admin credential: %s (keep it secret)\n", filepath.Join(dataDir, broker.AdminTokenFile))
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "broker %s initialised in %s\n", cfg.ID, dataDir)
+			fmt.Fprintf(out, "  listen:           %s\n", cfg.Listen)
+			fmt.Fprintf(out, "  CA for clients:   %s\n", filepath.Join(dataDir, broker.CACertFile))
+			fmt.Fprintf(out, "  admin credential: %s (keep it secret)\n", filepath.Join(dataDir, broker.AdminTokenFile))
+			fmt.Fprintf(out, "  CA private key:   %s\n", filepath.Join(caDir, broker.CAKeyFile))
+			fmt.Fprintf(out, "    serve never reads it: move %s offline now. It is needed only to issue\n", caDir)
+			fmt.Fprintf(out, "    certificates again; whoever holds it can impersonate this broker.\n")
+			switch {
+			case !cfg.RequireEKCertificate:
+				fmt.Fprintf(out, "  EK certificates:  NOT required: TPMs without one enroll with a join token or an approval;\n")
+				fmt.Fprintf(out, "    a leaked token or careless approval admits a software TPM (serve warns at start)\n")
+			case len(cfg.EKRoots) == 0:
+				fmt.Fprintf(out, "  EK certificates:  required. Before 'broker serve', put your TPM manufacturers' CA\n")
+				fmt.Fprintf(out, "    certificates (PEM) in a directory, e.g. /etc/attested/ek-roots/, and list it under\n")
+				fmt.Fprintf(out, "    ekRoots in %s (serve refuses to start without one)\n", filepath.Join(dataDir, broker.ConfigFile))
+			default:
+				fmt.Fprintf(out, "  EK certificates:  required, chaining to %s\n", strings.Join(cfg.EKRoots, ", "))
+			}
 			return nil
 		},
 	}
 	initCmd.Flags().StringVar(&id, "id", "", "broker identity recorded in annotations (default: random)")
-	initCmd.Flags().StringSliceVar(&sans, "san", nil, "extra DNS names or IPs for the server certificate")
+	initCmd.Flags().StringSliceVar(&sans, "san", nil, "extra DNS names or IPs for the server certificate (the CA is constrained to these names)")
+	initCmd.Flags().StringVar(&caDir, "ca-dir", "", "directory for the CA private key, outside the data directory (default: DATA-DIR-ca, e.g. /var/lib/attested-broker-ca)")
+	initCmd.Flags().StringSliceVar(&initEKRoots, "ek-roots", nil, "PEM files or directories of TPM manufacturer CAs, written to broker.yaml (ekRoots)")
+	initCmd.Flags().BoolVar(&initRequireEK, "require-ek-certificate", true, "admit only TPMs whose EK certificate chains to ekRoots; false admits uncertified TPMs through join tokens and approvals")
+
+	var signerCADir string
+	issueSignerCmd := &cobra.Command{
+		Use:   "issue-signer",
+		Short: "Give a broker initialised before signed wrapping keys its signing certificate",
+		Long: `Issue the wrapping-key signing certificate (signer.pem, signer-key.pem) of a broker
+initialised before wrapping keys were signed. Pipelines refuse unsigned wrapping keys,
+so such a broker cannot have images encrypted for it until this has run. --ca-dir names
+the directory holding the CA private key ca-key.pem: such a broker keeps it in its data
+directory. Restart 'broker serve' afterwards, then move ca-key.pem offline.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if signerCADir == "" {
+				return fmt.Errorf("--ca-dir is required: the directory holding %s (a broker initialised before signed wrapping keys keeps it in its data directory)", broker.CAKeyFile)
+			}
+			cert, err := broker.IssueSigner(dataDir, signerCADir)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "wrapping-key signing certificate for broker %s written to %s (valid until %s)\n",
+				cert.Subject.CommonName, filepath.Join(dataDir, broker.SignerCertFile), cert.NotAfter.Format(time.DateOnly))
+			fmt.Fprintf(out, "restart 'attested broker serve' to sign wrapping keys with it\n")
+			if inData := filepath.Join(dataDir, broker.CAKeyFile); fileExists(inData) {
+				fmt.Fprintf(out, "then move the CA private key %s offline: serve never reads it\n", inData)
+			}
+			return nil
+		},
+	}
+	issueSignerCmd.Flags().StringVar(&signerCADir, "ca-dir", "", "directory holding the CA private key "+broker.CAKeyFile)
+
 	var ekRoots []string
 	var requireEK bool
 	var sessionTTL, nonceTTL time.Duration
@@ -46,7 +113,11 @@ func brokerCmd() *cobra.Command {
 		Use:   "serve",
 		Short: "Serve the broker API over TLS",
 		Long: `Serve the broker API over TLS. Settings come from DATA-DIR/broker.yaml; a flag
-given on the command line wins over the file.`,
+given on the command line wins over the file.
+
+Like ssh, serve refuses a data directory that another user owns or that group or
+others may enter, and broker files that others may read (master.key, admin.token,
+private keys, broker.db) or change (the rest), naming the chmod or chown that fixes it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			fl := cmd.Flags()
@@ -70,14 +141,16 @@ given on the command line wins over the file.`,
 		},
 	}
 	serveCmd.Flags().StringSliceVar(&ekRoots, "ek-roots", nil, "PEM files or directories of TPM manufacturer CAs EK certificates must chain to (broker.yaml: ekRoots; none trusted by default)")
-	serveCmd.Flags().BoolVar(&requireEK, "require-ek-certificate", false, "refuse TPMs without an EK certificate chaining to --ek-roots (broker.yaml: requireEKCertificate)")
+	serveCmd.Flags().BoolVar(&requireEK, "require-ek-certificate", false, "refuse TPMs without an EK certificate chaining to --ek-roots (broker.yaml: requireEKCertificate, which init sets to true); when false, serve warns of the risk at start")
 	serveCmd.Flags().DurationVar(&sessionTTL, "session-ttl", broker.DefaultSessionTTL, "how long one appraisal serves unwraps (broker.yaml: sessionTTL)")
 	serveCmd.Flags().DurationVar(&nonceTTL, "nonce-ttl", broker.DefaultNonceTTL, "how long a node has to answer a challenge (broker.yaml: nonceTTL)")
-	for _, c := range []*cobra.Command{initCmd, serveCmd} {
+	for _, c := range []*cobra.Command{initCmd, serveCmd, issueSignerCmd} {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/attested-broker", "broker data directory")
+	}
+	for _, c := range []*cobra.Command{initCmd, serveCmd} {
 		c.Flags().StringVar(&listen, "listen", "", "TLS gRPC listen address (default from broker.yaml, "+broker.DefaultListen+")")
 	}
-	cmd.AddCommand(initCmd, serveCmd)
+	cmd.AddCommand(initCmd, serveCmd, issueSignerCmd)
 	return cmd
 }
 
@@ -115,4 +188,9 @@ func serveBroker(dataDir string, flags func(*broker.Config)) error {
 		return fmt.Errorf("broker: serve: %w", err)
 	}
 	return nil
+}
+
+func fileExists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/attested-dev/attested/attest"
 	"github.com/attested-dev/attested/attest/localfile"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/conn"
 	"github.com/attested-dev/attested/keyprovider"
 	"github.com/attested-dev/attested/keyprovider/annotation"
 )
@@ -165,7 +166,13 @@ func newHandler(c *config, store *attest.FileStore) (*keyprovider.Handler, func(
 			cacheDir = filepath.Join(d, "attested")
 		}
 	}
-	h.Keys = &keyprovider.BrokerKeys{Broker: b, Addr: c.Broker, CacheDir: cacheDir}
+	// dialBroker read the same file, so it parses.
+	ca, err := conn.CAPool(c.BrokerCA)
+	if err != nil {
+		cc.Close()
+		return nil, nil, err
+	}
+	h.Keys = &keyprovider.BrokerKeys{Broker: b, CA: ca, Addr: c.Broker, CacheDir: cacheDir}
 	st, err := attest.LoadState(c.StateDir)
 	if err != nil {
 		h.Unwrapper = failing{err}

@@ -16,9 +16,9 @@ import (
 )
 
 // trustSwtpmCA is broker configuration trusting the suite's swtpm CA (never
-// trusted by default) and requiring EK certificates.
+// trusted by default); broker init already requires EK certificates.
 func trustSwtpmCA() string {
-	return fmt.Sprintf("ekRoots:\n  - %s\n  - %s\nrequireEKCertificate: true\n",
+	return fmt.Sprintf("ekRoots:\n  - %s\n  - %s\n",
 		filepath.Join(shared.ca.Dir, "swtpm-localca-rootca-cert.pem"), filepath.Join(shared.ca.Dir, "issuercert.pem"))
 }
 

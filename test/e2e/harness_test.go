@@ -86,6 +86,13 @@ func newWorld(t testing.TB, o worldOptions) *world {
 	t.Helper()
 	dir, err := os.MkdirTemp(shared.dir, "w")
 	require.NoError(t, err)
+	// broker init requires certified EKs: trust the suite's swtpm CA (made
+	// on first use) unless the test brings its own roots.
+	if !strings.Contains(o.brokerConfig, "ekRoots") {
+		swtpm.Start(t, shared.ca, filepath.Join(dir, "ca-warmup")).Stop()
+		o.brokerConfig += fmt.Sprintf("ekRoots:\n  - %s\n  - %s\n",
+			filepath.Join(shared.ca.Dir, "swtpm-localca-rootca-cert.pem"), filepath.Join(shared.ca.Dir, "issuercert.pem"))
+	}
 	w := &world{t: t, dir: dir, brokerExtra: o.brokerConfig}
 	t.Cleanup(func() {
 		if t.Failed() {
