@@ -229,7 +229,7 @@ func (f *fakeTime) add(d time.Duration) { f.mu.Lock(); f.t = f.t.Add(d); f.mu.Un
 func startDirect(t *testing.T, wall func() time.Time, wrap func(store.Store) store.Store) (direct, func(wall func() time.Time) direct) {
 	t.Helper()
 	dir := t.TempDir()
-	cfg, err := broker.Init(broker.InitOptions{DataDir: filepath.Join(dir, "broker"), ID: "broker-test", Listen: "127.0.0.1:0"})
+	cfg, err := broker.Init(broker.InitOptions{DataDir: filepath.Join(dir, "broker"), CADir: filepath.Join(dir, "ca"), ID: "broker-test", Listen: "127.0.0.1:0", AdmitUncertifiedTPMs: true})
 	require.NoError(t, err)
 	st, err := store.OpenBolt(filepath.Join(dir, "broker", broker.DatabaseFile))
 	require.NoError(t, err)
