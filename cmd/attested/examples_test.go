@@ -495,6 +495,7 @@ func TestExampleKubernetesImagesPinnedByDigest(t *testing.T) {
 // capabilities, and why they must.
 var mayRunAsRoot = map[string]string{
 	"attested-agent/agent":     "the kernel's event logs in securityfs are readable by root only, and the host's exec-mode keyprovider (root) shares its directories",
+	"attested-agent/dirs":      "it makes the agent's (root's) host directories 0700",
 	"tpm-device-plugin/plugin": "it registers in the kubelet's root-owned socket directory",
 }
 
@@ -673,8 +674,9 @@ func TestExampleKubernetesAgent(t *testing.T) {
 			assert.True(t, v.HostPath != nil && v.HostPath.Path == dir && m.MountPath == dir, "agent: %s must be the host's %s", dir, dir)
 		}
 	}
-	_, ok = mountOf(c, cfg.CacheDir)
+	m, ok = mountOf(c, cfg.CacheDir)
 	assert.True(t, ok, "agent: cacheDir %s is writable only on a volume (read-only root)", cfg.CacheDir)
+	assert.NotEqual(t, m.MountPath, cfg.CacheDir, "agent: an emptyDir's root is 0777; the key cache must be a directory the agent creates 0700")
 
 	// Event logs: the host's securityfs, mounted read-only away from
 	// /sys/kernel/security, which the runtime's default AppArmor profile
