@@ -43,6 +43,23 @@ const PendingTTL = 7 * 24 * time.Hour
 // HandlerTimeout bounds every RPC, whatever deadline the caller sent.
 const HandlerTimeout = 30 * time.Second
 
+// Upper bounds of the configurable lifetimes: evidence older than this is
+// not fresh, whatever a configuration says.
+const (
+	MaxSessionTTL = 24 * time.Hour
+	MaxNonceTTL   = 10 * time.Minute
+)
+
+func checkLifetimes(c *Config) error {
+	if c.SessionTTL <= 0 || c.SessionTTL > MaxSessionTTL {
+		return fmt.Errorf("broker: sessionTTL %s is out of range: an appraisal may serve unwraps for at most %s", c.SessionTTL, MaxSessionTTL)
+	}
+	if c.NonceTTL <= 0 || c.NonceTTL > MaxNonceTTL {
+		return fmt.Errorf("broker: nonceTTL %s is out of range: a node answers a challenge within at most %s", c.NonceTTL, MaxNonceTTL)
+	}
+	return nil
+}
+
 // Server implements the Broker and Admin services.
 type Server struct {
 	apiv1.UnimplementedBrokerServer
@@ -78,6 +95,9 @@ type Options struct {
 
 // New returns a broker server.
 func New(o Options) (*Server, error) {
+	if err := checkLifetimes(o.Config); err != nil {
+		return nil, err
+	}
 	mk, err := loadMasterKey(o.MasterKey)
 	if err != nil {
 		return nil, err

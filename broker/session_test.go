@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -367,4 +368,18 @@ func listNode(t *testing.T, b *brokertest.Broker, name string) *apiv1.Node {
 	}
 	t.Fatalf("node %s not listed", name)
 	return nil
+}
+
+// Finding 16: lifetimes are bounded whatever the configuration says.
+func TestLifetimesAreBounded(t *testing.T) {
+	for _, c := range []func(*broker.Config){
+		func(c *broker.Config) { c.SessionTTL = 48 * time.Hour },
+		func(c *broker.Config) { c.NonceTTL = time.Hour },
+	} {
+		cfg := &broker.Config{ID: "b", AdminTokenSHA256: strings.Repeat("00", 32), SessionTTL: broker.DefaultSessionTTL, NonceTTL: broker.DefaultNonceTTL}
+		c(cfg)
+		_, err := broker.New(broker.Options{Config: cfg})
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "out of range")
+	}
 }
