@@ -180,7 +180,7 @@ func Parse(data []byte) (*Policy, error) {
 		}
 		for _, e := range m.Exclude {
 			dir := strings.TrimSuffix(e, "/")
-			if !strings.HasPrefix(e, "/") || dir == "" || path.Clean(dir) != dir {
+			if !strings.HasPrefix(dir, "/") || dir == "/" || path.Clean(dir) != dir {
 				return nil, fail("ima", "ima exclude %q must be a clean absolute directory other than /, such as /tmp or /tmp/", e)
 			}
 			p.IMA.Exclude = append(p.IMA.Exclude, dir)
