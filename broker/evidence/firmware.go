@@ -64,8 +64,8 @@ type Facts struct {
 	// SecureBootAuthorities are the subjects of the keys that verified
 	// boot components.
 	SecureBootAuthorities []string
-	// BootApps is nil when unknown (no firmware log, or PCR 4 was never
-	// extended).
+	// BootApps is nil when unknown: no firmware log, or no application
+	// measured into PCR 4.
 	BootApps []BootApp
 	// KernelCmdlines are the kernel command lines measured into PCR 8
 	// (GRUB, or systemd-stub before v251) and PCR 12 (systemd-stub), each
@@ -181,9 +181,9 @@ type indexed struct {
 var factPCRs = []int{pcrBootApplications, pcrSecureBoot, pcrGrub, pcrKernelConfig}
 
 // bootApps lists every PCR 4 measurement that is not a proven separator or
-// EFI action. The list is never nil: PCR 4 was extended.
+// EFI action. With none, nothing says what booted: nil, like an unknown.
 func bootApps(events []indexed) []BootApp {
-	apps := []BootApp{}
+	var apps []BootApp
 	for _, e := range events {
 		if provenSeparator(e.Event) || provenAction(e.Event) {
 			continue
@@ -386,7 +386,7 @@ func (f Facts) Lines() []string {
 			out = append(out, fmt.Sprintf("Secure Boot authority: %q", a))
 		}
 		if f.BootApps == nil {
-			out = append(out, "boot applications: unknown (PCR 4 was never extended)")
+			out = append(out, "boot applications: unknown (none measured into PCR 4)")
 		}
 		for _, b := range f.BootApps {
 			out = append(out, fmt.Sprintf("boot application (event %d%s): %s", b.Event, b.loggedAs(), hex.EncodeToString(b.Digest)))
@@ -404,7 +404,7 @@ func (f Facts) Lines() []string {
 		out = append(out, fmt.Sprintf("TPM-certified tag digest: %s", hex.EncodeToString(f.CertifiedTagDigest)))
 	}
 	if f.IMA == nil {
-		out = append(out, "IMA log: none sent")
+		out = append(out, "IMA log: none sent, or PCR 10 never extended")
 	} else {
 		out = append(out, fmt.Sprintf("IMA log: %d measurements replay to PCR 10", len(f.IMA)))
 	}
