@@ -496,7 +496,7 @@ func (p *Policy) evalIMA(c Claims, add adder) {
 		return
 	}
 	if v := c.Facts.IMAViolations; v > 0 && !p.IMA.AllowViolations {
-		add("ima", false, fmt.Sprintf("IMA recorded %d measurement violation(s): files it could not measure (opened for write while measured), so their content is unknown; policy %s does not set ima.allowViolations", v, p.Name))
+		add("ima", false, fmt.Sprintf("IMA recorded %d measurement violation(s) (a file written while measured or in use), which prove nothing about that content; policy %s does not set ima.allowViolations", v, p.Name))
 		return
 	}
 	checked := 0
