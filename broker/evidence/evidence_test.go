@@ -3,6 +3,7 @@ package evidence_test
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/json"
 	"slices"
 	"strings"
 	"testing"
@@ -200,6 +201,29 @@ func TestRelabelledGrubStringsCannotSwapLines(t *testing.T) {
 	f, err := evidence.ReplayFirmware(eventlogtest.Firmware(forged), replayed(evs))
 	require.NoError(t, err)
 	assert.Contains(t, f.KernelCmdlines, evilCL)
+}
+
+// TestCmdlineFactsSurviveJSON: facts are stored as JSON, which replaces
+// invalid UTF-8. A kernel-space byte (0xA0) hidden in invalid UTF-8 would
+// stop splitting words after a round trip, so a GRUB string that is not
+// UTF-8 establishes no command line; a valid one keeps its bytes.
+func TestCmdlineFactsSurviveJSON(t *testing.T) {
+	bad := "BOOT_IMAGE=/vmlinuz ro x=a\xa0init=/bin/sh"
+	evs := boot([][]byte{app[:]}, bad)
+	f, err := evidence.ReplayFirmware(eventlogtest.Firmware(evs), replayed(evs))
+	require.NoError(t, err)
+	assert.Nil(t, f.KernelCmdlines)
+
+	nbsp := "BOOT_IMAGE=/vmlinuz ro x=a\u00a0init=/bin/sh"
+	evs = boot([][]byte{app[:]}, nbsp)
+	f, err = evidence.ReplayFirmware(eventlogtest.Firmware(evs), replayed(evs))
+	require.NoError(t, err)
+	js, err := json.Marshal(f)
+	require.NoError(t, err)
+	var back evidence.Facts
+	require.NoError(t, json.Unmarshal(js, &back))
+	assert.Equal(t, f, back)
+	assert.Equal(t, "init=/bin/sh", evidence.ParseCmdline(back.KernelCmdlines[0]).Params[3].String())
 }
 
 // TestSystemdStubCmdline: systemd-stub's PCR 12 line is established when
