@@ -41,6 +41,7 @@ fuzz:
 	$(GO) test ./broker/policy -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzReplayFirmware -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzReplayIMA -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzParseCmdline -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzVerifyTagCertification -fuzztime $(FUZZTIME)
 
 bench: deps build imgcopy

@@ -131,8 +131,8 @@ func TestMeasuredBootPolicyReleases(t *testing.T) {
 	ex := explain(t, b, s)
 	facts := strings.Join(ex.GetFacts(), "\n")
 	assert.Contains(t, facts, "Secure Boot: enabled")
-	assert.Contains(t, facts, "Secure Boot authority: CN=Test Secure Boot CA")
-	assert.Contains(t, facts, "kernel command line: root=/dev/sda1 ro ima_appraise=enforce")
+	assert.Contains(t, facts, `Secure Boot authority: "CN=Test Secure Boot CA"`)
+	assert.Contains(t, facts, `kernel command line: "root=/dev/sda1 ro ima_appraise=enforce"`)
 	assert.Contains(t, facts, "IMA log: 2 measurements replay to PCR 10")
 	require.Len(t, ex.GetKeys(), 1)
 	assert.True(t, ex.GetKeys()[0].GetAllowed())
@@ -201,7 +201,7 @@ func TestIMAFileNotInAllowListIsRefused(t *testing.T) {
 	tagEU(t, b)
 	err := releaseOrRefusal(t, n, ann)
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "IMA: /usr/local/bin/miner (sha256 "+hex.EncodeToString(evil[:])[:16]+"..) is not in the allow-list of policy prod-eu")
+	assert.Contains(t, err.Error(), `IMA: "/usr/local/bin/miner" ("sha256:`+hex.EncodeToString(evil[:])[:16]+`..") is not in the allow-list of policy prod-eu`)
 }
 
 func TestIMALogThatDoesNotReplayIsRefused(t *testing.T) {

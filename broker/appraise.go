@@ -240,7 +240,7 @@ func appraiseLogs(req *apiv1.AttestRequest, pcrs map[int][]byte) (evidence.Facts
 		if err != nil {
 			return f, err
 		}
-		f.IMA = ima
+		f.IMA, f.IMAViolations = ima.Entries, ima.Violations
 	}
 	return f, nil
 }

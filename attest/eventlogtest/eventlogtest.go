@@ -26,13 +26,19 @@ import (
 const (
 	EvNoAction              = 0x00000003
 	EvSeparator             = 0x00000004
+	EvEventTag              = 0x00000006
 	EvIPL                   = 0x0000000D
 	EvEFIVariableDriverConf = 0x80000001
 	EvEFIBootServicesApp    = 0x80000003
+	EvEFIAction             = 0x80000007
 	EvEFIVariableAuthority  = 0x800000E0
 )
 
-// Event is one measured event. Digest defaults to SHA-256 of Data.
+// Event is one measured event. Digest defaults to SHA-256 of Data, which is
+// what firmware extends for the events whose data is the measured content
+// (separators, EFI actions, UEFI variables); for the others (boot
+// applications, GRUB's strings) the constructors below set it as the real
+// measuring component does.
 type Event struct {
 	PCR    int
 	Type   uint32
@@ -163,25 +169,73 @@ func SecureBoot(enabled bool, cert []byte) []Event {
 }
 
 // BootApp is an EFI application load (PCR 4) whose Authenticode digest is
-// digest.
+// digest. Its data (UEFI_IMAGE_LOAD_EVENT: where the image was loaded and
+// its device path) is not what the digest covers.
 func BootApp(digest []byte) Event {
 	return Event{PCR: 4, Type: EvEFIBootServicesApp, Data: make([]byte, 32), Digest: digest}
 }
 
-// KernelCmdline is GRUB's measurement of the kernel command line (PCR 8).
-func KernelCmdline(cmdline string) Event {
-	return Event{PCR: 8, Type: EvIPL, Data: []byte("kernel_cmdline: " + cmdline + "\x00")}
+// EFIAction is an EV_EFI_ACTION event: the digest is SHA-256 of the action
+// string, as in "Calling EFI Application from Boot Option" (PCR 4).
+func EFIAction(pcr int, action string) Event {
+	return Event{PCR: pcr, Type: EvEFIAction, Data: []byte(action)}
+}
+
+// CallingEFIApplication is the action firmware measures into PCR 4 before
+// it starts the boot option.
+const CallingEFIApplication = "Calling EFI Application from Boot Option"
+
+// Separator is the EV_SEPARATOR firmware measures into a PCR at the end of
+// pre-OS measurements.
+func Separator(pcr int) Event {
+	return Event{PCR: pcr, Type: EvSeparator, Data: []byte{0, 0, 0, 0}}
+}
+
+// grubString is a string GRUB measures into PCR 8 (grub-core/commands/tpm.c,
+// grub_tpm_verify_string): the event data is the prefix, the string and a
+// NUL, but the digest is SHA-256 of the string alone, without prefix or NUL.
+// So the prefix, which says what kind of string it is, is not covered.
+func grubString(prefix, s string) Event {
+	d := sha256.Sum256([]byte(s))
+	return Event{PCR: 8, Type: EvIPL, Data: []byte(prefix + s + "\x00"), Digest: d[:]}
+}
+
+// KernelCmdline is GRUB's measurement of the kernel command line it hands
+// to the kernel (PCR 8).
+func KernelCmdline(cmdline string) Event { return grubString("kernel_cmdline: ", cmdline) }
+
+// GrubCommand is GRUB's measurement of a command it runs (PCR 8).
+func GrubCommand(cmd string) Event { return grubString("grub_cmd: ", cmd) }
+
+// StubCmdline is systemd-stub's measurement of the kernel command line
+// (PCR 12, EV_IPL). systemd's src/boot/measure.c (tpm_log_load_options)
+// measures the UTF-16LE line including its NUL terminator (strsize16) and
+// logs the same bytes as the event data.
+func StubCmdline(cmdline string) Event {
+	return Event{PCR: 12, Type: EvIPL, Data: UTF16(cmdline + "\x00")}
+}
+
+// UTF16 encodes s as UTF-16LE, as UEFI strings are.
+func UTF16(s string) []byte {
+	var w bytes.Buffer
+	le(&w, utf16.Encode([]rune(s)))
+	return w.Bytes()
 }
 
 // IMAFile is one file IMA measured.
 type IMAFile struct {
 	Path   string
 	Digest []byte // SHA-256 of the file content
+	// Violation records a measurement violation (a file opened for write
+	// while measured, or measured while open for write): the kernel logs a
+	// zero template hash and extends all ones, whatever the template data
+	// says.
+	Violation bool
 }
 
 // IMA encodes files as an ima-ng binary runtime measurement list and
 // returns the digests to extend into PCR 10 (SHA-256 of each entry's
-// template data).
+// template data; all ones for a violation).
 func IMA(files []IMAFile) ([]byte, []Event) {
 	var w bytes.Buffer
 	var evs []Event
@@ -194,13 +248,18 @@ func IMA(files []IMAFile) ([]byte, []Event) {
 		le(&data, uint32(len(path)))
 		data.Write(path)
 		sha1sum := sha1.Sum(data.Bytes())
+		ev := Event{PCR: 10, Data: data.Bytes()}
+		if f.Violation {
+			sha1sum = [sha1.Size]byte{}
+			ev.Digest = bytes.Repeat([]byte{0xff}, sha256.Size)
+		}
 		le(&w, uint32(10))
 		w.Write(sha1sum[:])
 		le(&w, uint32(len("ima-ng")))
 		w.WriteString("ima-ng")
 		le(&w, uint32(data.Len()))
 		w.Write(data.Bytes())
-		evs = append(evs, Event{PCR: 10, Data: data.Bytes()})
+		evs = append(evs, ev)
 	}
 	return w.Bytes(), evs
 }

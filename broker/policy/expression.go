@@ -6,15 +6,34 @@ import (
 	"sync"
 
 	"github.com/google/cel-go/cel"
+	"github.com/google/cel-go/common/types"
 )
 
 // Expression is a compiled CEL expression over the claims. Variables:
-// node (string), pcrs (map int -> hex string), secureBoot (bool; false when
-// unknown), firmwareLog (bool), bootApps (list of hex), kernelCmdline
-// (list of string), tags (map string -> string).
+//
+//	node          string: the node's name
+//	pcrs          map(int, string): quoted SHA-256 PCR values, hex
+//	tags          map(string, string): the node's tags at the broker
+//	firmwareLog   bool: a firmware event log replayed
+//	secureBoot    bool: Secure Boot state (PCR 7)
+//	bootApps      list(string): boot application digests, hex (PCR 4)
+//	kernelCmdline list(string): measured kernel command lines (PCR 8, 12)
+//
+// secureBoot, bootApps and kernelCmdline are bound only when the evidence
+// established them. A fact the node did not prove (no firmware log, a PCR
+// never extended, an event whose content its digest does not prove) is
+// absent, not false or empty: an expression that reads it fails to
+// evaluate and refuses, so `kernelCmdline.all(l, !l.contains("x"))` cannot
+// pass on a node that sent no log. Logical operators still short-circuit:
+// in `a || b`, an absent fact in b does not matter when a holds.
+// kernelCmdline holds raw lines; the declarative kernelCmdline clause, not
+// a substring test, is the way to match kernel parameters.
 type Expression struct {
 	src  string
 	prog cel.Program
+	// holdsWithoutClaims is true when the expression is true whatever the
+	// claims (true, true || x): it requires nothing.
+	holdsWithoutClaims bool
 }
 
 // celEnv is built on first use: processes that never compile a policy
@@ -50,7 +69,16 @@ func compileExpression(src string) (*Expression, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Expression{src: src, prog: prog}, nil
+	// Evaluated with every variable unknown, an expression that depends on
+	// a claim stays unknown (or errs); one that comes out true holds for
+	// any node.
+	partial, err := env.Program(ast, cel.CostLimit(celCostLimit), cel.EvalOptions(cel.OptPartialEval))
+	if err != nil {
+		return nil, err
+	}
+	out, _, err := partial.Eval(env.UnknownVars())
+	holds := err == nil && !types.IsUnknownOrError(out) && out == types.True
+	return &Expression{src: src, prog: prog, holdsWithoutClaims: holds}, nil
 }
 
 func (e *Expression) eval(c Claims) (bool, string) {
@@ -58,24 +86,28 @@ func (e *Expression) eval(c Claims) (bool, string) {
 	for i, d := range c.PCRs {
 		pcrs[int64(i)] = hex.EncodeToString(d)
 	}
-	apps := []string{}
-	for _, b := range c.Facts.BootApps {
-		apps = append(apps, hex.EncodeToString(b.Digest))
-	}
 	tags := c.Tags
 	if tags == nil {
 		tags = map[string]string{}
 	}
-	cmdlines := c.Facts.KernelCmdlines
-	if cmdlines == nil {
-		cmdlines = []string{}
+	vars := map[string]any{"node": c.Node, "pcrs": pcrs, "firmwareLog": c.Facts.FirmwareLog, "tags": tags}
+	// Facts not established stay unbound (see Expression).
+	if c.Facts.SecureBoot != nil {
+		vars["secureBoot"] = *c.Facts.SecureBoot
 	}
-	out, _, err := e.prog.Eval(map[string]any{
-		"node": c.Node, "pcrs": pcrs, "secureBoot": c.Facts.SecureBoot != nil && *c.Facts.SecureBoot,
-		"firmwareLog": c.Facts.FirmwareLog, "bootApps": apps, "kernelCmdline": cmdlines, "tags": tags,
-	})
+	if c.Facts.BootApps != nil {
+		apps := []string{}
+		for _, b := range c.Facts.BootApps {
+			apps = append(apps, hex.EncodeToString(b.Digest))
+		}
+		vars["bootApps"] = apps
+	}
+	if c.Facts.KernelCmdlines != nil {
+		vars["kernelCmdline"] = c.Facts.KernelCmdlines
+	}
+	out, _, err := e.prog.Eval(vars)
 	if err != nil {
-		return false, fmt.Sprintf("%q could not be evaluated: %v", e.src, err)
+		return false, fmt.Sprintf("%q could not be evaluated: %v (a fact the node did not establish is absent)", e.src, err)
 	}
 	if ok, _ := out.Value().(bool); ok {
 		return true, fmt.Sprintf("%q holds", e.src)

@@ -11,6 +11,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"path"
 	"slices"
 	"sort"
 	"strconv"
@@ -38,11 +39,12 @@ type Policy struct {
 	// BootApps, when set, lists every EFI application digest allowed in
 	// PCR 4.
 	BootApps [][]byte
-	// CmdlineRequire and CmdlineForbid are substrings of the kernel command
-	// line.
-	CmdlineRequire, CmdlineForbid []string
+	// CmdlineRequire and CmdlineForbid are kernel parameters, matched
+	// against the measured command lines as the kernel parses them (see
+	// evalCmdline), never as substrings.
+	CmdlineRequire, CmdlineForbid []evidence.Param
 	// IMA, when set, requires an IMA log whose every measurement outside
-	// the excluded prefixes is an allowed digest of its path.
+	// the excluded directories is an allowed digest of its path.
 	IMA *IMAPolicy
 	// Tags maps a tag to its accepted values.
 	Tags map[string][]string
@@ -57,8 +59,14 @@ type Policy struct {
 
 // IMAPolicy is an IMA allow-list.
 type IMAPolicy struct {
-	Allow   map[string][][]byte
+	Allow map[string][][]byte
+	// Exclude lists directories (clean absolute paths, no trailing '/')
+	// whose files are not checked; "/tmp" excludes "/tmp/x", never
+	// "/tmpfoo".
 	Exclude []string
+	// AllowViolations accepts a log with measurement violations (files IMA
+	// could not measure); by default any violation refuses.
+	AllowViolations bool
 }
 
 // document is the YAML shape; it is decoded strictly.
@@ -72,8 +80,9 @@ type document struct {
 		Forbid  []string `yaml:"forbid"`
 	} `yaml:"kernelCmdline"`
 	IMA *struct {
-		Allow   map[string][]string `yaml:"allow"`
-		Exclude []string            `yaml:"exclude"`
+		Allow           map[string][]string `yaml:"allow"`
+		Exclude         []string            `yaml:"exclude"`
+		AllowViolations bool                `yaml:"allowViolations"`
 	} `yaml:"ima"`
 	Tags          map[string][]string `yaml:"tags"`
 	CertifiedTags bool                `yaml:"certifiedTags"`
@@ -144,18 +153,19 @@ func Parse(data []byte) (*Policy, error) {
 		if len(k.Require)+len(k.Forbid) == 0 {
 			return nil, fail("kernelCmdline", "kernelCmdline needs require or forbid")
 		}
-		for _, s := range append(slices.Clone(k.Require), k.Forbid...) {
-			if strings.TrimSpace(s) == "" {
-				return nil, fail("kernelCmdline", "kernelCmdline has an empty entry")
-			}
+		var err error
+		if p.CmdlineRequire, err = cmdlineParams(k.Require); err != nil {
+			return nil, fail("kernelCmdline", "kernelCmdline require: %v", err)
 		}
-		p.CmdlineRequire, p.CmdlineForbid = k.Require, k.Forbid
+		if p.CmdlineForbid, err = cmdlineParams(k.Forbid); err != nil {
+			return nil, fail("kernelCmdline", "kernelCmdline forbid: %v", err)
+		}
 	}
 	if m := doc.IMA; m != nil {
 		if len(m.Allow) == 0 {
 			return nil, fail("ima", "ima needs an allow list (path: [sha256 digests])")
 		}
-		p.IMA = &IMAPolicy{Allow: map[string][][]byte{}, Exclude: m.Exclude}
+		p.IMA = &IMAPolicy{Allow: map[string][][]byte{}, AllowViolations: m.AllowViolations}
 		for path, ds := range m.Allow {
 			if !strings.HasPrefix(path, "/") || len(ds) == 0 {
 				return nil, fail("ima", "ima allow entry %q must be an absolute path with at least one digest", path)
@@ -169,9 +179,11 @@ func Parse(data []byte) (*Policy, error) {
 			}
 		}
 		for _, e := range m.Exclude {
-			if !strings.HasPrefix(e, "/") {
-				return nil, fail("ima", "ima exclude %q must be an absolute path prefix", e)
+			dir := strings.TrimSuffix(e, "/")
+			if !strings.HasPrefix(dir, "/") || dir == "/" || path.Clean(dir) != dir {
+				return nil, fail("ima", "ima exclude %q must be a clean absolute directory other than /, such as /tmp or /tmp/", e)
 			}
+			p.IMA.Exclude = append(p.IMA.Exclude, dir)
 		}
 	}
 	if len(doc.Tags) > 0 {
@@ -194,6 +206,13 @@ func Parse(data []byte) (*Policy, error) {
 		}
 		p.Expression = e
 	}
+	// An expression that holds whatever the claims (true, true || ...)
+	// requires nothing.
+	expressionRequires := p.Expression != nil && !p.Expression.holdsWithoutClaims
+	if p.Expression != nil && !expressionRequires && len(p.PCRs) == 0 && p.SecureBoot == "" && p.BootApps == nil &&
+		p.CmdlineRequire == nil && p.CmdlineForbid == nil && p.IMA == nil && p.Tags == nil {
+		return nil, fail("expression", "policy %s states no requirement: its expression %q holds whatever the node shows; require PCR values, Secure Boot, boot applications, a kernel command line, an IMA allow-list, tags or an expression over the claims", p.Name, doc.Expression)
+	}
 	if doc.MaxSessionAge != "" {
 		d, err := time.ParseDuration(doc.MaxSessionAge)
 		if err != nil || d <= 0 {
@@ -202,10 +221,25 @@ func Parse(data []byte) (*Policy, error) {
 		p.MaxSessionAge = d
 	}
 	if len(p.PCRs) == 0 && p.SecureBoot == "" && p.BootApps == nil && p.CmdlineRequire == nil &&
-		p.CmdlineForbid == nil && p.IMA == nil && p.Tags == nil && p.Expression == nil {
+		p.CmdlineForbid == nil && p.IMA == nil && p.Tags == nil && !expressionRequires {
 		return nil, fmt.Errorf("policy: %s states no requirement; a policy must require PCR values, Secure Boot, boot applications, a kernel command line, an IMA allow-list, tags or an expression", p.Name)
 	}
 	return p, nil
+}
+
+// cmdlineParams parses policy entries, each one kernel parameter as it
+// would be written on a command line ("ima_appraise=enforce", "quiet",
+// "dyndbg=\"file x.c +p\"").
+func cmdlineParams(entries []string) ([]evidence.Param, error) {
+	var out []evidence.Param
+	for _, s := range entries {
+		c := evidence.ParseCmdline(s)
+		if len(c.Params) != 1 || len(c.InitArgs) != 0 || c.Params[0].Name == "" || strings.ContainsRune(s, 0) {
+			return nil, fmt.Errorf("entry %q is not one kernel parameter (name or name=value; quote a value with spaces)", s)
+		}
+		out = append(out, c.Params[0])
+	}
+	return out, nil
 }
 
 func parseDigest(v string) ([]byte, error) {
@@ -341,42 +375,116 @@ func (p *Policy) evalBootApps(c Claims, add adder) {
 	if p.BootApps == nil {
 		return
 	}
-	if !c.Facts.FirmwareLog {
+	switch {
+	case !c.Facts.FirmwareLog:
 		add("bootApplications", false, fmt.Sprintf("policy %s lists allowed boot applications, but the node sent no firmware event log", p.Name))
+		return
+	case len(c.Facts.BootApps) == 0:
+		add("bootApplications", false, fmt.Sprintf("policy %s lists allowed boot applications, but no boot application was measured into PCR 4", p.Name))
 		return
 	}
 	for _, b := range c.Facts.BootApps {
 		if !containsDigest(p.BootApps, b.Digest) {
-			add("bootApplications", false, fmt.Sprintf("PCR 4: event %d EV_EFI_BOOT_SERVICES_APPLICATION digest %s is not an allowed boot application of policy %s", b.Event, shortHex(b.Digest), p.Name))
+			add("bootApplications", false, fmt.Sprintf("PCR 4: %s digest %s is not an allowed boot application of policy %s", b.Describe(), shortHex(b.Digest), p.Name))
 			return
 		}
 	}
 	add("bootApplications", true, fmt.Sprintf("all %d boot applications are allowed", len(c.Facts.BootApps)))
 }
 
+// evalCmdline matches whole kernel parameters, as the kernel parses the
+// line (evidence.ParseCmdline), never substrings:
+//   - A required "name=value" must appear before "--", and every
+//     occurrence of name must have that value (the kernel lets the last one
+//     win, other readers of /proc/cmdline may take the first). A required
+//     bare "name" must appear, and always without a value.
+//   - A forbidden "name" refuses name with any value or none, anywhere on
+//     the line, including the words after "--" that init receives; a
+//     forbidden "name=value" refuses any occurrence with that value. A
+//     forbidden value that is an absolute path also matches the same path
+//     written otherwise ("/bin//sh", "/bin/./sh", "bin/sh"), compared after
+//     lexical cleaning (symbolic links are not resolved).
+//   - Names compare with '-' and '_' as one character.
+//
+// Every measured command line must pass, and so must their concatenation
+// (systemd-stub hands the kernel its lines joined). Forbidden parameters
+// are also looked for in GRUB's loader commands, whose kind the digest does
+// not prove.
 func (p *Policy) evalCmdline(c Claims, add adder) {
 	if p.CmdlineRequire == nil && p.CmdlineForbid == nil {
 		return
 	}
-	if len(c.Facts.KernelCmdlines) == 0 {
-		add("kernelCmdline", false, fmt.Sprintf("policy %s has kernel command line conditions, but no measured kernel command line replayed", p.Name))
+	lines := c.Facts.KernelCmdlines
+	if lines == nil {
+		why := "the node sent no firmware event log"
+		if c.Facts.FirmwareLog {
+			why = c.Facts.KernelCmdlineUnknown
+		}
+		add("kernelCmdline", false, fmt.Sprintf("policy %s has kernel command line conditions, but no measured kernel command line was established: %s", p.Name, why))
 		return
 	}
-	for _, line := range c.Facts.KernelCmdlines {
-		for _, r := range p.CmdlineRequire {
-			if !strings.Contains(line, r) {
-				add("kernelCmdline", false, fmt.Sprintf("kernel command line %q lacks %q required by policy %s", line, r, p.Name))
-				return
-			}
+	if len(lines) > 1 {
+		lines = append(slices.Clone(lines), strings.Join(lines, " "))
+	}
+	for _, line := range lines {
+		if reason := p.cmdlineRefusal(line, true); reason != "" {
+			add("kernelCmdline", false, reason)
+			return
 		}
-		for _, f := range p.CmdlineForbid {
-			if strings.Contains(line, f) {
-				add("kernelCmdline", false, fmt.Sprintf("kernel command line %q contains %q forbidden by policy %s", line, f, p.Name))
-				return
-			}
+	}
+	for _, cmd := range c.Facts.BootloaderCommands {
+		if reason := p.cmdlineRefusal(cmd, false); reason != "" {
+			add("kernelCmdline", false, "GRUB loader command: "+reason)
+			return
 		}
 	}
 	add("kernelCmdline", true, "kernel command line meets the conditions")
+}
+
+// cmdlineRefusal says why line fails the policy's kernelCmdline clause, or
+// "" when it passes; requirements are checked only when require is set.
+func (p *Policy) cmdlineRefusal(line string, require bool) string {
+	cl := evidence.ParseCmdline(line)
+	if require {
+		for _, r := range p.CmdlineRequire {
+			var seen bool
+			for _, got := range cl.Params {
+				if got.Key() != r.Key() {
+					continue
+				}
+				seen = true
+				if got.HasValue != r.HasValue || got.Value != r.Value {
+					return fmt.Sprintf("kernel command line %q sets %q, but policy %s requires %q", line, got.String(), p.Name, r.String())
+				}
+			}
+			if !seen {
+				return fmt.Sprintf("kernel command line %q lacks %q required by policy %s", line, r.String(), p.Name)
+			}
+		}
+	}
+	for _, f := range p.CmdlineForbid {
+		for _, got := range append(slices.Clone(cl.Params), cl.InitArgs...) {
+			if got.Key() == f.Key() && (!f.HasValue || (got.HasValue && sameForbiddenValue(got.Value, f.Value))) {
+				return fmt.Sprintf("kernel command line %q contains %q forbidden by policy %s (as %q)", line, f.String(), p.Name, got.String())
+			}
+		}
+	}
+	return ""
+}
+
+// sameForbiddenValue compares a command line value with a forbidden one.
+// An absolute path is compared cleaned: the kernel resolves "/bin//sh" and
+// "/bin/./sh" to /bin/sh, and a relative init= from the root directory.
+// Cleaning ".." lexically can only make more values match, which is the
+// safe direction for a forbidden value.
+func sameForbiddenValue(got, forbidden string) bool {
+	if got == forbidden {
+		return true
+	}
+	if !strings.HasPrefix(forbidden, "/") || got == "" {
+		return false
+	}
+	return path.Clean("/"+got) == path.Clean(forbidden)
 }
 
 func (p *Policy) evalIMA(c Claims, add adder) {
@@ -387,22 +495,26 @@ func (p *Policy) evalIMA(c Claims, add adder) {
 		add("ima", false, fmt.Sprintf("policy %s has an IMA allow-list, but no IMA measurement replayed (no IMA log sent, or PCR 10 never extended)", p.Name))
 		return
 	}
+	if v := c.Facts.IMAViolations; v > 0 && !p.IMA.AllowViolations {
+		add("ima", false, fmt.Sprintf("IMA recorded %d measurement violation(s) (a file written while measured or in use), which prove nothing about that content; policy %s does not set ima.allowViolations", v, p.Name))
+		return
+	}
 	checked := 0
 entries:
 	for _, e := range c.Facts.IMA {
-		for _, ex := range p.IMA.Exclude {
-			if strings.HasPrefix(e.Path, ex) {
+		for _, dir := range p.IMA.Exclude {
+			if strings.HasPrefix(e.Path, dir+"/") {
 				continue entries
 			}
 		}
 		checked++
 		allowed, ok := p.IMA.Allow[e.Path]
 		if !ok {
-			add("ima", false, fmt.Sprintf("IMA: %s (%s %s) is not in the allow-list of policy %s", e.Path, e.Algorithm, shortHex(e.Digest), p.Name))
+			add("ima", false, fmt.Sprintf("IMA: %q (%q) is not in the allow-list of policy %s", e.Path, e.Algorithm+":"+shortHex(e.Digest), p.Name))
 			return
 		}
 		if e.Algorithm != "sha256" || !containsDigest(allowed, e.Digest) {
-			add("ima", false, fmt.Sprintf("IMA: %s has digest %s %s, not one policy %s allows", e.Path, e.Algorithm, shortHex(e.Digest), p.Name))
+			add("ima", false, fmt.Sprintf("IMA: %q has digest %q, not one policy %s allows", e.Path, e.Algorithm+":"+shortHex(e.Digest), p.Name))
 			return
 		}
 	}

@@ -7,6 +7,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/attested-dev/attested/broker/evidence"
 )
 
 var (
@@ -52,15 +54,25 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte("name: p\npcrs:\n  0: [\"sha256:" + ones + "\", \"" + zero + "\"]\n  23: [\"" + zero + "\"]\n"))
 	f.Add([]byte("name: &a p\npcrs: *a\n"))
 	f.Add([]byte("{name: x, pcrs: {1: [a]}}"))
+	f.Add([]byte("name: p\nkernelCmdline:\n  require: [\"ima_appraise=enforce\"]\n  forbid: ['init=\"/bin/sh\"', rd.break]\n"))
+	f.Add([]byte("name: p\nima:\n  allow:\n    /a: [\"" + ones + "\"]\n  exclude: [/tmp/]\n  allowViolations: true\n"))
+	f.Add([]byte("name: p\nexpression: 'true || kernelCmdline.size() == 0'\n"))
+	f.Add([]byte("name: p\nexpression: 'bootApps.all(a, a != \"\")'\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := Parse(data)
 		if err != nil {
 			return
 		}
 		// A policy that parses states a requirement, and unless its own
-		// expression says otherwise refuses a node that shows nothing.
-		if p.Expression == nil {
+		// expression over the claims says otherwise refuses a node that
+		// shows nothing.
+		if p.Expression == nil || p.Expression.holdsWithoutClaims {
 			require.False(t, p.Evaluate(Claims{}).Allowed)
+		}
+		// Parsed kernel parameters are single words of the command line.
+		for _, r := range append(append([]evidence.Param{}, p.CmdlineRequire...), p.CmdlineForbid...) {
+			require.NotEmpty(t, r.Name)
+			require.NotEqual(t, "--", r.String())
 		}
 	})
 }
