@@ -57,6 +57,16 @@ func goodBoot() boot {
 
 func (bt boot) apply(t *testing.T, b *brokertest.Broker) *node {
 	t.Helper()
+	logs := bt.measure(t)
+	n := enroll(t, b, "node1")
+	n.logs = logs
+	return n
+}
+
+// measure reboots the simulator, extends the boot's events into it and
+// writes its logs.
+func (bt boot) measure(t *testing.T) nodeattest.Logs {
+	t.Helper()
 	sim, err := simtpm.Simulator()
 	require.NoError(t, err)
 	require.NoError(t, sim.Reset())
@@ -67,9 +77,7 @@ func (bt boot) apply(t *testing.T, b *brokertest.Broker) *node {
 	require.NoError(t, os.WriteFile(fw, eventlogtest.Firmware(append(slicesClone(bt.firmware), bt.logOnly...)), 0o600))
 	ima := filepath.Join(dir, "binary_runtime_measurements")
 	require.NoError(t, os.WriteFile(ima, imaLog, 0o600))
-	n := enroll(t, b, "node1")
-	n.logs = nodeattest.Logs{Firmware: fw, IMA: ima}
-	return n
+	return nodeattest.Logs{Firmware: fw, IMA: ima}
 }
 
 func slicesClone(e []eventlogtest.Event) []eventlogtest.Event {

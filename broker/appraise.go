@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"github.com/attested-dev/attested/attest/binding"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/evidence"
+	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
 	"github.com/attested-dev/attested/broker/suite"
 	"github.com/attested-dev/attested/keyprovider/annotation"
@@ -95,7 +97,11 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		Created: now, Expires: now.Add(s.cfg.SessionTTL),
 	}
 	if failure == "" {
-		if sess.Facts, err = json.Marshal(facts); err != nil {
+		rec := claimsRecord{Facts: facts}
+		if rec.IMAVerdicts, err = s.imaVerdicts(ctx, policy.Claims{Node: n.Name, PCRs: pcrs, Facts: facts, Tags: n.Tags}); err != nil {
+			return nil, storeErr("policies", err)
+		}
+		if sess.Facts, err = json.Marshal(rec); err != nil {
 			return nil, status.Errorf(codes.Internal, "facts: %v", err)
 		}
 	}
@@ -124,7 +130,10 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 			}
 			reboot = cur.ClockSeen && (clock.ResetCount != cur.ResetCount || clock.RestartCount != cur.RestartCount)
 			cur.ResetCount, cur.RestartCount, cur.ClockSeen = clock.ResetCount, clock.RestartCount, true
-			cur.LastAttested, cur.LastPCRs, cur.LastFacts = now, pcrs, sess.Facts
+			cur.LastAttested, cur.LastPCRs = now, pcrs
+			if cur.LastFacts, err = json.Marshal(facts); err != nil {
+				return store.Outcome{}, err
+			}
 			if cur.Trust != "untrusted" || strings.HasPrefix(cur.TrustReason, evidenceRefused) {
 				// Good evidence clears a refusal of evidence; a policy
 				// refusal stands until the next release or refusal decides.
@@ -234,6 +243,8 @@ func appraiseLogs(req *apiv1.AttestRequest, pcrs map[int][]byte) (evidence.Facts
 		if f, err = evidence.ReplayFirmware(req.GetEventLog(), pcrs); err != nil {
 			return f, err
 		}
+		sum := sha256.Sum256(req.GetEventLog())
+		f.FirmwareLogSHA256 = sum[:]
 	}
 	if len(req.GetImaLog()) > 0 {
 		ima, err := evidence.ReplayIMA(req.GetImaLog(), pcrs[evidence.IMAPCR])
@@ -241,6 +252,11 @@ func appraiseLogs(req *apiv1.AttestRequest, pcrs map[int][]byte) (evidence.Facts
 			return f, err
 		}
 		f.IMA, f.IMAViolations = ima.Entries, ima.Violations
+		if ima.Entries != nil {
+			f.IMASummary = &evidence.IMASummary{Measurements: len(ima.Entries)}
+		}
+		sum := sha256.Sum256(req.GetImaLog())
+		f.IMALogSHA256 = sum[:]
 	}
 	return f, nil
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/attested-dev/attested/attest/binding"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/evidence"
 	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
 	"github.com/attested-dev/attested/broker/suite"
@@ -63,14 +64,16 @@ func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 	if a.Broker != s.cfg.ID {
 		return nil, status.Errorf(codes.FailedPrecondition, "layer key was sealed by broker %s, this is broker %s", a.Broker, s.cfg.ID)
 	}
-	claims, err := sessionClaims(n, sess, s.now())
+	claims, err := s.sessionClaims(n, sess, s.now())
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	var reasons []string
+	stale := false
 	for _, r := range a.Recipients {
 		optsdata, err := s.release(ctx, a, r, claims)
 		if err != nil {
+			stale = stale || errors.Is(err, errStaleClaims)
 			reasons = append(reasons, err.Error())
 			s.audit(ctx, store.AuditEvent{Kind: "refuse", Node: n.Name, Key: r.Key, Reason: err.Error()})
 			continue
@@ -90,9 +93,19 @@ func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 		return &apiv1.UnwrapResponse{Sealed: sealed, Key: r.Key, KeyVersion: r.KeyVersion}, nil
 	}
 	reason := strings.Join(reasons, "; ")
+	if stale {
+		// A policy changed after this session's appraisal in a way the
+		// kept claims cannot decide: the node attests again and the new
+		// evidence decides; nothing is concluded about the node.
+		return nil, status.Errorf(codes.Unauthenticated, "broker %s: %s; attest again", s.cfg.ID, reason)
+	}
 	s.setTrust(ctx, n, "untrusted", reason)
 	return nil, status.Errorf(codes.PermissionDenied, "broker %s refused node %s: %s", s.cfg.ID, n.Name, reason)
 }
+
+// errStaleClaims marks a refusal the session's kept claims could not
+// decide.
+var errStaleClaims = errors.New("the session's appraisal predates the policy")
 
 // setTrust records the node's trust status when it changes, so the hot
 // path writes nothing while a node keeps passing.
@@ -143,15 +156,64 @@ func (s *Server) liveSession(ctx context.Context, token []byte) (store.Session, 
 	return sess, n, nil
 }
 
-// sessionClaims are what a session established about its node.
-func sessionClaims(n store.Node, sess store.Session, now time.Time) (policy.Claims, error) {
+// claimsRecord is what a session keeps of its appraisal: the facts without
+// the IMA measurement list (which can be megabytes), and the verdict of
+// every policy's IMA clause at that time.
+type claimsRecord struct {
+	Facts       evidence.Facts
+	IMAVerdicts map[string]policy.Clause `json:",omitempty"`
+}
+
+// maxCachedClaims bounds the decoded claims kept in memory.
+const maxCachedClaims = 4096
+
+// sessionClaims are what a session established about its node. A session's
+// record never changes, so it is decoded once and kept.
+func (s *Server) sessionClaims(n store.Node, sess store.Session, now time.Time) (policy.Claims, error) {
 	c := policy.Claims{Node: n.Name, PCRs: sess.PCRs, Tags: n.Tags, SessionAge: now.Sub(sess.Created)}
-	if len(sess.Facts) > 0 {
-		if err := json.Unmarshal(sess.Facts, &c.Facts); err != nil {
+	key := string(sess.TokenHash)
+	s.mu.Lock()
+	rec, ok := s.claims[key]
+	s.mu.Unlock()
+	if !ok && len(sess.Facts) > 0 {
+		if err := json.Unmarshal(sess.Facts, &rec); err != nil {
 			return c, fmt.Errorf("session facts: %v", err)
 		}
+		s.mu.Lock()
+		if len(s.claims) >= maxCachedClaims {
+			for k := range s.claims { // evict one, any one
+				delete(s.claims, k)
+				break
+			}
+		}
+		s.claims[key] = rec
+		s.mu.Unlock()
 	}
+	c.Facts, c.IMAVerdicts = rec.Facts, rec.IMAVerdicts
 	return c, nil
+}
+
+// imaVerdicts evaluates every stored policy's IMA clause against claims
+// that still hold the measurement list.
+func (s *Server) imaVerdicts(ctx context.Context, c policy.Claims) (map[string]policy.Clause, error) {
+	if c.Facts.IMA == nil {
+		return nil, nil
+	}
+	ps, err := s.store.ListPolicies(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]policy.Clause{}
+	for _, rec := range ps {
+		p, err := s.policy(ctx, rec.Name)
+		if err != nil {
+			continue // a policy that no longer parses releases nothing anyway
+		}
+		if key, v, ok := p.IMAVerdict(c); ok {
+			out[key] = v
+		}
+	}
+	return out, nil
 }
 
 // Explain implements apiv1.BrokerServer: the session's facts and every
@@ -162,7 +224,7 @@ func (s *Server) Explain(ctx context.Context, req *apiv1.ExplainRequest) (*apiv1
 	if err != nil {
 		return nil, err
 	}
-	claims, err := sessionClaims(n, sess, s.now())
+	claims, err := s.sessionClaims(n, sess, s.now())
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -233,6 +295,9 @@ func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotat
 		return nil, fmt.Errorf("key %s: %v", r.Key, err)
 	}
 	if res := p.Evaluate(claims); !res.Allowed {
+		if res.Stale {
+			return nil, fmt.Errorf("key %s: %s: %w", r.Key, res.Error(), errStaleClaims)
+		}
 		return nil, fmt.Errorf("key %s: %s", r.Key, res.Error())
 	}
 	priv, err := s.privateKey(k)

@@ -77,6 +77,7 @@ type Server struct {
 	mu       sync.Mutex
 	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
 	policies map[string]cachedPolicy    // name -> parsed at revision
+	claims   map[string]claimsRecord    // session token hash -> decoded claims
 }
 
 type cachedPolicy struct {
@@ -123,7 +124,7 @@ func New(o Options) (*Server, error) {
 		return nil, fmt.Errorf("broker: requireEKCertificate is set but ekRoots names no root certificate")
 	}
 	return &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
-		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}}, nil
+		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{}}, nil
 }
 
 // Open opens the broker in dataDir with its embedded store; override, if

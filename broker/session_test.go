@@ -6,6 +6,9 @@ import (
 	"crypto/hpke"
 	"crypto/mlkem"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -228,6 +231,11 @@ func (f *fakeTime) add(d time.Duration) { f.mu.Lock(); f.t = f.t.Add(d); f.mu.Un
 // startDirect opens a broker on a fresh data directory; reopen opens
 // another server on the same directory and store, as a restart would.
 func startDirect(t *testing.T, wall func() time.Time, wrap func(store.Store) store.Store) (direct, func(wall func() time.Time) direct) {
+	d, reopen, _ := startDirectStore(t, wall, wrap)
+	return d, reopen
+}
+
+func startDirectStore(t *testing.T, wall func() time.Time, wrap func(store.Store) store.Store) (direct, func(wall func() time.Time) direct, store.Store) {
 	t.Helper()
 	dir := t.TempDir()
 	cfg, err := broker.Init(broker.InitOptions{DataDir: filepath.Join(dir, "broker"), CADir: filepath.Join(dir, "ca"), ID: "broker-test", Listen: "127.0.0.1:0", AdmitUncertifiedTPMs: true})
@@ -245,7 +253,7 @@ func startDirect(t *testing.T, wall func() time.Time, wrap func(store.Store) sto
 		require.NoError(t, err)
 		return direct{srv: srv}
 	}
-	return open(wall), open
+	return open(wall), open, st
 }
 
 func enrollDirect(t *testing.T, d direct) *nodeattest.State {
@@ -382,4 +390,62 @@ func TestLifetimesAreBounded(t *testing.T) {
 		require.Error(t, err)
 		assert.Contains(t, err.Error(), "out of range")
 	}
+}
+
+// Finding 10: a session keeps the verdicts of the IMA clauses, not the
+// measurement list: an IMA log of tens of thousands of entries costs the
+// session and the node record a few hundred bytes.
+func TestLargeIMALogIsNotStored(t *testing.T) {
+	d, _, st := startDirectStore(t, time.Now, nil)
+	bt := goodBoot()
+	for i := range 20000 {
+		bt.ima = append(bt.ima, eventlogtest.IMAFile{Path: fmt.Sprintf("/usr/lib/file-%05d.so", i), Digest: bash[:]})
+	}
+	logs := bt.measure(t)
+	info, err := os.Stat(logs.IMA)
+	require.NoError(t, err)
+	require.Greater(t, info.Size(), int64(2<<20), "a log of megabytes")
+	stt := enrollDirect(t, d)
+	_, err = d.srv.AdminServer().ApplyPolicy(context.Background(), &apiv1.ApplyPolicyRequest{Yaml: "name: ima\nima:\n  allow:\n    /usr/bin/bash: [\"" + hex.EncodeToString(bash[:]) + "\"]\n"})
+	require.NoError(t, err)
+	tpm := openTPM(t)
+	s, err := nodeattest.NewSession(context.Background(), d, tpm, stt, logs)
+	tpm.Close()
+	require.NoError(t, err)
+	rec, err := st.GetSession(context.Background(), hashOf(s.Token))
+	require.NoError(t, err)
+	assert.Less(t, len(rec.Facts), 4<<10, "the session keeps verdicts, not entries")
+	n, err := st.GetNode(context.Background(), "node1")
+	require.NoError(t, err)
+	assert.Less(t, len(n.LastFacts), 4<<10)
+	assert.Contains(t, string(rec.Facts), "is not in the allow-list of policy ima", "the verdict of the IMA clause is kept")
+}
+
+// Finding 10: an IMA clause changed after a session's appraisal cannot be
+// decided from the kept verdicts: the node is sent to attest again (and is
+// not marked untrusted), and its fresh evidence decides.
+func TestIMAClauseChangedAfterAppraisalNeedsFreshEvidence(t *testing.T) {
+	b := brokertest.Start(t)
+	n := goodBoot().apply(t, b)
+	ann := strict(t, b)
+	tagEU(t, b)
+	s, err := n.session(t)
+	require.NoError(t, err)
+	_, err = unwrap(n, s, ann)
+	require.NoError(t, err)
+	changed := strings.Replace(fmt.Sprintf(strictPolicy, hex.EncodeToString(shim[:]), hex.EncodeToString(grub[:]), hex.EncodeToString(bash[:])),
+		"  exclude:", "    /usr/bin/sh: [\""+hex.EncodeToString(bash[:])+"\"]\n  exclude:", 1)
+	_, err = b.Admin.ApplyPolicy(context.Background(), &apiv1.ApplyPolicyRequest{Yaml: changed})
+	require.NoError(t, err)
+	_, err = unwrap(n, s, ann)
+	require.Error(t, err)
+	assert.Equal(t, codes.Unauthenticated, status.Code(err))
+	assert.Contains(t, err.Error(), "changed after this node's evidence was appraised")
+	assert.Equal(t, "trusted", listNode(t, b, "node1").GetTrust())
+	require.NoError(t, releaseOrRefusal(t, n, ann), "fresh evidence decides")
+}
+
+func hashOf(token []byte) []byte {
+	sum := sha256.Sum256(token)
+	return sum[:]
 }

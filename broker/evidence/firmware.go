@@ -82,12 +82,22 @@ type Facts struct {
 	// KernelCmdlineUnknown says why KernelCmdlines was not established
 	// although the firmware log replayed.
 	KernelCmdlineUnknown string `json:",omitempty"`
-	// IMA is nil when the node sent no IMA log, or PCR 10 was never
-	// extended. Violations are not listed.
-	IMA []IMAEntry
+	// IMA lists the files IMA measured: nil when the node sent no IMA log,
+	// or PCR 10 was never extended. Violations are not listed. The list can
+	// be megabytes, so it is never stored: it exists while the evidence is
+	// appraised, and sessions keep the verdicts of the IMA clauses instead
+	// (see IMASummary).
+	IMA []IMAEntry `json:"-"`
+	// IMASummary is what is kept of an established IMA log: nil when there
+	// is none (as IMA).
+	IMASummary *IMASummary `json:",omitempty"`
 	// IMAViolations counts the IMA log's measurement violations in the
 	// quoted prefix: entries whose file content IMA could not measure.
 	IMAViolations int `json:",omitempty"`
+	// FirmwareLogSHA256 and IMALogSHA256 identify the logs the facts came
+	// from; the logs themselves are not kept.
+	FirmwareLogSHA256 []byte `json:",omitempty"`
+	IMALogSHA256      []byte `json:",omitempty"`
 	// CertifiedTagDigest is the tag digest the node's TPM certified with
 	// its AK (nil when the node has no tag index).
 	CertifiedTagDigest []byte `json:",omitempty"`
@@ -403,10 +413,10 @@ func (f Facts) Lines() []string {
 	} else {
 		out = append(out, fmt.Sprintf("TPM-certified tag digest: %s", hex.EncodeToString(f.CertifiedTagDigest)))
 	}
-	if f.IMA == nil {
+	if f.IMASummary == nil {
 		out = append(out, "IMA log: none sent, or PCR 10 never extended")
 	} else {
-		out = append(out, fmt.Sprintf("IMA log: %d measurements replay to PCR 10", len(f.IMA)))
+		out = append(out, fmt.Sprintf("IMA log: %d measurements replay to PCR 10", f.IMASummary.Measurements))
 	}
 	if f.IMAViolations > 0 {
 		out = append(out, fmt.Sprintf("IMA violations: %d (files IMA could not measure)", f.IMAViolations))

@@ -22,6 +22,12 @@ type IMAEntry struct {
 // maxIMAEntries bounds work on hostile logs.
 const maxIMAEntries = 1 << 20
 
+// IMASummary is what is kept of an established IMA log.
+type IMASummary struct {
+	// Measurements counts the measured files (violations excluded).
+	Measurements int
+}
+
 // IMALog is what a replayed IMA log establishes.
 type IMALog struct {
 	// Entries are the measurements of the quoted prefix, violations left

@@ -8,6 +8,7 @@ package policy
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -278,6 +279,10 @@ type Claims struct {
 	Tags map[string]string
 	// SessionAge is how long ago the evidence was appraised.
 	SessionAge time.Duration
+	// IMAVerdicts are IMA clauses evaluated when the evidence was
+	// appraised (by IMAKey), for when Facts no longer holds the
+	// measurement list: sessions keep verdicts, not megabytes of entries.
+	IMAVerdicts map[string]Clause
 }
 
 // Clause is the outcome of one requirement.
@@ -291,6 +296,10 @@ type Clause struct {
 type Result struct {
 	Allowed bool
 	Clauses []Clause
+	// Stale is set when a clause could not be decided from the claims
+	// kept since the appraisal (the policy changed after it): fresh
+	// evidence decides.
+	Stale bool
 }
 
 // Reasons are the failing clauses' details.
@@ -331,7 +340,7 @@ func (p *Policy) Evaluate(c Claims) Result {
 	p.evalSecureBoot(c, add)
 	p.evalBootApps(c, add)
 	p.evalCmdline(c, add)
-	p.evalIMA(c, add)
+	stale := p.evalIMA(c, add)
 	p.evalTags(c, add)
 	p.evalCertifiedTags(c, add)
 	if p.Expression != nil {
@@ -342,14 +351,19 @@ func (p *Policy) Evaluate(c Claims) Result {
 		add("expression", ok, detail)
 	}
 	if p.MaxSessionAge > 0 {
-		ok := c.SessionAge <= p.MaxSessionAge
-		add("maxSessionAge", ok, fmt.Sprintf("evidence is %s old; policy %s allows %s", c.SessionAge.Round(time.Second), p.Name, p.MaxSessionAge))
+		switch age := c.SessionAge; {
+		case age < 0:
+			// Evidence from the future: a clock went back; its age is unknown.
+			add("maxSessionAge", false, fmt.Sprintf("evidence is dated %s in the future (a clock stepped back); policy %s allows %s", (-age).Round(time.Second), p.Name, p.MaxSessionAge))
+		default:
+			add("maxSessionAge", age <= p.MaxSessionAge, fmt.Sprintf("evidence is %s old; policy %s allows %s", age.Round(time.Second), p.Name, p.MaxSessionAge))
+		}
 	}
 	allowed := true
 	for _, cl := range cs {
 		allowed = allowed && cl.OK
 	}
-	return Result{Allowed: allowed, Clauses: cs}
+	return Result{Allowed: allowed, Clauses: cs, Stale: stale}
 }
 
 type adder func(name string, ok bool, detail string)
@@ -487,17 +501,71 @@ func sameForbiddenValue(got, forbidden string) bool {
 	return path.Clean("/"+got) == path.Clean(forbidden)
 }
 
-func (p *Policy) evalIMA(c Claims, add adder) {
+// evalIMA reports stale when the clause cannot be decided from the kept
+// claims.
+func (p *Policy) evalIMA(c Claims, add adder) (stale bool) {
 	if p.IMA == nil {
-		return
+		return false
+	}
+	if c.Facts.IMA == nil && c.Facts.IMASummary != nil {
+		// The list was appraised and dropped; its verdict was kept.
+		v, ok := c.IMAVerdicts[p.IMAKey()]
+		if !ok {
+			add("ima", false, fmt.Sprintf("the IMA clause of policy %s changed after this node's evidence was appraised; its next attestation decides", p.Name))
+			return true
+		}
+		add("ima", v.OK, v.Detail)
+		return false
+	}
+	cl := p.evalIMAEntries(c)
+	add(cl.Name, cl.OK, cl.Detail)
+	return false
+}
+
+// IMAKey names this policy's IMA clause, content included: a verdict kept
+// under it holds for exactly this clause.
+func (p *Policy) IMAKey() string {
+	if p.IMA == nil {
+		return ""
+	}
+	paths := make([]string, 0, len(p.IMA.Allow))
+	for path := range p.IMA.Allow {
+		paths = append(paths, path)
+	}
+	sort.Strings(paths)
+	h := sha256.New()
+	for _, path := range paths {
+		fmt.Fprintf(h, "allow %q", path)
+		for _, d := range p.IMA.Allow[path] {
+			fmt.Fprintf(h, " %x", d)
+		}
+		h.Write([]byte{'\n'})
+	}
+	for _, e := range p.IMA.Exclude {
+		fmt.Fprintf(h, "exclude %q\n", e)
+	}
+	fmt.Fprintf(h, "allowViolations %t\n", p.IMA.AllowViolations)
+	return p.Name + "@" + hex.EncodeToString(h.Sum(nil))
+}
+
+// IMAVerdict evaluates the IMA clause against claims that still hold the
+// measurement list; ok is false when the policy has no IMA clause.
+func (p *Policy) IMAVerdict(c Claims) (key string, v Clause, ok bool) {
+	if p.IMA == nil {
+		return "", Clause{}, false
+	}
+	return p.IMAKey(), p.evalIMAEntries(c), true
+}
+
+func (p *Policy) evalIMAEntries(c Claims) Clause {
+	fail := func(format string, args ...any) Clause {
+		return Clause{Name: "ima", Detail: fmt.Sprintf(format, args...)}
 	}
 	if c.Facts.IMA == nil {
-		add("ima", false, fmt.Sprintf("policy %s has an IMA allow-list, but no IMA measurement replayed (no IMA log sent, or PCR 10 never extended)", p.Name))
-		return
+		return fail("policy %s has an IMA allow-list, but no IMA measurement replayed (no IMA log sent, or PCR 10 never extended)", p.Name)
 	}
 	if v := c.Facts.IMAViolations; v > 0 && !p.IMA.AllowViolations {
-		add("ima", false, fmt.Sprintf("IMA recorded %d measurement violation(s) (a file written while measured or in use), which prove nothing about that content; policy %s does not set ima.allowViolations", v, p.Name))
-		return
+		return fail("IMA recorded %d measurement violation(s) (a file written while measured or in use), which prove nothing about that content; policy %s does not set ima.allowViolations", v, p.Name)
 	}
 	checked := 0
 entries:
@@ -510,15 +578,13 @@ entries:
 		checked++
 		allowed, ok := p.IMA.Allow[e.Path]
 		if !ok {
-			add("ima", false, fmt.Sprintf("IMA: %q (%q) is not in the allow-list of policy %s", e.Path, e.Algorithm+":"+shortHex(e.Digest), p.Name))
-			return
+			return fail("IMA: %q (%q) is not in the allow-list of policy %s", e.Path, e.Algorithm+":"+shortHex(e.Digest), p.Name)
 		}
 		if e.Algorithm != "sha256" || !containsDigest(allowed, e.Digest) {
-			add("ima", false, fmt.Sprintf("IMA: %q has digest %q, not one policy %s allows", e.Path, e.Algorithm+":"+shortHex(e.Digest), p.Name))
-			return
+			return fail("IMA: %q has digest %q, not one policy %s allows", e.Path, e.Algorithm+":"+shortHex(e.Digest), p.Name)
 		}
 	}
-	add("ima", true, fmt.Sprintf("all %d measured files are allowed", checked))
+	return Clause{Name: "ima", OK: true, Detail: fmt.Sprintf("all %d measured files are allowed", checked)}
 }
 
 func (p *Policy) evalTags(c Claims, add adder) {

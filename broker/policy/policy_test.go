@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -75,4 +76,17 @@ func FuzzParse(f *testing.F) {
 			require.NotEqual(t, "--", r.String())
 		}
 	})
+}
+
+// Hardening finding 16: evidence dated in the future (a clock stepped back)
+// has no known age, and no maxSessionAge accepts it.
+func TestNegativeSessionAgeIsRefused(t *testing.T) {
+	p, err := Parse([]byte("name: p\nsecureBoot: off\nmaxSessionAge: 5m\n"))
+	require.NoError(t, err)
+	off := false
+	res := p.Evaluate(Claims{Node: "n", Facts: evidence.Facts{FirmwareLog: true, SecureBoot: &off}, SessionAge: -time.Hour})
+	assert.False(t, res.Allowed)
+	assert.Contains(t, res.Error(), "in the future")
+	res = p.Evaluate(Claims{Node: "n", Facts: evidence.Facts{FirmwareLog: true, SecureBoot: &off}, SessionAge: time.Minute})
+	assert.True(t, res.Allowed, res.Error())
 }
