@@ -200,7 +200,7 @@ func quoteFailure(err error) string {
 }
 
 func (s *Server) refuseUnverified(ctx context.Context, node string, code codes.Code, reason string) error {
-	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: node, Reason: reason})
+	s.auditUnauthenticated(ctx, ReasonEvidenceUnverified, store.AuditEvent{Kind: "attest", Node: node, Reason: reason})
 	return status.Error(code, reason)
 }
 

@@ -42,6 +42,7 @@ func brokerCmd() *cobra.Command {
 	var ekRoots []string
 	var requireEK bool
 	var sessionTTL, nonceTTL time.Duration
+	var applyLimits func(*broker.Config)
 	serveCmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve the broker API over TLS",
@@ -66,6 +67,7 @@ given on the command line wins over the file.`,
 				if fl.Changed("nonce-ttl") {
 					c.NonceTTL = nonceTTL
 				}
+				applyLimits(c)
 			})
 		},
 	}
@@ -73,6 +75,7 @@ given on the command line wins over the file.`,
 	serveCmd.Flags().BoolVar(&requireEK, "require-ek-certificate", false, "refuse TPMs without an EK certificate chaining to --ek-roots (broker.yaml: requireEKCertificate)")
 	serveCmd.Flags().DurationVar(&sessionTTL, "session-ttl", broker.DefaultSessionTTL, "how long one appraisal serves unwraps (broker.yaml: sessionTTL)")
 	serveCmd.Flags().DurationVar(&nonceTTL, "nonce-ttl", broker.DefaultNonceTTL, "how long a node has to answer a challenge (broker.yaml: nonceTTL)")
+	applyLimits = limitFlags(serveCmd.Flags())
 	for _, c := range []*cobra.Command{initCmd, serveCmd} {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/attested-broker", "broker data directory")
 		c.Flags().StringVar(&listen, "listen", "", "TLS gRPC listen address (default from broker.yaml, "+broker.DefaultListen+")")
@@ -99,6 +102,7 @@ func serveBroker(dataDir string, flags func(*broker.Config)) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	g := srv.GRPCServer(cert)
+	lis = srv.LimitListener(lis)
 	go srv.Run(ctx)
 	go func() {
 		<-ctx.Done()
