@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -141,8 +143,8 @@ func TestOversizedBodiesAreRefusedBeforeTheyAreRead(t *testing.T) {
 	}{
 		{brokerChallenge, 1, 8 << 20},
 		{brokerUnwrap, 2, 8 << 20},
-		{adminApplyPolicy, 1, 8 << 20},      // refused for the credential first
-		{brokerAttest, 8, 17<<20 + 1}, // over the two event logs' worth
+		{adminApplyPolicy, 1, 8 << 20}, // refused for the credential first
+		{brokerAttest, 8, 17<<20 + 1},  // over the two event logs' worth
 	} {
 		t.Run(filepath.Base(tc.method), func(t *testing.T) {
 			mem := watchMemory()
@@ -168,7 +170,7 @@ func TestOversizedBodiesAreRefusedBeforeTheyAreRead(t *testing.T) {
 // refused as busy before their bodies are read.
 func TestConcurrentHugeAttestsStayWithinTheBudget(t *testing.T) {
 	b := brokertest.Start(t)
-	const sources, perSource = 4, 8
+	const sources, perSource = 3, 8
 	const fill = 15 << 20
 	type call struct {
 		c   *h2attack.Conn
@@ -278,6 +280,125 @@ func TestRefusalFloodIsCountedAndSampled(t *testing.T) {
 	assert.Contains(t, attests[0].Actor, "unauthenticated 127.0.0.1")
 	refusals := auditOf(t, b, "refuse")
 	assert.Contains(t, refusals[0].Reason, "ListNodes request refused before it was read: admin operations need the admin credential")
+}
+
+// TestSampledAuditAccountsForEveryRefusal: over several sampling
+// intervals, the sampled records of a flood together stand for every
+// refusal in it, and there are no more of them than intervals.
+func TestSampledAuditAccountsForEveryRefusal(t *testing.T) {
+	const interval = 200 * time.Millisecond
+	b := brokertest.Start(t, func(c *broker.Config) {
+		c.Limits.Rates = map[string]broker.Rate{"attest": {PerSecond: 1e6, Burst: 1e6}}
+		c.Limits.AuditSampleInterval = interval
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go b.Server.Run(ctx)
+	const flood = 2000
+	start := time.Now()
+	for range flood {
+		_, err := b.Node.Attest(context.Background(), &apiv1.AttestRequest{Node: "victim", Nonce: []byte("forged nonce")})
+		require.Equal(t, codes.PermissionDenied, status.Code(err))
+	}
+	took := time.Since(start)
+	var evs []*apiv1.AuditEvent
+	require.Eventually(t, func() bool {
+		evs = auditOf(t, b, "attest")
+		return refusalsIn(evs) == flood
+	}, 5*time.Second, 50*time.Millisecond, "the sampled records stand for %d refusals, not %d", refusalsIn(evs), flood)
+	intervals := int(took/interval) + 2
+	t.Logf("%d refusals in %s: %d audit records", flood, took.Round(time.Millisecond), len(evs))
+	assert.LessOrEqual(t, len(evs), 2*intervals, "at most one record per interval, plus one summary each")
+}
+
+var (
+	standsFor = regexp.MustCompile(`this one also stands for (\d+) more`)
+	summary   = regexp.MustCompile(`^(\d+) more unauthenticated`)
+)
+
+// refusalsIn sums the refusals sampled audit records stand for.
+func refusalsIn(evs []*apiv1.AuditEvent) int {
+	n := 0
+	for _, e := range evs {
+		if m := summary.FindStringSubmatch(e.GetReason()); m != nil {
+			k, _ := strconv.Atoi(m[1])
+			n += k
+			continue
+		}
+		n++
+		if m := standsFor.FindStringSubmatch(e.GetReason()); m != nil {
+			k, _ := strconv.Atoi(m[1])
+			n += k
+		}
+	}
+	return n
+}
+
+// TestRequestBytesInFlightAreBounded: however many sources send large
+// requests at once, the bodies held never exceed limits.maxRequestBytes;
+// requests over it wait for room, then are refused as busy.
+func TestRequestBytesInFlightAreBounded(t *testing.T) {
+	b := brokertest.Start(t, func(c *broker.Config) {
+		c.Limits.MaxRequestBytes = 40 << 20
+	})
+	const sources, perSource = 8, 2
+	const fill = 8 << 20 // counts 16 MiB: two fit in 40 MiB
+	type call struct {
+		c   *h2attack.Conn
+		res h2attack.Result
+	}
+	var calls []*call
+	for s := range sources {
+		c := attacker(t, b.Addr, b.DataDir, fmt.Sprintf("127.0.1.%d", 1+s))
+		for range perSource {
+			calls = append(calls, &call{c: c})
+		}
+	}
+	var peak atomic.Int64
+	stop := make(chan struct{})
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		for {
+			v := counter(t, b.Server.Metrics(), "attested_broker_request_bytes_in_flight")
+			if int64(v) > peak.Load() {
+				peak.Store(int64(v))
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}()
+	mem := watchMemory()
+	var wg sync.WaitGroup
+	for _, cl := range calls {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl.res = cl.c.Call(brokerAttest, nil, h2attack.BytesField(8, fill), fill, 0, 60*time.Second)
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	<-watched
+	growth, _ := mem.end()
+	t.Logf("heap growth at peak %d MiB; budget in use at peak %d MiB", growth>>20, peak.Load()>>20)
+	assert.LessOrEqual(t, peak.Load(), int64(40<<20))
+	// Unbounded, 16 bodies of 8 MiB would be 128 MiB received and as much
+	// decoded; the heap also keeps freed buffers until the next GC.
+	assert.Less(t, growth, uint64(200<<20))
+	for _, cl := range calls {
+		require.NoError(t, cl.res.Err)
+		if cl.res.Code == int(codes.ResourceExhausted) {
+			assert.Contains(t, cl.res.Message, "broker is busy receiving other requests (limits.maxRequestBytes 40MiB in flight)")
+			assert.LessOrEqual(t, cl.res.Sent, int64(window))
+		} else {
+			// Read, decoded, and refused by Attest itself.
+			assert.Equal(t, int(codes.InvalidArgument), cl.res.Code, cl.res.Message)
+		}
+	}
 }
 
 func auditOf(t *testing.T, b *brokertest.Broker, kind string) []*apiv1.AuditEvent {
@@ -447,7 +568,7 @@ func TestPingFloodIsDisconnected(t *testing.T) {
 	assert.Equal(t, "too_many_pings", debug)
 }
 
-// counter returns a counter's value in a registry.
+// counter returns a counter's (or a gauge's) value in a registry.
 func counter(t *testing.T, reg prometheus.Gatherer, name string, labels ...string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
@@ -466,6 +587,9 @@ func counter(t *testing.T, reg prometheus.Gatherer, name string, labels ...strin
 				if v, ok := want[lp.GetName()]; ok && v != lp.GetValue() {
 					continue metric
 				}
+			}
+			if g := m.GetGauge(); g != nil {
+				return g.GetValue()
 			}
 			return m.GetCounter().GetValue()
 		}

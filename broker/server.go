@@ -183,6 +183,11 @@ func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
 			MinVersion:   tls.VersionTLS13,
 		})))
 	}
+	s.log.Info("limits on callers", "maxConnections", l.MaxConnections, "maxConnectionsPerSource", l.MaxConnectionsPerSource,
+		"idleTimeout", l.IdleTimeout, "handshakeTimeout", l.HandshakeTimeout, "requestTimeout", l.RequestTimeout,
+		"maxRequests", l.MaxRequests, "maxRequestsPerSource", l.MaxRequestsPerSource,
+		"maxRequestBytes", l.MaxRequestBytes.String(), "maxRequestBytesPerSource", l.MaxRequestBytesPerSource.String(),
+		"maxAttestSize", ByteSize(s.methods[brokerPrefix+"Attest"].maxSize).String())
 	g := grpc.NewServer(opts...)
 	g.RegisterService(s.boundedService(&apiv1.Broker_ServiceDesc), s)
 	g.RegisterService(s.boundedService(&apiv1.Admin_ServiceDesc), adminServer{s: s})
@@ -226,7 +231,10 @@ func (s *Server) deadline(ctx context.Context, req any, info *grpc.UnaryServerIn
 	return h(ctx, req)
 }
 
-const adminPrefix = "/attested.broker.v1.Admin/"
+const (
+	adminPrefix  = "/attested.broker.v1.Admin/"
+	brokerPrefix = "/attested.broker.v1.Broker/"
+)
 
 // authorize admits Admin calls only with the admin credential. Node and
 // pipeline calls prove themselves by evidence, not by credential. The tap
