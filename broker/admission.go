@@ -212,22 +212,40 @@ func (g *guard) admit(key netip.Prefix, m methodSpec) (reason, msg string) {
 	case s.requests >= g.lim.MaxRequestsPerSource:
 		return ReasonTooManyRequests, fmt.Sprintf("%d requests in flight from %s, the most one source may have (limits.maxRequestsPerSource); retry when some have finished", s.requests, g.sourceLabel(key))
 	}
-	l := s.limiters[m.rate]
-	if l == nil {
-		r := g.lim.Rates[m.rate]
-		l = rate.NewLimiter(rate.Limit(r.PerSecond), r.Burst)
-		if s.limiters == nil {
-			s.limiters = map[string]*rate.Limiter{}
-		}
-		s.limiters[m.rate] = l
-	}
-	if !l.Allow() {
+	l := g.limiter(s, m.rate)
+	// A call that draws only when refused must still find a token left.
+	if (m.onlyRefusals && l.Tokens() < 1) || (!m.onlyRefusals && !l.Allow()) {
 		return ReasonRateLimited, fmt.Sprintf("rate limit: too many %s requests from %s; each source may make %s %s-class calls (limits.rates.%s); retry later",
 			m.name, g.sourceLabel(key), g.lim.Rates[m.rate], m.rate, m.rate)
 	}
 	s.requests++
 	g.requests++
 	return "", ""
+}
+
+// limiter returns the source's bucket for a rate class; the caller holds
+// mu.
+func (g *guard) limiter(s *source, class string) *rate.Limiter {
+	l := s.limiters[class]
+	if l == nil {
+		r := g.lim.Rates[class]
+		l = rate.NewLimiter(rate.Limit(r.PerSecond), r.Burst)
+		if s.limiters == nil {
+			s.limiters = map[string]*rate.Limiter{}
+		}
+		s.limiters[class] = l
+	}
+	return l
+}
+
+// refused draws a token for a refused call of a method that draws only
+// when refused.
+func (g *guard) refused(key netip.Prefix, class string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if s, ok := g.sources[key]; ok {
+		g.limiter(s, class).Allow()
+	}
 }
 
 func (g *guard) endRequest(key netip.Prefix) {
@@ -420,6 +438,11 @@ func (s *Server) boundedService(sd *grpc.ServiceDesc) *grpc.ServiceDesc {
 				defer func() {
 					release()
 					s.metrics.requests.WithLabelValues(spec.name, status.Code(err).String()).Inc()
+					if err != nil && spec.onlyRefusals {
+						if c, ok := ctx.Value(callKey{}).(*call); ok {
+							s.guard.refused(c.src, spec.rate)
+						}
+					}
 				}()
 				return handler(srv, ctx, func(msg any) error {
 					var err error

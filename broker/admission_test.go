@@ -238,6 +238,28 @@ func TestRateLimitRefusesWithResourceExhausted(t *testing.T) {
 	assert.Equal(t, int(codes.PermissionDenied), r.Code, r.Message)
 }
 
+// TestTokenGuessingIsRateLimited: Unwrap and Explain draw from their
+// bucket only when refused, so a source guessing session tokens is held
+// back while a node's releases are not (BenchmarkUnwrapThroughput makes
+// thousands from one source).
+func TestTokenGuessingIsRateLimited(t *testing.T) {
+	b := brokertest.Start(t, func(c *broker.Config) {
+		c.Limits.Rates = map[string]broker.Rate{"unwrap": {PerSecond: 1, Burst: 20}}
+	})
+	codesSeen := map[codes.Code]int{}
+	var msg string
+	for range 100 {
+		_, err := b.Node.Unwrap(context.Background(), &apiv1.UnwrapRequest{SessionToken: []byte("guessed token")})
+		codesSeen[status.Code(err)]++
+		if status.Code(err) == codes.ResourceExhausted {
+			msg = status.Convert(err).Message()
+		}
+	}
+	assert.InDelta(t, 20, codesSeen[codes.Unauthenticated], 2, "refusals the bucket allowed")
+	assert.InDelta(t, 80, codesSeen[codes.ResourceExhausted], 2)
+	assert.Contains(t, msg, "rate limit: too many Unwrap requests from 127.0.0.1")
+}
+
 // TestRefusalFloodIsCountedAndSampled: ~3,200 refusal audit records per
 // second naming any node were written and kept. Now every refusal of an
 // unauthenticated caller is counted in the metrics, and the audit keeps at

@@ -65,7 +65,9 @@ type Limits struct {
 	// Rates overrides the per-source request rates of the methods callers
 	// reach without a credential, by class: public (Info, GetWrappingKey),
 	// enroll (EnrollStart, EnrollFinish), attest (Challenge, Attest,
-	// NodeTags), unwrap (Unwrap, Explain).
+	// NodeTags), unwrap (Unwrap, Explain). Unwrap and Explain carry a
+	// session token and draw from their bucket only when refused, so a
+	// node's releases are never rate-limited, guessing at tokens is.
 	Rates map[string]Rate `yaml:"rates,omitempty"`
 	// MaxSources bounds the table of sources the broker keeps rate and
 	// connection state for; the least recently idle entries go first.
@@ -153,6 +155,9 @@ type methodSpec struct {
 	admin   bool   // needs the admin credential
 	maxSize int64
 	rate    string // rate class; "" for admin methods
+	// onlyRefusals: the call draws from its rate bucket only when it is
+	// refused (calls that carry a session token).
+	onlyRefusals bool
 }
 
 // attestMessageSize fits the two event logs a node may send (each at most
@@ -219,6 +224,7 @@ func apiMethods() []methodSpec {
 			if d, ok := methodDefaults[m]; ok {
 				spec.maxSize, spec.rate = d.maxSize, d.rate
 			}
+			spec.onlyRefusals = spec.rate == rateUnwrap
 			if !spec.admin && spec.rate == "" {
 				// An unlisted method callers reach without a credential
 				// draws from the strictest bucket.

@@ -166,7 +166,6 @@ func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
 		grpc.MaxHeaderListSize(MaxHeaderListSize),
 		grpc.StaticStreamWindowSize(streamWindow),
 		grpc.StaticConnWindowSize(connWindow),
-		grpc.SharedWriteBuffer(true),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			MaxConnectionIdle:     l.IdleTimeout,
 			MaxConnectionAge:      l.MaxConnectionAge,

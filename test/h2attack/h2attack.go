@@ -295,14 +295,17 @@ func (c *Conn) Do(req Request) Result {
 	}
 	total := int64(len(prefix)) + fill
 	declared := max(total, req.Declare)
-	c.mu.Lock()
-	id := c.nextID
-	c.nextID += 2
-	s := &stream{window: c.initWindow}
-	c.streams[id] = s
-	c.mu.Unlock()
-
+	// Stream IDs must reach the server in increasing order: take one and
+	// send its HEADERS under the same lock.
+	var id uint32
+	var s *stream
 	err := c.write(func() error {
+		c.mu.Lock()
+		id = c.nextID
+		c.nextID += 2
+		s = &stream{window: c.initWindow}
+		c.streams[id] = s
+		c.mu.Unlock()
 		c.hb.Reset()
 		for _, kv := range [][2]string{
 			{":method", "POST"}, {":scheme", "https"}, {":path", method}, {":authority", "localhost"},
