@@ -328,8 +328,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		key := g.sourceOf(c.RemoteAddr())
 		if reason, msg := g.openConn(key); reason != "" {
 			c.Close()
-			l.s.metrics.connsRefused.WithLabelValues(reason).Inc()
-			l.s.refuseEarly("connection", reason, g.sourceLabel(key), "connection from "+g.sourceLabel(key)+" closed at accept: "+msg)
+			l.s.refuseConnection(reason, g.sourceLabel(key), msg)
 			continue
 		}
 		setUserTimeout(c, keepaliveTimeout)
@@ -367,7 +366,11 @@ func (s *Server) tap(ctx context.Context, info *tap.Info) (context.Context, erro
 	src := s.guard.sourceLabel(key)
 	m, ok := s.methods[info.FullMethodName]
 	if !ok {
-		msg := fmt.Sprintf("unknown method %q", info.FullMethodName)
+		name := info.FullMethodName
+		if len(name) > 128 {
+			name = name[:128] + "..."
+		}
+		msg := fmt.Sprintf("unknown method %q", name)
 		s.refuseTap("unknown", ReasonUnknownMethod, src, msg, codes.Unimplemented)
 		return nil, status.Error(codes.Unimplemented, msg)
 	}
@@ -491,7 +494,7 @@ func (s *Server) receive(ctx context.Context, spec methodSpec, msg any) (release
 			spec.name, n, spec.maxSize, ByteSize(spec.maxSize), spec.name, spec.name))
 	}
 	if !c.admin {
-		r, reason, msg := s.guard.reserve(ctx, c.src, 2*n+requestOverhead)
+		r, reason, msg := s.guard.reserve(ctx, c.src, requestWeight(n))
 		if r == nil {
 			return release, refuse(reason, codes.ResourceExhausted, msg)
 		}

