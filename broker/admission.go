@@ -184,6 +184,9 @@ func (g *guard) openConn(key netip.Prefix) (reason, msg string) {
 	if s.conns >= g.lim.MaxConnectionsPerSource {
 		return ReasonSourceConnectionLimit, fmt.Sprintf("%d connections open from %s, the most one source may hold (limits.maxConnectionsPerSource)", s.conns, g.sourceLabel(key))
 	}
+	if !g.limiter(s, rateConnect).Allow() {
+		return ReasonConnectionRate, fmt.Sprintf("%s opens connections faster than %s (limits.rates.connect)", g.sourceLabel(key), g.lim.Rates[rateConnect])
+	}
 	s.conns++
 	g.conns++
 	return "", ""

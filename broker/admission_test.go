@@ -526,6 +526,28 @@ func TestConnectionCapsRefuseAtAccept(t *testing.T) {
 	}
 }
 
+// TestConnectionRateIsLimited: each new connection costs a TLS handshake;
+// a source opening them faster than its rate is closed at accept.
+func TestConnectionRateIsLimited(t *testing.T) {
+	b := brokertest.Start(t, func(c *broker.Config) {
+		c.Limits.Rates = map[string]broker.Rate{"connect": {PerSecond: 1, Burst: 5}}
+	})
+	addr := limitedServe(t, b)
+	cfg, err := h2attack.TLSConfig(filepath.Join(b.DataDir, broker.CACertFile))
+	require.NoError(t, err)
+	refused := 0
+	for range 20 {
+		c, err := h2attack.Dial(context.Background(), addr, cfg, "")
+		if err != nil {
+			refused++
+			continue
+		}
+		c.Close()
+	}
+	assert.InDelta(t, 15, refused, 2)
+	assert.Equal(t, float64(refused), counter(t, b.Server.Metrics(), "attested_broker_connections_refused_total", "reason", "connection_rate"))
+}
+
 // TestHandshakeTimeout: a connection that never completes its TLS
 // handshake is closed after the handshake timeout.
 func TestHandshakeTimeout(t *testing.T) {

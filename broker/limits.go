@@ -67,7 +67,8 @@ type Limits struct {
 	// enroll (EnrollStart, EnrollFinish), attest (Challenge, Attest,
 	// NodeTags), unwrap (Unwrap, Explain). Unwrap and Explain carry a
 	// session token and draw from their bucket only when refused, so a
-	// node's releases are never rate-limited, guessing at tokens is.
+	// node's releases are never rate-limited, guessing at tokens is. The
+	// class connect limits new connections (each costs a TLS handshake).
 	Rates map[string]Rate `yaml:"rates,omitempty"`
 	// MaxSources bounds the table of sources the broker keeps rate and
 	// connection state for; the least recently idle entries go first.
@@ -97,10 +98,11 @@ func (r Rate) String() string {
 
 // Rate classes of the methods callers reach without a credential.
 const (
-	ratePublic = "public"
-	rateEnroll = "enroll"
-	rateAttest = "attest"
-	rateUnwrap = "unwrap"
+	ratePublic  = "public"
+	rateEnroll  = "enroll"
+	rateAttest  = "attest"
+	rateUnwrap  = "unwrap"
+	rateConnect = "connect"
 )
 
 // MaxHeaderListSize bounds the request headers of one call; gRPC's own
@@ -134,10 +136,11 @@ func DefaultLimits() Limits {
 		MaxRequestBytes:          128 << 20,
 		MaxRequestBytesPerSource: 40 << 20,
 		Rates: map[string]Rate{
-			ratePublic: {PerSecond: 50, Burst: 200},
-			rateEnroll: {PerSecond: 2, Burst: 20},
-			rateAttest: {PerSecond: 20, Burst: 100},
-			rateUnwrap: {PerSecond: 500, Burst: 2000},
+			ratePublic:  {PerSecond: 50, Burst: 200},
+			rateEnroll:  {PerSecond: 2, Burst: 20},
+			rateAttest:  {PerSecond: 20, Burst: 100},
+			rateUnwrap:  {PerSecond: 500, Burst: 2000},
+			rateConnect: {PerSecond: 50, Burst: 200},
 		},
 		MaxSources:          16384,
 		SourcePrefixIPv4:    32,

@@ -23,6 +23,7 @@ const (
 	// At accept.
 	ReasonConnectionLimit       = "connection_limit"        // maxConnections open
 	ReasonSourceConnectionLimit = "source_connection_limit" // maxConnectionsPerSource open from the source
+	ReasonConnectionRate        = "connection_rate"         // the source opens connections faster than rates.connect
 )
 
 // metrics are the broker's Prometheus metrics, in a registry the Server
