@@ -30,15 +30,18 @@ import (
 // request, and what bounds the memory callers without a credential can make
 // it hold.
 //
-//  1. At accept (LimitListener): total and per-source connection caps,
-//     checked before the TLS handshake, which gRPC bounds by
-//     limits.handshakeTimeout.
+//  1. At accept (LimitListener): total and per-source connection caps and
+//     the per-source connection rate, checked before the TLS handshake,
+//     which gRPC bounds by limits.handshakeTimeout. gRPC closes connections
+//     idle for limits.idleTimeout and disconnects clients that ping more
+//     often than limits.keepaliveMinInterval.
 //  2. In gRPC's tap handle, on the connection's reader when a request's
 //     headers arrive and before its stream exists: the method must exist,
 //     an Admin call must carry the admin credential, and any other call must
 //     fit its source's request rate and the caps on requests in flight. A
 //     refused request is answered at once; gRPC discards its body frames as
-//     they arrive and never buffers them.
+//     they arrive and never buffers them. An admitted request gets a
+//     deadline (limits.requestTimeout) that covers receiving its body.
 //  3. Before the body is read (boundedService): the request's length prefix
 //     is checked against its method's limit, and twice its length (received
 //     bytes and decoded message) is taken from the in-flight byte budget, in
@@ -310,8 +313,9 @@ func (g *guard) reserve(ctx context.Context, key netip.Prefix, n int64) (release
 }
 
 // LimitListener applies the connection caps to a listener: a connection
-// over limits.maxConnections, or over limits.maxConnectionsPerSource from
-// its source, is closed at accept, before any TLS work.
+// over limits.maxConnections, over limits.maxConnectionsPerSource from its
+// source, or faster than limits.rates.connect, is closed at accept, before
+// any TLS work.
 func (s *Server) LimitListener(l net.Listener) net.Listener {
 	return &limitListener{Listener: l, s: s}
 }
