@@ -277,10 +277,11 @@ func quoteFailure(err error) string {
 }
 
 // refuseUnverified refuses evidence that did not authenticate: the audit
-// gets the precise reason, the caller the answer it would get whatever
-// the node's state; nothing about the node changes.
+// gets the precise reason (sampled: anyone can send such evidence), the
+// caller the answer it would get whatever the node's state; nothing about
+// the node changes.
 func (s *Server) refuseUnverified(ctx context.Context, node string, code codes.Code, reason, answer string) error {
-	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: node, Reason: reason})
+	s.auditUnauthenticated(ctx, ReasonEvidenceUnverified, store.AuditEvent{Kind: "attest", Node: node, Reason: reason})
 	return status.Error(code, answer)
 }
 

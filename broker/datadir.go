@@ -78,6 +78,9 @@ type Config struct {
 	// RequireEKCertificate refuses TPMs that present no EK certificate
 	// chaining to EKRoots.
 	RequireEKCertificate bool `yaml:"requireEKCertificate,omitempty"`
+	// Limits bound what callers can make the broker hold (limits.go);
+	// unset fields take DefaultLimits.
+	Limits Limits `yaml:"limits,omitempty"`
 }
 
 // Defaults for a new broker.
@@ -571,6 +574,9 @@ func LoadConfig(dataDir string) (*Config, error) {
 	}
 	if cfg.Listen == "" {
 		cfg.Listen = DefaultListen
+	}
+	if cfg.Limits, err = cfg.Limits.resolved(); err != nil {
+		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
 	}
 	return &cfg, nil
 }

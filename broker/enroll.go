@@ -49,7 +49,7 @@ func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest)
 	fp := EKFingerprint(req.GetEkPublic())
 	ekIssuer, err := s.checkEKCertificate(req.GetEkCertificate(), req.GetEkPublic())
 	if err != nil {
-		s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: err.Error()})
+		s.auditUnauthenticated(ctx, ReasonEnrollmentRefused, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: err.Error()})
 		return nil, status.Error(codes.PermissionDenied, err.Error())
 	}
 	ak := req.GetAk()
@@ -64,7 +64,7 @@ func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest)
 		},
 	}
 	if err := checkAKSignOnly(ak.GetPublic()); err != nil {
-		s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: err.Error()})
+		s.auditUnauthenticated(ctx, ReasonEnrollmentRefused, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: err.Error()})
 		return nil, status.Error(codes.PermissionDenied, err.Error())
 	}
 	// Generate checks the AK is restricted, fixedTPM, fixedParent, TPM
@@ -72,7 +72,7 @@ func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest)
 	secret, ec, err := params.Generate()
 	if err != nil {
 		reason := "attestation key refused: " + err.Error()
-		s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: reason})
+		s.auditUnauthenticated(ctx, ReasonEnrollmentRefused, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: reason})
 		return nil, status.Error(codes.PermissionDenied, reason)
 	}
 	if existing, err := s.store.GetNode(ctx, req.GetName()); err == nil {
@@ -96,7 +96,7 @@ func (s *Server) EnrollStart(ctx context.Context, req *apiv1.EnrollStartRequest)
 			return nil, storeErr("join token", err)
 		}
 		if !ok {
-			s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: "join token invalid, expired or already used"})
+			s.auditUnauthenticated(ctx, ReasonEnrollmentRefused, store.AuditEvent{Kind: "enroll", Node: req.GetName(), Reason: "join token invalid, expired or already used"})
 			return nil, status.Error(codes.PermissionDenied, errJoinToken)
 		}
 	}
@@ -130,7 +130,7 @@ func (s *Server) EnrollFinish(ctx context.Context, req *apiv1.EnrollFinishReques
 	sum := sha256.Sum256(req.GetActivatedSecret())
 	if subtle.ConstantTimeCompare(sum[:], e.SecretHash) != 1 {
 		reason := "credential activation failed: the attestation key is not in the same TPM as the EK"
-		s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: e.Node.Name, Reason: reason})
+		s.auditUnauthenticated(ctx, ReasonEnrollmentRefused, store.AuditEvent{Kind: "enroll", Node: e.Node.Name, Reason: reason})
 		return nil, status.Error(codes.PermissionDenied, reason)
 	}
 	if e.JoinTokenHash != nil {

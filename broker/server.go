@@ -7,7 +7,6 @@ import (
 	"context"
 	"crypto/hpke"
 	"crypto/sha256"
-	"crypto/subtle"
 	"crypto/tls"
 	"encoding/hex"
 	"fmt"
@@ -20,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -32,15 +32,12 @@ import (
 // Version is reported by Info.
 const Version = "0.1.0"
 
-// MaxMessageSize bounds every request; evidence with event logs is the
-// largest legitimate message.
-const MaxMessageSize = 16 << 20
-
 // PendingTTL is how long an enrollment waits for admin approval before it
 // is dropped.
 const PendingTTL = 7 * 24 * time.Hour
 
-// HandlerTimeout bounds every RPC, whatever deadline the caller sent.
+// HandlerTimeout bounds every RPC, whatever deadline the caller sent: the
+// default of limits.requestTimeout.
 const HandlerTimeout = 30 * time.Second
 
 // Upper bounds of the configurable lifetimes: evidence older than this is
@@ -60,6 +57,14 @@ func checkLifetimes(c *Config) error {
 	return nil
 }
 
+// Server keepalive: gRPC's defaults, stated because the connection
+// listener sets TCP_USER_TIMEOUT itself (gRPC can only on a bare TCP
+// connection).
+const (
+	keepaliveTime    = 2 * time.Hour
+	keepaliveTimeout = 20 * time.Second
+)
+
 // Server implements the Broker and Admin services.
 type Server struct {
 	apiv1.UnimplementedBrokerServer
@@ -73,6 +78,12 @@ type Server struct {
 	adminHash []byte
 	ekRoots   *EKRoots
 	signer    *keysig.Signer // nil on a broker initialised before signed wrapping keys
+
+	limits  Limits                // resolved: no zero fields
+	methods map[string]methodSpec // by full gRPC method name
+	guard   *guard
+	metrics *metrics
+	sampler *auditSampler
 
 	mu       sync.Mutex
 	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
@@ -123,8 +134,14 @@ func New(o Options) (*Server, error) {
 	if o.Config.RequireEKCertificate && !roots.Configured() {
 		return nil, fmt.Errorf("broker: requireEKCertificate is set but ekRoots names no root certificate")
 	}
+	limits, err := o.Config.Limits.resolved()
+	if err != nil {
+		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
+	}
+	g := newGuard(limits)
 	return &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
-		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{}}, nil
+		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{},
+		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}, nil
 }
 
 // Open opens the broker in dataDir with its embedded store; override, if
@@ -158,18 +175,44 @@ func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server,
 	return s, nil
 }
 
-// Close releases the store.
-func (s *Server) Close() error { return s.store.Close() }
+// Close writes the sampled audit records still pending and releases the
+// store.
+func (s *Server) Close() error {
+	s.flushSampledAudit(context.Background(), true)
+	return s.store.Close()
+}
 
 // Config returns the broker configuration.
 func (s *Server) Config() *Config { return s.cfg }
 
 // GRPCServer returns a gRPC server with both services registered, serving
 // TLS with the given certificate (nil for tests that bring their own).
+// Serve it on LimitListener(listener) for the connection caps; everything
+// else (see admission.go) is in the server itself.
 func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
+	l := s.limits
 	opts := []grpc.ServerOption{
-		grpc.MaxRecvMsgSize(MaxMessageSize),
-		grpc.ConnectionTimeout(10 * time.Second),
+		// The per-method limits apply before this server-wide one (see
+		// receive); it stays as a backstop.
+		grpc.MaxRecvMsgSize(maxMessageSize(s.methods)),
+		grpc.InTapHandle(s.tap),
+		grpc.ConnectionTimeout(l.HandshakeTimeout),
+		grpc.MaxConcurrentStreams(uint32(l.MaxStreamsPerConnection)),
+		grpc.MaxHeaderListSize(MaxHeaderListSize),
+		grpc.StaticStreamWindowSize(streamWindow),
+		grpc.StaticConnWindowSize(connWindow),
+		// Without gRPC's 32 KiB read buffer the framer reads from the TLS
+		// connection's own record buffer: an idle connection costs ~33 KiB
+		// instead of ~49 KiB, and throughput is the same.
+		grpc.ReadBufferSize(0),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			MaxConnectionIdle:     l.IdleTimeout,
+			MaxConnectionAge:      l.MaxConnectionAge,
+			MaxConnectionAgeGrace: l.RequestTimeout,
+			Time:                  keepaliveTime,
+			Timeout:               keepaliveTimeout,
+		}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: l.KeepaliveMinInterval}),
 		grpc.ChainUnaryInterceptor(s.deadline, s.authorize),
 	}
 	if cert != nil {
@@ -178,9 +221,14 @@ func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
 			MinVersion:   tls.VersionTLS13,
 		})))
 	}
+	s.log.Info("limits on callers", "maxConnections", l.MaxConnections, "maxConnectionsPerSource", l.MaxConnectionsPerSource,
+		"idleTimeout", l.IdleTimeout, "handshakeTimeout", l.HandshakeTimeout, "requestTimeout", l.RequestTimeout,
+		"maxRequests", l.MaxRequests, "maxRequestsPerSource", l.MaxRequestsPerSource,
+		"maxRequestBytes", l.MaxRequestBytes.String(), "maxRequestBytesPerSource", l.MaxRequestBytesPerSource.String(),
+		"maxAttestSize", ByteSize(s.methods[brokerPrefix+"Attest"].maxSize).String())
 	g := grpc.NewServer(opts...)
-	apiv1.RegisterBrokerServer(g, s)
-	apiv1.RegisterAdminServer(g, adminServer{s: s})
+	g.RegisterService(s.boundedService(&apiv1.Broker_ServiceDesc), s)
+	g.RegisterService(s.boundedService(&apiv1.Admin_ServiceDesc), adminServer{s: s})
 	return g
 }
 
@@ -193,14 +241,19 @@ func LoadServerCertificate(dataDir string) (*tls.Certificate, error) {
 	return &c, nil
 }
 
-// Run expires stale nonces and sessions until ctx ends.
+// Run expires stale nonces and sessions, and writes the sampled audit
+// records of refusals, until ctx ends.
 func (s *Server) Run(ctx context.Context) {
 	t := time.NewTicker(time.Minute)
 	defer t.Stop()
+	sample := time.NewTicker(s.limits.AuditSampleInterval)
+	defer sample.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-sample.C:
+			s.flushSampledAudit(ctx, false)
 		case <-t.C:
 			now := s.now()
 			if err := s.store.Expire(ctx, now, now.Add(-PendingTTL)); err != nil && ctx.Err() == nil {
@@ -211,26 +264,26 @@ func (s *Server) Run(ctx context.Context) {
 }
 
 func (s *Server) deadline(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	ctx, cancel := context.WithTimeout(ctx, HandlerTimeout)
+	ctx, cancel := context.WithTimeout(ctx, s.limits.RequestTimeout)
 	defer cancel()
 	return h(ctx, req)
 }
 
-const adminPrefix = "/attested.broker.v1.Admin/"
+const (
+	adminPrefix  = "/attested.broker.v1.Admin/"
+	brokerPrefix = "/attested.broker.v1.Broker/"
+)
 
 // authorize admits Admin calls only with the admin credential. Node and
-// pipeline calls prove themselves by evidence, not by credential.
+// pipeline calls prove themselves by evidence, not by credential. The tap
+// handle already refused Admin calls without it before reading their body;
+// this second check guards any path that bypasses the tap.
 func (s *Server) authorize(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 	if !strings.HasPrefix(info.FullMethod, adminPrefix) {
 		return h(ctx, req)
 	}
 	md, _ := metadata.FromIncomingContext(ctx)
-	var token string
-	if v := md.Get("authorization"); len(v) == 1 {
-		token, _ = strings.CutPrefix(v[0], "Bearer ")
-	}
-	sum := sha256.Sum256([]byte(token))
-	if token == "" || subtle.ConstantTimeCompare(sum[:], s.adminHash) != 1 {
+	if !s.adminCredential(md) {
 		return nil, status.Error(codes.Unauthenticated, "admin operations need the admin credential (--admin-token-file); none or a wrong one was given")
 	}
 	return h(ctx, req)

@@ -79,7 +79,7 @@ func serve(t testing.TB, dir string, lis net.Listener, log *slog.Logger) *Broker
 	cert, err := broker.LoadServerCertificate(dir)
 	require.NoError(t, err)
 	g := srv.GRPCServer(cert)
-	go g.Serve(lis)
+	go g.Serve(srv.LimitListener(lis))
 	ca, err := conn.CAPool(filepath.Join(dir, broker.CACertFile))
 	require.NoError(t, err)
 	b := &Broker{Server: srv, DataDir: dir, Addr: lis.Addr().String(), CA: ca, grpc: g}

@@ -109,6 +109,7 @@ directory. Restart 'broker serve' afterwards, then move ca-key.pem offline.`,
 	var ekRoots []string
 	var requireEK bool
 	var sessionTTL, nonceTTL time.Duration
+	var applyLimits func(*broker.Config)
 	serveCmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve the broker API over TLS",
@@ -137,6 +138,7 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 				if fl.Changed("nonce-ttl") {
 					c.NonceTTL = nonceTTL
 				}
+				applyLimits(c)
 			})
 		},
 	}
@@ -144,6 +146,7 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 	serveCmd.Flags().BoolVar(&requireEK, "require-ek-certificate", false, "refuse TPMs without an EK certificate chaining to --ek-roots (broker.yaml: requireEKCertificate, which init sets to true); when false, serve warns of the risk at start")
 	serveCmd.Flags().DurationVar(&sessionTTL, "session-ttl", broker.DefaultSessionTTL, "how long one appraisal serves unwraps (broker.yaml: sessionTTL)")
 	serveCmd.Flags().DurationVar(&nonceTTL, "nonce-ttl", broker.DefaultNonceTTL, "how long a node has to answer a challenge (broker.yaml: nonceTTL)")
+	applyLimits = limitFlags(serveCmd.Flags())
 	for _, c := range []*cobra.Command{initCmd, serveCmd, issueSignerCmd} {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/attested-broker", "broker data directory")
 	}
@@ -172,6 +175,7 @@ func serveBroker(dataDir string, flags func(*broker.Config)) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	g := srv.GRPCServer(cert)
+	lis = srv.LimitListener(lis)
 	go srv.Run(ctx)
 	go func() {
 		<-ctx.Done()

@@ -82,18 +82,23 @@ type worldOptions struct {
 // newWorld starts a registry and a broker, enrolls node1 on its own swtpm,
 // applies policy "prod" (PCRs 0 and 16 at their current values), creates
 // key "app" under it and pushes an image encrypted for it.
+// withSwtpmRoots adds the suite's swtpm EK CA (made on first use) to a
+// broker configuration, unless it brings its own roots: broker init
+// requires certified EKs.
+func withSwtpmRoots(t testing.TB, dir, brokerConfig string) string {
+	if strings.Contains(brokerConfig, "ekRoots") {
+		return brokerConfig
+	}
+	swtpm.Start(t, shared.ca, filepath.Join(dir, "ca-warmup")).Stop()
+	return brokerConfig + fmt.Sprintf("ekRoots:\n  - %s\n  - %s\n",
+		filepath.Join(shared.ca.Dir, "swtpm-localca-rootca-cert.pem"), filepath.Join(shared.ca.Dir, "issuercert.pem"))
+}
+
 func newWorld(t testing.TB, o worldOptions) *world {
 	t.Helper()
 	dir, err := os.MkdirTemp(shared.dir, "w")
 	require.NoError(t, err)
-	// broker init requires certified EKs: trust the suite's swtpm CA (made
-	// on first use) unless the test brings its own roots.
-	if !strings.Contains(o.brokerConfig, "ekRoots") {
-		swtpm.Start(t, shared.ca, filepath.Join(dir, "ca-warmup")).Stop()
-		o.brokerConfig += fmt.Sprintf("ekRoots:\n  - %s\n  - %s\n",
-			filepath.Join(shared.ca.Dir, "swtpm-localca-rootca-cert.pem"), filepath.Join(shared.ca.Dir, "issuercert.pem"))
-	}
-	w := &world{t: t, dir: dir, brokerExtra: o.brokerConfig}
+	w := &world{t: t, dir: dir, brokerExtra: withSwtpmRoots(t, dir, o.brokerConfig)}
 	t.Cleanup(func() {
 		if t.Failed() {
 			w.dumpLogs()

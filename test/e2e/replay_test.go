@@ -27,7 +27,9 @@ import (
 // it captures node1's real evidence (a quote from its swtpm) and presents
 // it again, under a fresh nonce, and with its own session key.
 func TestReplayedEvidenceRefused(t *testing.T) {
-	w := newWorld(t, worldOptions{noImage: true})
+	// Refusals of unverified evidence are sampled into the audit; an
+	// interval of 1ns keeps each one, so that they can be counted below.
+	w := newWorld(t, worldOptions{noImage: true, brokerConfig: "limits:\n  auditSampleInterval: 1ns\n"})
 	n := w.node1
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
