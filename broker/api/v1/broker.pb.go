@@ -597,8 +597,15 @@ type Node struct {
 	EkIssuer string `protobuf:"bytes,10,opt,name=ek_issuer,json=ekIssuer,proto3" json:"ek_issuer,omitempty"`
 	// pending_expires_unix is when an unapproved enrollment is dropped.
 	PendingExpiresUnix int64 `protobuf:"varint,11,opt,name=pending_expires_unix,json=pendingExpiresUnix,proto3" json:"pending_expires_unix,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// status is what is true of the node now: "trusted", "untrusted",
+	// "stale" (no accepted attestation within the broker's staleAfter),
+	// "revoked" or "pending"; status_reason says why (the failing clause for
+	// untrusted); status_since_unix is when it took this status.
+	Status          string `protobuf:"bytes,12,opt,name=status,proto3" json:"status,omitempty"`
+	StatusReason    string `protobuf:"bytes,13,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
+	StatusSinceUnix int64  `protobuf:"varint,14,opt,name=status_since_unix,json=statusSinceUnix,proto3" json:"status_since_unix,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Node) Reset() {
@@ -708,6 +715,217 @@ func (x *Node) GetPendingExpiresUnix() int64 {
 	return 0
 }
 
+func (x *Node) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *Node) GetStatusReason() string {
+	if x != nil {
+		return x.StatusReason
+	}
+	return ""
+}
+
+func (x *Node) GetStatusSinceUnix() int64 {
+	if x != nil {
+		return x.StatusSinceUnix
+	}
+	return 0
+}
+
+type NodeDetail struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// evidence summarises the last accepted evidence, one fact per line.
+	Evidence         []string       `protobuf:"bytes,2,rep,name=evidence,proto3" json:"evidence,omitempty"`
+	LastEvidenceUnix int64          `protobuf:"varint,3,opt,name=last_evidence_unix,json=lastEvidenceUnix,proto3" json:"last_evidence_unix,omitempty"`
+	Sessions         []*SessionInfo `protobuf:"bytes,4,rep,name=sessions,proto3" json:"sessions,omitempty"`
+	// history lists status changes, oldest first.
+	History       []*StatusChange `protobuf:"bytes,5,rep,name=history,proto3" json:"history,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeDetail) Reset() {
+	*x = NodeDetail{}
+	mi := &file_broker_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeDetail) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeDetail) ProtoMessage() {}
+
+func (x *NodeDetail) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeDetail.ProtoReflect.Descriptor instead.
+func (*NodeDetail) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *NodeDetail) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+func (x *NodeDetail) GetEvidence() []string {
+	if x != nil {
+		return x.Evidence
+	}
+	return nil
+}
+
+func (x *NodeDetail) GetLastEvidenceUnix() int64 {
+	if x != nil {
+		return x.LastEvidenceUnix
+	}
+	return 0
+}
+
+func (x *NodeDetail) GetSessions() []*SessionInfo {
+	if x != nil {
+		return x.Sessions
+	}
+	return nil
+}
+
+func (x *NodeDetail) GetHistory() []*StatusChange {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
+type SessionInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	CreatedUnix   int64                  `protobuf:"varint,1,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
+	ExpiresUnix   int64                  `protobuf:"varint,2,opt,name=expires_unix,json=expiresUnix,proto3" json:"expires_unix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SessionInfo) Reset() {
+	*x = SessionInfo{}
+	mi := &file_broker_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SessionInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SessionInfo) ProtoMessage() {}
+
+func (x *SessionInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SessionInfo.ProtoReflect.Descriptor instead.
+func (*SessionInfo) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *SessionInfo) GetCreatedUnix() int64 {
+	if x != nil {
+		return x.CreatedUnix
+	}
+	return 0
+}
+
+func (x *SessionInfo) GetExpiresUnix() int64 {
+	if x != nil {
+		return x.ExpiresUnix
+	}
+	return 0
+}
+
+type StatusChange struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	TimeUnix      int64                  `protobuf:"varint,1,opt,name=time_unix,json=timeUnix,proto3" json:"time_unix,omitempty"`
+	Status        string                 `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatusChange) Reset() {
+	*x = StatusChange{}
+	mi := &file_broker_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatusChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatusChange) ProtoMessage() {}
+
+func (x *StatusChange) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatusChange.ProtoReflect.Descriptor instead.
+func (*StatusChange) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *StatusChange) GetTimeUnix() int64 {
+	if x != nil {
+		return x.TimeUnix
+	}
+	return 0
+}
+
+func (x *StatusChange) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *StatusChange) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type EnrollFinishResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -717,7 +935,7 @@ type EnrollFinishResponse struct {
 
 func (x *EnrollFinishResponse) Reset() {
 	*x = EnrollFinishResponse{}
-	mi := &file_broker_proto_msgTypes[9]
+	mi := &file_broker_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -729,7 +947,7 @@ func (x *EnrollFinishResponse) String() string {
 func (*EnrollFinishResponse) ProtoMessage() {}
 
 func (x *EnrollFinishResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[9]
+	mi := &file_broker_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -742,7 +960,7 @@ func (x *EnrollFinishResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnrollFinishResponse.ProtoReflect.Descriptor instead.
 func (*EnrollFinishResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{9}
+	return file_broker_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *EnrollFinishResponse) GetNode() *Node {
@@ -761,7 +979,7 @@ type ChallengeRequest struct {
 
 func (x *ChallengeRequest) Reset() {
 	*x = ChallengeRequest{}
-	mi := &file_broker_proto_msgTypes[10]
+	mi := &file_broker_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -773,7 +991,7 @@ func (x *ChallengeRequest) String() string {
 func (*ChallengeRequest) ProtoMessage() {}
 
 func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[10]
+	mi := &file_broker_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -786,7 +1004,7 @@ func (x *ChallengeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeRequest.ProtoReflect.Descriptor instead.
 func (*ChallengeRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{10}
+	return file_broker_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ChallengeRequest) GetNode() string {
@@ -806,7 +1024,7 @@ type ChallengeResponse struct {
 
 func (x *ChallengeResponse) Reset() {
 	*x = ChallengeResponse{}
-	mi := &file_broker_proto_msgTypes[11]
+	mi := &file_broker_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -818,7 +1036,7 @@ func (x *ChallengeResponse) String() string {
 func (*ChallengeResponse) ProtoMessage() {}
 
 func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[11]
+	mi := &file_broker_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -831,7 +1049,7 @@ func (x *ChallengeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChallengeResponse.ProtoReflect.Descriptor instead.
 func (*ChallengeResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{11}
+	return file_broker_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ChallengeResponse) GetNonce() []byte {
@@ -858,7 +1076,7 @@ type PCR struct {
 
 func (x *PCR) Reset() {
 	*x = PCR{}
-	mi := &file_broker_proto_msgTypes[12]
+	mi := &file_broker_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -870,7 +1088,7 @@ func (x *PCR) String() string {
 func (*PCR) ProtoMessage() {}
 
 func (x *PCR) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[12]
+	mi := &file_broker_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -883,7 +1101,7 @@ func (x *PCR) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCR.ProtoReflect.Descriptor instead.
 func (*PCR) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{12}
+	return file_broker_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PCR) GetIndex() uint32 {
@@ -939,7 +1157,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_broker_proto_msgTypes[13]
+	mi := &file_broker_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -951,7 +1169,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[13]
+	mi := &file_broker_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -964,7 +1182,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{13}
+	return file_broker_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *AttestRequest) GetNode() string {
@@ -1081,6 +1299,10 @@ func (x *AttestRequest) GetSessionKeyPcrs() []uint32 {
 
 type AttestResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
+	// ear is the attestation result of this appraisal: an EAT Attestation
+	// Result (draft-ietf-rats-ear) signed by the broker (JWS, ES256), with the
+	// AR4SI trust vector and the broker's claims about the node.
+	Ear string `protobuf:"bytes,5,opt,name=ear,proto3" json:"ear,omitempty"`
 	// session_token is an opaque bearer handle; it is useless without the
 	// session private key because every release is sealed to that key.
 	SessionToken  []byte `protobuf:"bytes,1,opt,name=session_token,json=sessionToken,proto3" json:"session_token,omitempty"`
@@ -1093,7 +1315,7 @@ type AttestResponse struct {
 
 func (x *AttestResponse) Reset() {
 	*x = AttestResponse{}
-	mi := &file_broker_proto_msgTypes[14]
+	mi := &file_broker_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1105,7 +1327,7 @@ func (x *AttestResponse) String() string {
 func (*AttestResponse) ProtoMessage() {}
 
 func (x *AttestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[14]
+	mi := &file_broker_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1118,7 +1340,14 @@ func (x *AttestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestResponse.ProtoReflect.Descriptor instead.
 func (*AttestResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{14}
+	return file_broker_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *AttestResponse) GetEar() string {
+	if x != nil {
+		return x.Ear
+	}
+	return ""
 }
 
 func (x *AttestResponse) GetSessionToken() []byte {
@@ -1160,7 +1389,7 @@ type UnwrapRequest struct {
 
 func (x *UnwrapRequest) Reset() {
 	*x = UnwrapRequest{}
-	mi := &file_broker_proto_msgTypes[15]
+	mi := &file_broker_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1172,7 +1401,7 @@ func (x *UnwrapRequest) String() string {
 func (*UnwrapRequest) ProtoMessage() {}
 
 func (x *UnwrapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[15]
+	mi := &file_broker_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1185,7 +1414,7 @@ func (x *UnwrapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnwrapRequest.ProtoReflect.Descriptor instead.
 func (*UnwrapRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{15}
+	return file_broker_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UnwrapRequest) GetSessionToken() []byte {
@@ -1214,7 +1443,7 @@ type UnwrapResponse struct {
 
 func (x *UnwrapResponse) Reset() {
 	*x = UnwrapResponse{}
-	mi := &file_broker_proto_msgTypes[16]
+	mi := &file_broker_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1226,7 +1455,7 @@ func (x *UnwrapResponse) String() string {
 func (*UnwrapResponse) ProtoMessage() {}
 
 func (x *UnwrapResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[16]
+	mi := &file_broker_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1239,7 +1468,7 @@ func (x *UnwrapResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnwrapResponse.ProtoReflect.Descriptor instead.
 func (*UnwrapResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{16}
+	return file_broker_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UnwrapResponse) GetSealed() []byte {
@@ -1264,20 +1493,22 @@ func (x *UnwrapResponse) GetKeyVersion() uint32 {
 }
 
 type Key struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Version       uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
-	Policy        string                 `protobuf:"bytes,3,opt,name=policy,proto3" json:"policy,omitempty"`
-	Suite         string                 `protobuf:"bytes,4,opt,name=suite,proto3" json:"suite,omitempty"`
-	PublicKey     []byte                 `protobuf:"bytes,5,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
-	CreatedUnix   int64                  `protobuf:"varint,6,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Version     uint32                 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	Policy      string                 `protobuf:"bytes,3,opt,name=policy,proto3" json:"policy,omitempty"`
+	Suite       string                 `protobuf:"bytes,4,opt,name=suite,proto3" json:"suite,omitempty"`
+	PublicKey   []byte                 `protobuf:"bytes,5,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	CreatedUnix int64                  `protobuf:"varint,6,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
+	// disabled_unix is when the version was disabled; 0 while it releases.
+	DisabledUnix  int64 `protobuf:"varint,7,opt,name=disabled_unix,json=disabledUnix,proto3" json:"disabled_unix,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Key) Reset() {
 	*x = Key{}
-	mi := &file_broker_proto_msgTypes[17]
+	mi := &file_broker_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1289,7 +1520,7 @@ func (x *Key) String() string {
 func (*Key) ProtoMessage() {}
 
 func (x *Key) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[17]
+	mi := &file_broker_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1302,7 +1533,7 @@ func (x *Key) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Key.ProtoReflect.Descriptor instead.
 func (*Key) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{17}
+	return file_broker_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Key) GetName() string {
@@ -1347,6 +1578,231 @@ func (x *Key) GetCreatedUnix() int64 {
 	return 0
 }
 
+func (x *Key) GetDisabledUnix() int64 {
+	if x != nil {
+		return x.DisabledUnix
+	}
+	return 0
+}
+
+type KeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// version 0 means the latest (RotateKey, GetKey) or every version
+	// (DisableKey).
+	Version       uint32 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyRequest) Reset() {
+	*x = KeyRequest{}
+	mi := &file_broker_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyRequest) ProtoMessage() {}
+
+func (x *KeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyRequest.ProtoReflect.Descriptor instead.
+func (*KeyRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *KeyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *KeyRequest) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+type KeyDetail struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Versions      []*Key                 `protobuf:"bytes,1,rep,name=versions,proto3" json:"versions,omitempty"`
+	Policy        *Policy                `protobuf:"bytes,2,opt,name=policy,proto3" json:"policy,omitempty"`
+	Counts        []*KeyVersionCounts    `protobuf:"bytes,3,rep,name=counts,proto3" json:"counts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyDetail) Reset() {
+	*x = KeyDetail{}
+	mi := &file_broker_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyDetail) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyDetail) ProtoMessage() {}
+
+func (x *KeyDetail) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyDetail.ProtoReflect.Descriptor instead.
+func (*KeyDetail) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *KeyDetail) GetVersions() []*Key {
+	if x != nil {
+		return x.Versions
+	}
+	return nil
+}
+
+func (x *KeyDetail) GetPolicy() *Policy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+func (x *KeyDetail) GetCounts() []*KeyVersionCounts {
+	if x != nil {
+		return x.Counts
+	}
+	return nil
+}
+
+type KeyVersionCounts struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
+	Releases      uint64                 `protobuf:"varint,2,opt,name=releases,proto3" json:"releases,omitempty"`
+	Refusals      uint64                 `protobuf:"varint,3,opt,name=refusals,proto3" json:"refusals,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyVersionCounts) Reset() {
+	*x = KeyVersionCounts{}
+	mi := &file_broker_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyVersionCounts) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyVersionCounts) ProtoMessage() {}
+
+func (x *KeyVersionCounts) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyVersionCounts.ProtoReflect.Descriptor instead.
+func (*KeyVersionCounts) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *KeyVersionCounts) GetVersion() uint32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *KeyVersionCounts) GetReleases() uint64 {
+	if x != nil {
+		return x.Releases
+	}
+	return 0
+}
+
+func (x *KeyVersionCounts) GetRefusals() uint64 {
+	if x != nil {
+		return x.Refusals
+	}
+	return 0
+}
+
+type PolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PolicyRequest) Reset() {
+	*x = PolicyRequest{}
+	mi := &file_broker_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PolicyRequest) ProtoMessage() {}
+
+func (x *PolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PolicyRequest.ProtoReflect.Descriptor instead.
+func (*PolicyRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *PolicyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 type CreateKeyRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1357,7 +1813,7 @@ type CreateKeyRequest struct {
 
 func (x *CreateKeyRequest) Reset() {
 	*x = CreateKeyRequest{}
-	mi := &file_broker_proto_msgTypes[18]
+	mi := &file_broker_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1369,7 +1825,7 @@ func (x *CreateKeyRequest) String() string {
 func (*CreateKeyRequest) ProtoMessage() {}
 
 func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[18]
+	mi := &file_broker_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1382,7 +1838,7 @@ func (x *CreateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{18}
+	return file_broker_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CreateKeyRequest) GetName() string {
@@ -1407,7 +1863,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_broker_proto_msgTypes[19]
+	mi := &file_broker_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1419,7 +1875,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[19]
+	mi := &file_broker_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1432,7 +1888,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{19}
+	return file_broker_proto_rawDescGZIP(), []int{26}
 }
 
 type ListKeysResponse struct {
@@ -1444,7 +1900,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_broker_proto_msgTypes[20]
+	mi := &file_broker_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1456,7 +1912,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[20]
+	mi := &file_broker_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1469,7 +1925,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{20}
+	return file_broker_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListKeysResponse) GetKeys() []*Key {
@@ -1492,7 +1948,7 @@ type Policy struct {
 
 func (x *Policy) Reset() {
 	*x = Policy{}
-	mi := &file_broker_proto_msgTypes[21]
+	mi := &file_broker_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1504,7 +1960,7 @@ func (x *Policy) String() string {
 func (*Policy) ProtoMessage() {}
 
 func (x *Policy) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[21]
+	mi := &file_broker_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1517,7 +1973,7 @@ func (x *Policy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Policy.ProtoReflect.Descriptor instead.
 func (*Policy) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{21}
+	return file_broker_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Policy) GetName() string {
@@ -1557,7 +2013,7 @@ type ApplyPolicyRequest struct {
 
 func (x *ApplyPolicyRequest) Reset() {
 	*x = ApplyPolicyRequest{}
-	mi := &file_broker_proto_msgTypes[22]
+	mi := &file_broker_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1569,7 +2025,7 @@ func (x *ApplyPolicyRequest) String() string {
 func (*ApplyPolicyRequest) ProtoMessage() {}
 
 func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[22]
+	mi := &file_broker_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1582,7 +2038,7 @@ func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{22}
+	return file_broker_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ApplyPolicyRequest) GetYaml() string {
@@ -1600,7 +2056,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_broker_proto_msgTypes[23]
+	mi := &file_broker_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1612,7 +2068,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[23]
+	mi := &file_broker_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1625,7 +2081,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{23}
+	return file_broker_proto_rawDescGZIP(), []int{30}
 }
 
 type ListPoliciesResponse struct {
@@ -1637,7 +2093,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_broker_proto_msgTypes[24]
+	mi := &file_broker_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1649,7 +2105,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[24]
+	mi := &file_broker_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1662,7 +2118,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{24}
+	return file_broker_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*Policy {
@@ -1682,7 +2138,7 @@ type CreateJoinTokenRequest struct {
 
 func (x *CreateJoinTokenRequest) Reset() {
 	*x = CreateJoinTokenRequest{}
-	mi := &file_broker_proto_msgTypes[25]
+	mi := &file_broker_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1694,7 +2150,7 @@ func (x *CreateJoinTokenRequest) String() string {
 func (*CreateJoinTokenRequest) ProtoMessage() {}
 
 func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[25]
+	mi := &file_broker_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1707,7 +2163,7 @@ func (x *CreateJoinTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{25}
+	return file_broker_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateJoinTokenRequest) GetTtlSeconds() int64 {
@@ -1727,7 +2183,7 @@ type CreateJoinTokenResponse struct {
 
 func (x *CreateJoinTokenResponse) Reset() {
 	*x = CreateJoinTokenResponse{}
-	mi := &file_broker_proto_msgTypes[26]
+	mi := &file_broker_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1739,7 +2195,7 @@ func (x *CreateJoinTokenResponse) String() string {
 func (*CreateJoinTokenResponse) ProtoMessage() {}
 
 func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[26]
+	mi := &file_broker_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1752,7 +2208,7 @@ func (x *CreateJoinTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateJoinTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateJoinTokenResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{26}
+	return file_broker_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateJoinTokenResponse) GetToken() string {
@@ -1782,7 +2238,7 @@ type NodeRequest struct {
 
 func (x *NodeRequest) Reset() {
 	*x = NodeRequest{}
-	mi := &file_broker_proto_msgTypes[27]
+	mi := &file_broker_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1794,7 +2250,7 @@ func (x *NodeRequest) String() string {
 func (*NodeRequest) ProtoMessage() {}
 
 func (x *NodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[27]
+	mi := &file_broker_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1807,7 +2263,7 @@ func (x *NodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeRequest.ProtoReflect.Descriptor instead.
 func (*NodeRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{27}
+	return file_broker_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *NodeRequest) GetName() string {
@@ -1832,7 +2288,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_broker_proto_msgTypes[28]
+	mi := &file_broker_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1844,7 +2300,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[28]
+	mi := &file_broker_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1857,7 +2313,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{28}
+	return file_broker_proto_rawDescGZIP(), []int{35}
 }
 
 type ListNodesResponse struct {
@@ -1872,7 +2328,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_broker_proto_msgTypes[29]
+	mi := &file_broker_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1884,7 +2340,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[29]
+	mi := &file_broker_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1897,7 +2353,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{29}
+	return file_broker_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListNodesResponse) GetNodes() []*Node {
@@ -1920,19 +2376,28 @@ type AuditEvent struct {
 	TimeUnixNano int64                  `protobuf:"varint,2,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
 	// kind: enroll, approve, revoke, remove, attest, release, refuse, key,
 	// policy, token, tag.
-	Kind          string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
-	Node          string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
-	Key           string `protobuf:"bytes,5,opt,name=key,proto3" json:"key,omitempty"`
-	Allowed       bool   `protobuf:"varint,6,opt,name=allowed,proto3" json:"allowed,omitempty"`
-	Reason        string `protobuf:"bytes,7,opt,name=reason,proto3" json:"reason,omitempty"`
-	Actor         string `protobuf:"bytes,8,opt,name=actor,proto3" json:"actor,omitempty"`
+	Kind       string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
+	Node       string `protobuf:"bytes,4,opt,name=node,proto3" json:"node,omitempty"`
+	Key        string `protobuf:"bytes,5,opt,name=key,proto3" json:"key,omitempty"`
+	Allowed    bool   `protobuf:"varint,6,opt,name=allowed,proto3" json:"allowed,omitempty"`
+	Reason     string `protobuf:"bytes,7,opt,name=reason,proto3" json:"reason,omitempty"`
+	Actor      string `protobuf:"bytes,8,opt,name=actor,proto3" json:"actor,omitempty"`
+	KeyVersion uint32 `protobuf:"varint,9,opt,name=key_version,json=keyVersion,proto3" json:"key_version,omitempty"`
+	// layer_digest names the layer a release opened (from the optsdata the
+	// broker unsealed).
+	LayerDigest    string `protobuf:"bytes,10,opt,name=layer_digest,json=layerDigest,proto3" json:"layer_digest,omitempty"`
+	Policy         string `protobuf:"bytes,11,opt,name=policy,proto3" json:"policy,omitempty"`
+	PolicyRevision uint32 `protobuf:"varint,12,opt,name=policy_revision,json=policyRevision,proto3" json:"policy_revision,omitempty"`
+	// hash chains the record to the previous one; a MAC under a broker key
+	// makes an edited or deleted record detectable (VerifyAudit).
+	Hash          []byte `protobuf:"bytes,13,opt,name=hash,proto3" json:"hash,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *AuditEvent) Reset() {
 	*x = AuditEvent{}
-	mi := &file_broker_proto_msgTypes[30]
+	mi := &file_broker_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1944,7 +2409,7 @@ func (x *AuditEvent) String() string {
 func (*AuditEvent) ProtoMessage() {}
 
 func (x *AuditEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[30]
+	mi := &file_broker_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1957,7 +2422,7 @@ func (x *AuditEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditEvent.ProtoReflect.Descriptor instead.
 func (*AuditEvent) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{30}
+	return file_broker_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *AuditEvent) GetSeq() uint64 {
@@ -2016,18 +2481,56 @@ func (x *AuditEvent) GetActor() string {
 	return ""
 }
 
+func (x *AuditEvent) GetKeyVersion() uint32 {
+	if x != nil {
+		return x.KeyVersion
+	}
+	return 0
+}
+
+func (x *AuditEvent) GetLayerDigest() string {
+	if x != nil {
+		return x.LayerDigest
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetPolicy() string {
+	if x != nil {
+		return x.Policy
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetPolicyRevision() uint32 {
+	if x != nil {
+		return x.PolicyRevision
+	}
+	return 0
+}
+
+func (x *AuditEvent) GetHash() []byte {
+	if x != nil {
+		return x.Hash
+	}
+	return nil
+}
+
 type ListAuditRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
 	Kind          string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
 	Limit         uint32                 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	SinceUnixNano int64                  `protobuf:"varint,4,opt,name=since_unix_nano,json=sinceUnixNano,proto3" json:"since_unix_nano,omitempty"`
+	UntilUnixNano int64                  `protobuf:"varint,5,opt,name=until_unix_nano,json=untilUnixNano,proto3" json:"until_unix_nano,omitempty"`
+	Key           string                 `protobuf:"bytes,6,opt,name=key,proto3" json:"key,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListAuditRequest) Reset() {
 	*x = ListAuditRequest{}
-	mi := &file_broker_proto_msgTypes[31]
+	mi := &file_broker_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2039,7 +2542,7 @@ func (x *ListAuditRequest) String() string {
 func (*ListAuditRequest) ProtoMessage() {}
 
 func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[31]
+	mi := &file_broker_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2052,7 +2555,7 @@ func (x *ListAuditRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditRequest.ProtoReflect.Descriptor instead.
 func (*ListAuditRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{31}
+	return file_broker_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ListAuditRequest) GetNode() string {
@@ -2076,6 +2579,559 @@ func (x *ListAuditRequest) GetLimit() uint32 {
 	return 0
 }
 
+func (x *ListAuditRequest) GetSinceUnixNano() int64 {
+	if x != nil {
+		return x.SinceUnixNano
+	}
+	return 0
+}
+
+func (x *ListAuditRequest) GetUntilUnixNano() int64 {
+	if x != nil {
+		return x.UntilUnixNano
+	}
+	return 0
+}
+
+func (x *ListAuditRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+type VerifyAuditRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyAuditRequest) Reset() {
+	*x = VerifyAuditRequest{}
+	mi := &file_broker_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyAuditRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyAuditRequest) ProtoMessage() {}
+
+func (x *VerifyAuditRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyAuditRequest.ProtoReflect.Descriptor instead.
+func (*VerifyAuditRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{39}
+}
+
+type VerifyAuditResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Ok      bool                   `protobuf:"varint,1,opt,name=ok,proto3" json:"ok,omitempty"`
+	Records uint64                 `protobuf:"varint,2,opt,name=records,proto3" json:"records,omitempty"`
+	// first_bad_seq is the first record that does not verify (0 if none).
+	FirstBadSeq   uint64 `protobuf:"varint,3,opt,name=first_bad_seq,json=firstBadSeq,proto3" json:"first_bad_seq,omitempty"`
+	Detail        string `protobuf:"bytes,4,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyAuditResponse) Reset() {
+	*x = VerifyAuditResponse{}
+	mi := &file_broker_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyAuditResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyAuditResponse) ProtoMessage() {}
+
+func (x *VerifyAuditResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyAuditResponse.ProtoReflect.Descriptor instead.
+func (*VerifyAuditResponse) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *VerifyAuditResponse) GetOk() bool {
+	if x != nil {
+		return x.Ok
+	}
+	return false
+}
+
+func (x *VerifyAuditResponse) GetRecords() uint64 {
+	if x != nil {
+		return x.Records
+	}
+	return 0
+}
+
+func (x *VerifyAuditResponse) GetFirstBadSeq() uint64 {
+	if x != nil {
+		return x.FirstBadSeq
+	}
+	return 0
+}
+
+func (x *VerifyAuditResponse) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+type Webhook struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Url   string                 `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
+	// events: "status" (node status changes), "refusal" (refused releases
+	// and attestations).
+	Events      []string `protobuf:"bytes,3,rep,name=events,proto3" json:"events,omitempty"`
+	CreatedUnix int64    `protobuf:"varint,4,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
+	// secret signs deliveries (HMAC-SHA256); returned once, by AddWebhook.
+	Secret         string `protobuf:"bytes,5,opt,name=secret,proto3" json:"secret,omitempty"`
+	Pending        uint64 `protobuf:"varint,6,opt,name=pending,proto3" json:"pending,omitempty"`
+	Delivered      uint64 `protobuf:"varint,7,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	FailedAttempts uint64 `protobuf:"varint,8,opt,name=failed_attempts,json=failedAttempts,proto3" json:"failed_attempts,omitempty"`
+	LastError      string `protobuf:"bytes,9,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *Webhook) Reset() {
+	*x = Webhook{}
+	mi := &file_broker_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Webhook) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Webhook) ProtoMessage() {}
+
+func (x *Webhook) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Webhook.ProtoReflect.Descriptor instead.
+func (*Webhook) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *Webhook) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Webhook) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *Webhook) GetEvents() []string {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *Webhook) GetCreatedUnix() int64 {
+	if x != nil {
+		return x.CreatedUnix
+	}
+	return 0
+}
+
+func (x *Webhook) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
+func (x *Webhook) GetPending() uint64 {
+	if x != nil {
+		return x.Pending
+	}
+	return 0
+}
+
+func (x *Webhook) GetDelivered() uint64 {
+	if x != nil {
+		return x.Delivered
+	}
+	return 0
+}
+
+func (x *Webhook) GetFailedAttempts() uint64 {
+	if x != nil {
+		return x.FailedAttempts
+	}
+	return 0
+}
+
+func (x *Webhook) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+type AddWebhookRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Url           string                 `protobuf:"bytes,1,opt,name=url,proto3" json:"url,omitempty"`
+	Events        []string               `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddWebhookRequest) Reset() {
+	*x = AddWebhookRequest{}
+	mi := &file_broker_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddWebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddWebhookRequest) ProtoMessage() {}
+
+func (x *AddWebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddWebhookRequest.ProtoReflect.Descriptor instead.
+func (*AddWebhookRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *AddWebhookRequest) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *AddWebhookRequest) GetEvents() []string {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+type WebhookRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WebhookRequest) Reset() {
+	*x = WebhookRequest{}
+	mi := &file_broker_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WebhookRequest) ProtoMessage() {}
+
+func (x *WebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WebhookRequest.ProtoReflect.Descriptor instead.
+func (*WebhookRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *WebhookRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type ListWebhooksRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhooksRequest) Reset() {
+	*x = ListWebhooksRequest{}
+	mi := &file_broker_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhooksRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhooksRequest) ProtoMessage() {}
+
+func (x *ListWebhooksRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhooksRequest.ProtoReflect.Descriptor instead.
+func (*ListWebhooksRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{44}
+}
+
+type ListWebhooksResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Webhooks      []*Webhook             `protobuf:"bytes,1,rep,name=webhooks,proto3" json:"webhooks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhooksResponse) Reset() {
+	*x = ListWebhooksResponse{}
+	mi := &file_broker_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhooksResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhooksResponse) ProtoMessage() {}
+
+func (x *ListWebhooksResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhooksResponse.ProtoReflect.Descriptor instead.
+func (*ListWebhooksResponse) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ListWebhooksResponse) GetWebhooks() []*Webhook {
+	if x != nil {
+		return x.Webhooks
+	}
+	return nil
+}
+
+type TestWebhookResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Delivered     bool                   `protobuf:"varint,1,opt,name=delivered,proto3" json:"delivered,omitempty"`
+	StatusCode    int32                  `protobuf:"varint,2,opt,name=status_code,json=statusCode,proto3" json:"status_code,omitempty"`
+	Detail        string                 `protobuf:"bytes,3,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TestWebhookResponse) Reset() {
+	*x = TestWebhookResponse{}
+	mi := &file_broker_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TestWebhookResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TestWebhookResponse) ProtoMessage() {}
+
+func (x *TestWebhookResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TestWebhookResponse.ProtoReflect.Descriptor instead.
+func (*TestWebhookResponse) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *TestWebhookResponse) GetDelivered() bool {
+	if x != nil {
+		return x.Delivered
+	}
+	return false
+}
+
+func (x *TestWebhookResponse) GetStatusCode() int32 {
+	if x != nil {
+		return x.StatusCode
+	}
+	return 0
+}
+
+func (x *TestWebhookResponse) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+type JWKSRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JWKSRequest) Reset() {
+	*x = JWKSRequest{}
+	mi := &file_broker_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JWKSRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JWKSRequest) ProtoMessage() {}
+
+func (x *JWKSRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JWKSRequest.ProtoReflect.Descriptor instead.
+func (*JWKSRequest) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{47}
+}
+
+type JWKSResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Jwks          string                 `protobuf:"bytes,1,opt,name=jwks,proto3" json:"jwks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JWKSResponse) Reset() {
+	*x = JWKSResponse{}
+	mi := &file_broker_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JWKSResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JWKSResponse) ProtoMessage() {}
+
+func (x *JWKSResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_broker_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JWKSResponse.ProtoReflect.Descriptor instead.
+func (*JWKSResponse) Descriptor() ([]byte, []int) {
+	return file_broker_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *JWKSResponse) GetJwks() string {
+	if x != nil {
+		return x.Jwks
+	}
+	return ""
+}
+
 type ListAuditResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Events        []*AuditEvent          `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
@@ -2085,7 +3141,7 @@ type ListAuditResponse struct {
 
 func (x *ListAuditResponse) Reset() {
 	*x = ListAuditResponse{}
-	mi := &file_broker_proto_msgTypes[32]
+	mi := &file_broker_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2097,7 +3153,7 @@ func (x *ListAuditResponse) String() string {
 func (*ListAuditResponse) ProtoMessage() {}
 
 func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[32]
+	mi := &file_broker_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2110,7 +3166,7 @@ func (x *ListAuditResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAuditResponse.ProtoReflect.Descriptor instead.
 func (*ListAuditResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{32}
+	return file_broker_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListAuditResponse) GetEvents() []*AuditEvent {
@@ -2129,7 +3185,7 @@ type ExplainRequest struct {
 
 func (x *ExplainRequest) Reset() {
 	*x = ExplainRequest{}
-	mi := &file_broker_proto_msgTypes[33]
+	mi := &file_broker_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2141,7 +3197,7 @@ func (x *ExplainRequest) String() string {
 func (*ExplainRequest) ProtoMessage() {}
 
 func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[33]
+	mi := &file_broker_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2154,7 +3210,7 @@ func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainRequest.ProtoReflect.Descriptor instead.
 func (*ExplainRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{33}
+	return file_broker_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ExplainRequest) GetSessionToken() []byte {
@@ -2175,7 +3231,7 @@ type Clause struct {
 
 func (x *Clause) Reset() {
 	*x = Clause{}
-	mi := &file_broker_proto_msgTypes[34]
+	mi := &file_broker_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2187,7 +3243,7 @@ func (x *Clause) String() string {
 func (*Clause) ProtoMessage() {}
 
 func (x *Clause) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[34]
+	mi := &file_broker_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2200,7 +3256,7 @@ func (x *Clause) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Clause.ProtoReflect.Descriptor instead.
 func (*Clause) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{34}
+	return file_broker_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *Clause) GetName() string {
@@ -2236,7 +3292,7 @@ type KeyAppraisal struct {
 
 func (x *KeyAppraisal) Reset() {
 	*x = KeyAppraisal{}
-	mi := &file_broker_proto_msgTypes[35]
+	mi := &file_broker_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2248,7 +3304,7 @@ func (x *KeyAppraisal) String() string {
 func (*KeyAppraisal) ProtoMessage() {}
 
 func (x *KeyAppraisal) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[35]
+	mi := &file_broker_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2261,7 +3317,7 @@ func (x *KeyAppraisal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyAppraisal.ProtoReflect.Descriptor instead.
 func (*KeyAppraisal) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{35}
+	return file_broker_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *KeyAppraisal) GetKey() string {
@@ -2303,7 +3359,7 @@ type ExplainResponse struct {
 
 func (x *ExplainResponse) Reset() {
 	*x = ExplainResponse{}
-	mi := &file_broker_proto_msgTypes[36]
+	mi := &file_broker_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2315,7 +3371,7 @@ func (x *ExplainResponse) String() string {
 func (*ExplainResponse) ProtoMessage() {}
 
 func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[36]
+	mi := &file_broker_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2328,7 +3384,7 @@ func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExplainResponse.ProtoReflect.Descriptor instead.
 func (*ExplainResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{36}
+	return file_broker_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ExplainResponse) GetSealed() []byte {
@@ -2350,7 +3406,7 @@ type Explanation struct {
 
 func (x *Explanation) Reset() {
 	*x = Explanation{}
-	mi := &file_broker_proto_msgTypes[37]
+	mi := &file_broker_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2362,7 +3418,7 @@ func (x *Explanation) String() string {
 func (*Explanation) ProtoMessage() {}
 
 func (x *Explanation) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[37]
+	mi := &file_broker_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2375,7 +3431,7 @@ func (x *Explanation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Explanation.ProtoReflect.Descriptor instead.
 func (*Explanation) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{37}
+	return file_broker_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *Explanation) GetNode() string {
@@ -2410,7 +3466,7 @@ type TagNodeRequest struct {
 
 func (x *TagNodeRequest) Reset() {
 	*x = TagNodeRequest{}
-	mi := &file_broker_proto_msgTypes[38]
+	mi := &file_broker_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2422,7 +3478,7 @@ func (x *TagNodeRequest) String() string {
 func (*TagNodeRequest) ProtoMessage() {}
 
 func (x *TagNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[38]
+	mi := &file_broker_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2435,7 +3491,7 @@ func (x *TagNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TagNodeRequest.ProtoReflect.Descriptor instead.
 func (*TagNodeRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{38}
+	return file_broker_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *TagNodeRequest) GetName() string {
@@ -2470,7 +3526,7 @@ type LearnPolicyRequest struct {
 
 func (x *LearnPolicyRequest) Reset() {
 	*x = LearnPolicyRequest{}
-	mi := &file_broker_proto_msgTypes[39]
+	mi := &file_broker_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2482,7 +3538,7 @@ func (x *LearnPolicyRequest) String() string {
 func (*LearnPolicyRequest) ProtoMessage() {}
 
 func (x *LearnPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[39]
+	mi := &file_broker_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2495,7 +3551,7 @@ func (x *LearnPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LearnPolicyRequest.ProtoReflect.Descriptor instead.
 func (*LearnPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{39}
+	return file_broker_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *LearnPolicyRequest) GetNode() string {
@@ -2521,7 +3577,7 @@ type LearnPolicyResponse struct {
 
 func (x *LearnPolicyResponse) Reset() {
 	*x = LearnPolicyResponse{}
-	mi := &file_broker_proto_msgTypes[40]
+	mi := &file_broker_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2533,7 +3589,7 @@ func (x *LearnPolicyResponse) String() string {
 func (*LearnPolicyResponse) ProtoMessage() {}
 
 func (x *LearnPolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[40]
+	mi := &file_broker_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2546,7 +3602,7 @@ func (x *LearnPolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LearnPolicyResponse.ProtoReflect.Descriptor instead.
 func (*LearnPolicyResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{40}
+	return file_broker_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *LearnPolicyResponse) GetYaml() string {
@@ -2567,7 +3623,7 @@ type NodeTagsRequest struct {
 
 func (x *NodeTagsRequest) Reset() {
 	*x = NodeTagsRequest{}
-	mi := &file_broker_proto_msgTypes[41]
+	mi := &file_broker_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2579,7 +3635,7 @@ func (x *NodeTagsRequest) String() string {
 func (*NodeTagsRequest) ProtoMessage() {}
 
 func (x *NodeTagsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[41]
+	mi := &file_broker_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2592,7 +3648,7 @@ func (x *NodeTagsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeTagsRequest.ProtoReflect.Descriptor instead.
 func (*NodeTagsRequest) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{41}
+	return file_broker_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *NodeTagsRequest) GetSessionToken() []byte {
@@ -2612,7 +3668,7 @@ type NodeTagsResponse struct {
 
 func (x *NodeTagsResponse) Reset() {
 	*x = NodeTagsResponse{}
-	mi := &file_broker_proto_msgTypes[42]
+	mi := &file_broker_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2624,7 +3680,7 @@ func (x *NodeTagsResponse) String() string {
 func (*NodeTagsResponse) ProtoMessage() {}
 
 func (x *NodeTagsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[42]
+	mi := &file_broker_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2637,7 +3693,7 @@ func (x *NodeTagsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeTagsResponse.ProtoReflect.Descriptor instead.
 func (*NodeTagsResponse) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{42}
+	return file_broker_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *NodeTagsResponse) GetSealed() []byte {
@@ -2657,7 +3713,7 @@ type NodeTagSet struct {
 
 func (x *NodeTagSet) Reset() {
 	*x = NodeTagSet{}
-	mi := &file_broker_proto_msgTypes[43]
+	mi := &file_broker_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2669,7 +3725,7 @@ func (x *NodeTagSet) String() string {
 func (*NodeTagSet) ProtoMessage() {}
 
 func (x *NodeTagSet) ProtoReflect() protoreflect.Message {
-	mi := &file_broker_proto_msgTypes[43]
+	mi := &file_broker_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2682,7 +3738,7 @@ func (x *NodeTagSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeTagSet.ProtoReflect.Descriptor instead.
 func (*NodeTagSet) Descriptor() ([]byte, []int) {
-	return file_broker_proto_rawDescGZIP(), []int{43}
+	return file_broker_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *NodeTagSet) GetTags() map[string]string {
@@ -2741,7 +3797,7 @@ const file_broker_proto_rawDesc = "" +
 	"\x06secret\x18\x03 \x01(\fR\x06secret\"e\n" +
 	"\x13EnrollFinishRequest\x12#\n" +
 	"\renrollment_id\x18\x01 \x01(\tR\fenrollmentId\x12)\n" +
-	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\xe5\x03\n" +
+	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\xce\x04\n" +
 	"\x04Node\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x0eek_fingerprint\x18\x02 \x01(\tR\rekFingerprint\x123\n" +
@@ -2754,10 +3810,27 @@ const file_broker_proto_rawDesc = "" +
 	"\ftags_version\x18\t \x01(\rR\vtagsVersion\x12\x1b\n" +
 	"\tek_issuer\x18\n" +
 	" \x01(\tR\bekIssuer\x120\n" +
-	"\x14pending_expires_unix\x18\v \x01(\x03R\x12pendingExpiresUnix\x1a7\n" +
+	"\x14pending_expires_unix\x18\v \x01(\x03R\x12pendingExpiresUnix\x12\x16\n" +
+	"\x06status\x18\f \x01(\tR\x06status\x12#\n" +
+	"\rstatus_reason\x18\r \x01(\tR\fstatusReason\x12*\n" +
+	"\x11status_since_unix\x18\x0e \x01(\x03R\x0fstatusSinceUnix\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"D\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfd\x01\n" +
+	"\n" +
+	"NodeDetail\x12,\n" +
+	"\x04node\x18\x01 \x01(\v2\x18.attested.broker.v1.NodeR\x04node\x12\x1a\n" +
+	"\bevidence\x18\x02 \x03(\tR\bevidence\x12,\n" +
+	"\x12last_evidence_unix\x18\x03 \x01(\x03R\x10lastEvidenceUnix\x12;\n" +
+	"\bsessions\x18\x04 \x03(\v2\x1f.attested.broker.v1.SessionInfoR\bsessions\x12:\n" +
+	"\ahistory\x18\x05 \x03(\v2 .attested.broker.v1.StatusChangeR\ahistory\"S\n" +
+	"\vSessionInfo\x12!\n" +
+	"\fcreated_unix\x18\x01 \x01(\x03R\vcreatedUnix\x12!\n" +
+	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"[\n" +
+	"\fStatusChange\x12\x1b\n" +
+	"\ttime_unix\x18\x01 \x01(\x03R\btimeUnix\x12\x16\n" +
+	"\x06status\x18\x02 \x01(\tR\x06status\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"D\n" +
 	"\x14EnrollFinishResponse\x12,\n" +
 	"\x04node\x18\x01 \x01(\v2\x18.attested.broker.v1.NodeR\x04node\"&\n" +
 	"\x10ChallengeRequest\x12\x12\n" +
@@ -2785,8 +3858,9 @@ const file_broker_proto_rawDesc = "" +
 	"\x12session_key_public\x18\r \x01(\fR\x10sessionKeyPublic\x127\n" +
 	"\x18session_key_certify_info\x18\x0e \x01(\fR\x15sessionKeyCertifyInfo\x12A\n" +
 	"\x1dsession_key_certify_signature\x18\x0f \x01(\fR\x1asessionKeyCertifySignature\x12(\n" +
-	"\x10session_key_pcrs\x18\x10 \x03(\rR\x0esessionKeyPcrs\"\x9e\x01\n" +
-	"\x0eAttestResponse\x12#\n" +
+	"\x10session_key_pcrs\x18\x10 \x03(\rR\x0esessionKeyPcrs\"\xb0\x01\n" +
+	"\x0eAttestResponse\x12\x10\n" +
+	"\x03ear\x18\x05 \x01(\tR\x03ear\x12#\n" +
 	"\rsession_token\x18\x01 \x01(\fR\fsessionToken\x12!\n" +
 	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\x12\x1f\n" +
 	"\vreset_count\x18\x03 \x01(\rR\n" +
@@ -2801,7 +3875,7 @@ const file_broker_proto_rawDesc = "" +
 	"\x06sealed\x18\x01 \x01(\fR\x06sealed\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1f\n" +
 	"\vkey_version\x18\x03 \x01(\rR\n" +
-	"keyVersion\"\xa3\x01\n" +
+	"keyVersion\"\xc8\x01\n" +
 	"\x03Key\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\rR\aversion\x12\x16\n" +
@@ -2809,7 +3883,22 @@ const file_broker_proto_rawDesc = "" +
 	"\x05suite\x18\x04 \x01(\tR\x05suite\x12\x1d\n" +
 	"\n" +
 	"public_key\x18\x05 \x01(\fR\tpublicKey\x12!\n" +
-	"\fcreated_unix\x18\x06 \x01(\x03R\vcreatedUnix\">\n" +
+	"\fcreated_unix\x18\x06 \x01(\x03R\vcreatedUnix\x12#\n" +
+	"\rdisabled_unix\x18\a \x01(\x03R\fdisabledUnix\":\n" +
+	"\n" +
+	"KeyRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\rR\aversion\"\xb2\x01\n" +
+	"\tKeyDetail\x123\n" +
+	"\bversions\x18\x01 \x03(\v2\x17.attested.broker.v1.KeyR\bversions\x122\n" +
+	"\x06policy\x18\x02 \x01(\v2\x1a.attested.broker.v1.PolicyR\x06policy\x12<\n" +
+	"\x06counts\x18\x03 \x03(\v2$.attested.broker.v1.KeyVersionCountsR\x06counts\"d\n" +
+	"\x10KeyVersionCounts\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\rR\aversion\x12\x1a\n" +
+	"\breleases\x18\x02 \x01(\x04R\breleases\x12\x1a\n" +
+	"\brefusals\x18\x03 \x01(\x04R\brefusals\"#\n" +
+	"\rPolicyRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\">\n" +
 	"\x10CreateKeyRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06policy\x18\x02 \x01(\tR\x06policy\"\x11\n" +
@@ -2838,7 +3927,7 @@ const file_broker_proto_rawDesc = "" +
 	"\x10ListNodesRequest\"w\n" +
 	"\x11ListNodesResponse\x12.\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x18.attested.broker.v1.NodeR\x05nodes\x122\n" +
-	"\apending\x18\x02 \x03(\v2\x18.attested.broker.v1.NodeR\apending\"\xc6\x01\n" +
+	"\apending\x18\x02 \x03(\v2\x18.attested.broker.v1.NodeR\apending\"\xdf\x02\n" +
 	"\n" +
 	"AuditEvent\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12$\n" +
@@ -2848,11 +3937,54 @@ const file_broker_proto_rawDesc = "" +
 	"\x03key\x18\x05 \x01(\tR\x03key\x12\x18\n" +
 	"\aallowed\x18\x06 \x01(\bR\aallowed\x12\x16\n" +
 	"\x06reason\x18\a \x01(\tR\x06reason\x12\x14\n" +
-	"\x05actor\x18\b \x01(\tR\x05actor\"P\n" +
+	"\x05actor\x18\b \x01(\tR\x05actor\x12\x1f\n" +
+	"\vkey_version\x18\t \x01(\rR\n" +
+	"keyVersion\x12!\n" +
+	"\flayer_digest\x18\n" +
+	" \x01(\tR\vlayerDigest\x12\x16\n" +
+	"\x06policy\x18\v \x01(\tR\x06policy\x12'\n" +
+	"\x0fpolicy_revision\x18\f \x01(\rR\x0epolicyRevision\x12\x12\n" +
+	"\x04hash\x18\r \x01(\fR\x04hash\"\xb2\x01\n" +
 	"\x10ListAuditRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x14\n" +
-	"\x05limit\x18\x03 \x01(\rR\x05limit\"K\n" +
+	"\x05limit\x18\x03 \x01(\rR\x05limit\x12&\n" +
+	"\x0fsince_unix_nano\x18\x04 \x01(\x03R\rsinceUnixNano\x12&\n" +
+	"\x0funtil_unix_nano\x18\x05 \x01(\x03R\runtilUnixNano\x12\x10\n" +
+	"\x03key\x18\x06 \x01(\tR\x03key\"\x14\n" +
+	"\x12VerifyAuditRequest\"{\n" +
+	"\x13VerifyAuditResponse\x12\x0e\n" +
+	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x18\n" +
+	"\arecords\x18\x02 \x01(\x04R\arecords\x12\"\n" +
+	"\rfirst_bad_seq\x18\x03 \x01(\x04R\vfirstBadSeq\x12\x16\n" +
+	"\x06detail\x18\x04 \x01(\tR\x06detail\"\xfe\x01\n" +
+	"\aWebhook\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
+	"\x03url\x18\x02 \x01(\tR\x03url\x12\x16\n" +
+	"\x06events\x18\x03 \x03(\tR\x06events\x12!\n" +
+	"\fcreated_unix\x18\x04 \x01(\x03R\vcreatedUnix\x12\x16\n" +
+	"\x06secret\x18\x05 \x01(\tR\x06secret\x12\x18\n" +
+	"\apending\x18\x06 \x01(\x04R\apending\x12\x1c\n" +
+	"\tdelivered\x18\a \x01(\x04R\tdelivered\x12'\n" +
+	"\x0ffailed_attempts\x18\b \x01(\x04R\x0efailedAttempts\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\t \x01(\tR\tlastError\"=\n" +
+	"\x11AddWebhookRequest\x12\x10\n" +
+	"\x03url\x18\x01 \x01(\tR\x03url\x12\x16\n" +
+	"\x06events\x18\x02 \x03(\tR\x06events\" \n" +
+	"\x0eWebhookRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x15\n" +
+	"\x13ListWebhooksRequest\"O\n" +
+	"\x14ListWebhooksResponse\x127\n" +
+	"\bwebhooks\x18\x01 \x03(\v2\x1b.attested.broker.v1.WebhookR\bwebhooks\"l\n" +
+	"\x13TestWebhookResponse\x12\x1c\n" +
+	"\tdelivered\x18\x01 \x01(\bR\tdelivered\x12\x1f\n" +
+	"\vstatus_code\x18\x02 \x01(\x05R\n" +
+	"statusCode\x12\x16\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\r\n" +
+	"\vJWKSRequest\"\"\n" +
+	"\fJWKSResponse\x12\x12\n" +
+	"\x04jwks\x18\x01 \x01(\tR\x04jwks\"K\n" +
 	"\x11ListAuditResponse\x126\n" +
 	"\x06events\x18\x01 \x03(\v2\x1e.attested.broker.v1.AuditEventR\x06events\"5\n" +
 	"\x0eExplainRequest\x12#\n" +
@@ -2899,7 +4031,7 @@ const file_broker_proto_rawDesc = "" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12NODE_STATE_PENDING\x10\x01\x12\x15\n" +
 	"\x11NODE_STATE_ACTIVE\x10\x02\x12\x16\n" +
-	"\x12NODE_STATE_REVOKED\x10\x032\x9b\x06\n" +
+	"\x12NODE_STATE_REVOKED\x10\x032\xe6\x06\n" +
 	"\x06Broker\x12I\n" +
 	"\x04Info\x12\x1f.attested.broker.v1.InfoRequest\x1a .attested.broker.v1.InfoResponse\x12\\\n" +
 	"\x0eGetWrappingKey\x12).attested.broker.v1.GetWrappingKeyRequest\x1a\x1f.attested.broker.v1.WrappingKey\x12^\n" +
@@ -2908,8 +4040,9 @@ const file_broker_proto_rawDesc = "" +
 	"\tChallenge\x12$.attested.broker.v1.ChallengeRequest\x1a%.attested.broker.v1.ChallengeResponse\x12O\n" +
 	"\x06Attest\x12!.attested.broker.v1.AttestRequest\x1a\".attested.broker.v1.AttestResponse\x12O\n" +
 	"\x06Unwrap\x12!.attested.broker.v1.UnwrapRequest\x1a\".attested.broker.v1.UnwrapResponse\x12R\n" +
-	"\aExplain\x12\".attested.broker.v1.ExplainRequest\x1a#.attested.broker.v1.ExplainResponse\x12U\n" +
-	"\bNodeTags\x12#.attested.broker.v1.NodeTagsRequest\x1a$.attested.broker.v1.NodeTagsResponse2\x85\b\n" +
+	"\aExplain\x12\".attested.broker.v1.ExplainRequest\x1a#.attested.broker.v1.ExplainResponse\x12I\n" +
+	"\x04JWKS\x12\x1f.attested.broker.v1.JWKSRequest\x1a .attested.broker.v1.JWKSResponse\x12U\n" +
+	"\bNodeTags\x12#.attested.broker.v1.NodeTagsRequest\x1a$.attested.broker.v1.NodeTagsResponse2\xce\x0e\n" +
 	"\x05Admin\x12J\n" +
 	"\tCreateKey\x12$.attested.broker.v1.CreateKeyRequest\x1a\x17.attested.broker.v1.Key\x12U\n" +
 	"\bListKeys\x12#.attested.broker.v1.ListKeysRequest\x1a$.attested.broker.v1.ListKeysResponse\x12Q\n" +
@@ -2924,7 +4057,19 @@ const file_broker_proto_rawDesc = "" +
 	"\tListNodes\x12$.attested.broker.v1.ListNodesRequest\x1a%.attested.broker.v1.ListNodesResponse\x12X\n" +
 	"\tListAudit\x12$.attested.broker.v1.ListAuditRequest\x1a%.attested.broker.v1.ListAuditResponse\x12G\n" +
 	"\aTagNode\x12\".attested.broker.v1.TagNodeRequest\x1a\x18.attested.broker.v1.Node\x12^\n" +
-	"\vLearnPolicy\x12&.attested.broker.v1.LearnPolicyRequest\x1a'.attested.broker.v1.LearnPolicyResponseB6Z4github.com/attested-dev/attested/broker/api/v1;apiv1b\x06proto3"
+	"\vLearnPolicy\x12&.attested.broker.v1.LearnPolicyRequest\x1a'.attested.broker.v1.LearnPolicyResponse\x12J\n" +
+	"\aGetNode\x12\x1f.attested.broker.v1.NodeRequest\x1a\x1e.attested.broker.v1.NodeDetail\x12D\n" +
+	"\tRotateKey\x12\x1e.attested.broker.v1.KeyRequest\x1a\x17.attested.broker.v1.Key\x12E\n" +
+	"\n" +
+	"DisableKey\x12\x1e.attested.broker.v1.KeyRequest\x1a\x17.attested.broker.v1.Key\x12G\n" +
+	"\x06GetKey\x12\x1e.attested.broker.v1.KeyRequest\x1a\x1d.attested.broker.v1.KeyDetail\x12b\n" +
+	"\x13ListPolicyRevisions\x12!.attested.broker.v1.PolicyRequest\x1a(.attested.broker.v1.ListPoliciesResponse\x12^\n" +
+	"\vVerifyAudit\x12&.attested.broker.v1.VerifyAuditRequest\x1a'.attested.broker.v1.VerifyAuditResponse\x12P\n" +
+	"\n" +
+	"AddWebhook\x12%.attested.broker.v1.AddWebhookRequest\x1a\x1b.attested.broker.v1.Webhook\x12a\n" +
+	"\fListWebhooks\x12'.attested.broker.v1.ListWebhooksRequest\x1a(.attested.broker.v1.ListWebhooksResponse\x12P\n" +
+	"\rRemoveWebhook\x12\".attested.broker.v1.WebhookRequest\x1a\x1b.attested.broker.v1.Webhook\x12Z\n" +
+	"\vTestWebhook\x12\".attested.broker.v1.WebhookRequest\x1a'.attested.broker.v1.TestWebhookResponseB6Z4github.com/attested-dev/attested/broker/api/v1;apiv1b\x06proto3"
 
 var (
 	file_broker_proto_rawDescOnce sync.Once
@@ -2939,7 +4084,7 @@ func file_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
+var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
 var file_broker_proto_goTypes = []any{
 	(NodeState)(0),                  // 0: attested.broker.v1.NodeState
 	(*InfoRequest)(nil),             // 1: attested.broker.v1.InfoRequest
@@ -2951,107 +4096,153 @@ var file_broker_proto_goTypes = []any{
 	(*EnrollStartResponse)(nil),     // 7: attested.broker.v1.EnrollStartResponse
 	(*EnrollFinishRequest)(nil),     // 8: attested.broker.v1.EnrollFinishRequest
 	(*Node)(nil),                    // 9: attested.broker.v1.Node
-	(*EnrollFinishResponse)(nil),    // 10: attested.broker.v1.EnrollFinishResponse
-	(*ChallengeRequest)(nil),        // 11: attested.broker.v1.ChallengeRequest
-	(*ChallengeResponse)(nil),       // 12: attested.broker.v1.ChallengeResponse
-	(*PCR)(nil),                     // 13: attested.broker.v1.PCR
-	(*AttestRequest)(nil),           // 14: attested.broker.v1.AttestRequest
-	(*AttestResponse)(nil),          // 15: attested.broker.v1.AttestResponse
-	(*UnwrapRequest)(nil),           // 16: attested.broker.v1.UnwrapRequest
-	(*UnwrapResponse)(nil),          // 17: attested.broker.v1.UnwrapResponse
-	(*Key)(nil),                     // 18: attested.broker.v1.Key
-	(*CreateKeyRequest)(nil),        // 19: attested.broker.v1.CreateKeyRequest
-	(*ListKeysRequest)(nil),         // 20: attested.broker.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),        // 21: attested.broker.v1.ListKeysResponse
-	(*Policy)(nil),                  // 22: attested.broker.v1.Policy
-	(*ApplyPolicyRequest)(nil),      // 23: attested.broker.v1.ApplyPolicyRequest
-	(*ListPoliciesRequest)(nil),     // 24: attested.broker.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),    // 25: attested.broker.v1.ListPoliciesResponse
-	(*CreateJoinTokenRequest)(nil),  // 26: attested.broker.v1.CreateJoinTokenRequest
-	(*CreateJoinTokenResponse)(nil), // 27: attested.broker.v1.CreateJoinTokenResponse
-	(*NodeRequest)(nil),             // 28: attested.broker.v1.NodeRequest
-	(*ListNodesRequest)(nil),        // 29: attested.broker.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),       // 30: attested.broker.v1.ListNodesResponse
-	(*AuditEvent)(nil),              // 31: attested.broker.v1.AuditEvent
-	(*ListAuditRequest)(nil),        // 32: attested.broker.v1.ListAuditRequest
-	(*ListAuditResponse)(nil),       // 33: attested.broker.v1.ListAuditResponse
-	(*ExplainRequest)(nil),          // 34: attested.broker.v1.ExplainRequest
-	(*Clause)(nil),                  // 35: attested.broker.v1.Clause
-	(*KeyAppraisal)(nil),            // 36: attested.broker.v1.KeyAppraisal
-	(*ExplainResponse)(nil),         // 37: attested.broker.v1.ExplainResponse
-	(*Explanation)(nil),             // 38: attested.broker.v1.Explanation
-	(*TagNodeRequest)(nil),          // 39: attested.broker.v1.TagNodeRequest
-	(*LearnPolicyRequest)(nil),      // 40: attested.broker.v1.LearnPolicyRequest
-	(*LearnPolicyResponse)(nil),     // 41: attested.broker.v1.LearnPolicyResponse
-	(*NodeTagsRequest)(nil),         // 42: attested.broker.v1.NodeTagsRequest
-	(*NodeTagsResponse)(nil),        // 43: attested.broker.v1.NodeTagsResponse
-	(*NodeTagSet)(nil),              // 44: attested.broker.v1.NodeTagSet
-	nil,                             // 45: attested.broker.v1.Node.TagsEntry
-	nil,                             // 46: attested.broker.v1.TagNodeRequest.SetEntry
-	nil,                             // 47: attested.broker.v1.NodeTagSet.TagsEntry
+	(*NodeDetail)(nil),              // 10: attested.broker.v1.NodeDetail
+	(*SessionInfo)(nil),             // 11: attested.broker.v1.SessionInfo
+	(*StatusChange)(nil),            // 12: attested.broker.v1.StatusChange
+	(*EnrollFinishResponse)(nil),    // 13: attested.broker.v1.EnrollFinishResponse
+	(*ChallengeRequest)(nil),        // 14: attested.broker.v1.ChallengeRequest
+	(*ChallengeResponse)(nil),       // 15: attested.broker.v1.ChallengeResponse
+	(*PCR)(nil),                     // 16: attested.broker.v1.PCR
+	(*AttestRequest)(nil),           // 17: attested.broker.v1.AttestRequest
+	(*AttestResponse)(nil),          // 18: attested.broker.v1.AttestResponse
+	(*UnwrapRequest)(nil),           // 19: attested.broker.v1.UnwrapRequest
+	(*UnwrapResponse)(nil),          // 20: attested.broker.v1.UnwrapResponse
+	(*Key)(nil),                     // 21: attested.broker.v1.Key
+	(*KeyRequest)(nil),              // 22: attested.broker.v1.KeyRequest
+	(*KeyDetail)(nil),               // 23: attested.broker.v1.KeyDetail
+	(*KeyVersionCounts)(nil),        // 24: attested.broker.v1.KeyVersionCounts
+	(*PolicyRequest)(nil),           // 25: attested.broker.v1.PolicyRequest
+	(*CreateKeyRequest)(nil),        // 26: attested.broker.v1.CreateKeyRequest
+	(*ListKeysRequest)(nil),         // 27: attested.broker.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),        // 28: attested.broker.v1.ListKeysResponse
+	(*Policy)(nil),                  // 29: attested.broker.v1.Policy
+	(*ApplyPolicyRequest)(nil),      // 30: attested.broker.v1.ApplyPolicyRequest
+	(*ListPoliciesRequest)(nil),     // 31: attested.broker.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),    // 32: attested.broker.v1.ListPoliciesResponse
+	(*CreateJoinTokenRequest)(nil),  // 33: attested.broker.v1.CreateJoinTokenRequest
+	(*CreateJoinTokenResponse)(nil), // 34: attested.broker.v1.CreateJoinTokenResponse
+	(*NodeRequest)(nil),             // 35: attested.broker.v1.NodeRequest
+	(*ListNodesRequest)(nil),        // 36: attested.broker.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),       // 37: attested.broker.v1.ListNodesResponse
+	(*AuditEvent)(nil),              // 38: attested.broker.v1.AuditEvent
+	(*ListAuditRequest)(nil),        // 39: attested.broker.v1.ListAuditRequest
+	(*VerifyAuditRequest)(nil),      // 40: attested.broker.v1.VerifyAuditRequest
+	(*VerifyAuditResponse)(nil),     // 41: attested.broker.v1.VerifyAuditResponse
+	(*Webhook)(nil),                 // 42: attested.broker.v1.Webhook
+	(*AddWebhookRequest)(nil),       // 43: attested.broker.v1.AddWebhookRequest
+	(*WebhookRequest)(nil),          // 44: attested.broker.v1.WebhookRequest
+	(*ListWebhooksRequest)(nil),     // 45: attested.broker.v1.ListWebhooksRequest
+	(*ListWebhooksResponse)(nil),    // 46: attested.broker.v1.ListWebhooksResponse
+	(*TestWebhookResponse)(nil),     // 47: attested.broker.v1.TestWebhookResponse
+	(*JWKSRequest)(nil),             // 48: attested.broker.v1.JWKSRequest
+	(*JWKSResponse)(nil),            // 49: attested.broker.v1.JWKSResponse
+	(*ListAuditResponse)(nil),       // 50: attested.broker.v1.ListAuditResponse
+	(*ExplainRequest)(nil),          // 51: attested.broker.v1.ExplainRequest
+	(*Clause)(nil),                  // 52: attested.broker.v1.Clause
+	(*KeyAppraisal)(nil),            // 53: attested.broker.v1.KeyAppraisal
+	(*ExplainResponse)(nil),         // 54: attested.broker.v1.ExplainResponse
+	(*Explanation)(nil),             // 55: attested.broker.v1.Explanation
+	(*TagNodeRequest)(nil),          // 56: attested.broker.v1.TagNodeRequest
+	(*LearnPolicyRequest)(nil),      // 57: attested.broker.v1.LearnPolicyRequest
+	(*LearnPolicyResponse)(nil),     // 58: attested.broker.v1.LearnPolicyResponse
+	(*NodeTagsRequest)(nil),         // 59: attested.broker.v1.NodeTagsRequest
+	(*NodeTagsResponse)(nil),        // 60: attested.broker.v1.NodeTagsResponse
+	(*NodeTagSet)(nil),              // 61: attested.broker.v1.NodeTagSet
+	nil,                             // 62: attested.broker.v1.Node.TagsEntry
+	nil,                             // 63: attested.broker.v1.TagNodeRequest.SetEntry
+	nil,                             // 64: attested.broker.v1.NodeTagSet.TagsEntry
 }
 var file_broker_proto_depIdxs = []int32{
 	5,  // 0: attested.broker.v1.EnrollStartRequest.ak:type_name -> attested.broker.v1.AKParameters
 	0,  // 1: attested.broker.v1.Node.state:type_name -> attested.broker.v1.NodeState
-	45, // 2: attested.broker.v1.Node.tags:type_name -> attested.broker.v1.Node.TagsEntry
-	9,  // 3: attested.broker.v1.EnrollFinishResponse.node:type_name -> attested.broker.v1.Node
-	13, // 4: attested.broker.v1.AttestRequest.pcrs:type_name -> attested.broker.v1.PCR
-	18, // 5: attested.broker.v1.ListKeysResponse.keys:type_name -> attested.broker.v1.Key
-	22, // 6: attested.broker.v1.ListPoliciesResponse.policies:type_name -> attested.broker.v1.Policy
-	9,  // 7: attested.broker.v1.ListNodesResponse.nodes:type_name -> attested.broker.v1.Node
-	9,  // 8: attested.broker.v1.ListNodesResponse.pending:type_name -> attested.broker.v1.Node
-	31, // 9: attested.broker.v1.ListAuditResponse.events:type_name -> attested.broker.v1.AuditEvent
-	35, // 10: attested.broker.v1.KeyAppraisal.clauses:type_name -> attested.broker.v1.Clause
-	36, // 11: attested.broker.v1.Explanation.keys:type_name -> attested.broker.v1.KeyAppraisal
-	46, // 12: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
-	47, // 13: attested.broker.v1.NodeTagSet.tags:type_name -> attested.broker.v1.NodeTagSet.TagsEntry
-	1,  // 14: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
-	3,  // 15: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
-	6,  // 16: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
-	8,  // 17: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
-	11, // 18: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
-	14, // 19: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
-	16, // 20: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
-	34, // 21: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
-	42, // 22: attested.broker.v1.Broker.NodeTags:input_type -> attested.broker.v1.NodeTagsRequest
-	19, // 23: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
-	20, // 24: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
-	23, // 25: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
-	24, // 26: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
-	26, // 27: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
-	28, // 28: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
-	28, // 29: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
-	28, // 30: attested.broker.v1.Admin.RemoveNode:input_type -> attested.broker.v1.NodeRequest
-	29, // 31: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
-	32, // 32: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
-	39, // 33: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
-	40, // 34: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
-	2,  // 35: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
-	4,  // 36: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
-	7,  // 37: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
-	10, // 38: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
-	12, // 39: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
-	15, // 40: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
-	17, // 41: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
-	37, // 42: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
-	43, // 43: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
-	18, // 44: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
-	21, // 45: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
-	22, // 46: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
-	25, // 47: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
-	27, // 48: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
-	9,  // 49: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
-	9,  // 50: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
-	9,  // 51: attested.broker.v1.Admin.RemoveNode:output_type -> attested.broker.v1.Node
-	30, // 52: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
-	33, // 53: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
-	9,  // 54: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
-	41, // 55: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
-	35, // [35:56] is the sub-list for method output_type
-	14, // [14:35] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	62, // 2: attested.broker.v1.Node.tags:type_name -> attested.broker.v1.Node.TagsEntry
+	9,  // 3: attested.broker.v1.NodeDetail.node:type_name -> attested.broker.v1.Node
+	11, // 4: attested.broker.v1.NodeDetail.sessions:type_name -> attested.broker.v1.SessionInfo
+	12, // 5: attested.broker.v1.NodeDetail.history:type_name -> attested.broker.v1.StatusChange
+	9,  // 6: attested.broker.v1.EnrollFinishResponse.node:type_name -> attested.broker.v1.Node
+	16, // 7: attested.broker.v1.AttestRequest.pcrs:type_name -> attested.broker.v1.PCR
+	21, // 8: attested.broker.v1.KeyDetail.versions:type_name -> attested.broker.v1.Key
+	29, // 9: attested.broker.v1.KeyDetail.policy:type_name -> attested.broker.v1.Policy
+	24, // 10: attested.broker.v1.KeyDetail.counts:type_name -> attested.broker.v1.KeyVersionCounts
+	21, // 11: attested.broker.v1.ListKeysResponse.keys:type_name -> attested.broker.v1.Key
+	29, // 12: attested.broker.v1.ListPoliciesResponse.policies:type_name -> attested.broker.v1.Policy
+	9,  // 13: attested.broker.v1.ListNodesResponse.nodes:type_name -> attested.broker.v1.Node
+	9,  // 14: attested.broker.v1.ListNodesResponse.pending:type_name -> attested.broker.v1.Node
+	42, // 15: attested.broker.v1.ListWebhooksResponse.webhooks:type_name -> attested.broker.v1.Webhook
+	38, // 16: attested.broker.v1.ListAuditResponse.events:type_name -> attested.broker.v1.AuditEvent
+	52, // 17: attested.broker.v1.KeyAppraisal.clauses:type_name -> attested.broker.v1.Clause
+	53, // 18: attested.broker.v1.Explanation.keys:type_name -> attested.broker.v1.KeyAppraisal
+	63, // 19: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
+	64, // 20: attested.broker.v1.NodeTagSet.tags:type_name -> attested.broker.v1.NodeTagSet.TagsEntry
+	1,  // 21: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
+	3,  // 22: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
+	6,  // 23: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
+	8,  // 24: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
+	14, // 25: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
+	17, // 26: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
+	19, // 27: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
+	51, // 28: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
+	48, // 29: attested.broker.v1.Broker.JWKS:input_type -> attested.broker.v1.JWKSRequest
+	59, // 30: attested.broker.v1.Broker.NodeTags:input_type -> attested.broker.v1.NodeTagsRequest
+	26, // 31: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
+	27, // 32: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
+	30, // 33: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
+	31, // 34: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
+	33, // 35: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
+	35, // 36: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
+	35, // 37: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
+	35, // 38: attested.broker.v1.Admin.RemoveNode:input_type -> attested.broker.v1.NodeRequest
+	36, // 39: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
+	39, // 40: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
+	56, // 41: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
+	57, // 42: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
+	35, // 43: attested.broker.v1.Admin.GetNode:input_type -> attested.broker.v1.NodeRequest
+	22, // 44: attested.broker.v1.Admin.RotateKey:input_type -> attested.broker.v1.KeyRequest
+	22, // 45: attested.broker.v1.Admin.DisableKey:input_type -> attested.broker.v1.KeyRequest
+	22, // 46: attested.broker.v1.Admin.GetKey:input_type -> attested.broker.v1.KeyRequest
+	25, // 47: attested.broker.v1.Admin.ListPolicyRevisions:input_type -> attested.broker.v1.PolicyRequest
+	40, // 48: attested.broker.v1.Admin.VerifyAudit:input_type -> attested.broker.v1.VerifyAuditRequest
+	43, // 49: attested.broker.v1.Admin.AddWebhook:input_type -> attested.broker.v1.AddWebhookRequest
+	45, // 50: attested.broker.v1.Admin.ListWebhooks:input_type -> attested.broker.v1.ListWebhooksRequest
+	44, // 51: attested.broker.v1.Admin.RemoveWebhook:input_type -> attested.broker.v1.WebhookRequest
+	44, // 52: attested.broker.v1.Admin.TestWebhook:input_type -> attested.broker.v1.WebhookRequest
+	2,  // 53: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
+	4,  // 54: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
+	7,  // 55: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
+	13, // 56: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
+	15, // 57: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
+	18, // 58: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
+	20, // 59: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
+	54, // 60: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
+	49, // 61: attested.broker.v1.Broker.JWKS:output_type -> attested.broker.v1.JWKSResponse
+	60, // 62: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
+	21, // 63: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
+	28, // 64: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
+	29, // 65: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
+	32, // 66: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
+	34, // 67: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
+	9,  // 68: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
+	9,  // 69: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
+	9,  // 70: attested.broker.v1.Admin.RemoveNode:output_type -> attested.broker.v1.Node
+	37, // 71: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
+	50, // 72: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
+	9,  // 73: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
+	58, // 74: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
+	10, // 75: attested.broker.v1.Admin.GetNode:output_type -> attested.broker.v1.NodeDetail
+	21, // 76: attested.broker.v1.Admin.RotateKey:output_type -> attested.broker.v1.Key
+	21, // 77: attested.broker.v1.Admin.DisableKey:output_type -> attested.broker.v1.Key
+	23, // 78: attested.broker.v1.Admin.GetKey:output_type -> attested.broker.v1.KeyDetail
+	32, // 79: attested.broker.v1.Admin.ListPolicyRevisions:output_type -> attested.broker.v1.ListPoliciesResponse
+	41, // 80: attested.broker.v1.Admin.VerifyAudit:output_type -> attested.broker.v1.VerifyAuditResponse
+	42, // 81: attested.broker.v1.Admin.AddWebhook:output_type -> attested.broker.v1.Webhook
+	46, // 82: attested.broker.v1.Admin.ListWebhooks:output_type -> attested.broker.v1.ListWebhooksResponse
+	42, // 83: attested.broker.v1.Admin.RemoveWebhook:output_type -> attested.broker.v1.Webhook
+	47, // 84: attested.broker.v1.Admin.TestWebhook:output_type -> attested.broker.v1.TestWebhookResponse
+	53, // [53:85] is the sub-list for method output_type
+	21, // [21:53] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_broker_proto_init() }
@@ -3065,7 +4256,7 @@ func file_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_broker_proto_rawDesc), len(file_broker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   47,
+			NumMessages:   64,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

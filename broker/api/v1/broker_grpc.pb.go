@@ -30,6 +30,7 @@ const (
 	Broker_Attest_FullMethodName         = "/attested.broker.v1.Broker/Attest"
 	Broker_Unwrap_FullMethodName         = "/attested.broker.v1.Broker/Unwrap"
 	Broker_Explain_FullMethodName        = "/attested.broker.v1.Broker/Explain"
+	Broker_JWKS_FullMethodName           = "/attested.broker.v1.Broker/JWKS"
 	Broker_NodeTags_FullMethodName       = "/attested.broker.v1.Broker/NodeTags"
 )
 
@@ -57,6 +58,9 @@ type BrokerClient interface {
 	// clause, without releasing anything; the answer is sealed to the
 	// session key.
 	Explain(ctx context.Context, in *ExplainRequest, opts ...grpc.CallOption) (*ExplainResponse, error)
+	// JWKS returns the public keys that verify the broker's attestation
+	// results (EAR), as a JSON Web Key Set.
+	JWKS(ctx context.Context, in *JWKSRequest, opts ...grpc.CallOption) (*JWKSResponse, error)
 	// NodeTags returns the asset tags the broker holds for a session's node,
 	// sealed to the session key, so the node can write their digest into its
 	// TPM.
@@ -151,6 +155,16 @@ func (c *brokerClient) Explain(ctx context.Context, in *ExplainRequest, opts ...
 	return out, nil
 }
 
+func (c *brokerClient) JWKS(ctx context.Context, in *JWKSRequest, opts ...grpc.CallOption) (*JWKSResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(JWKSResponse)
+	err := c.cc.Invoke(ctx, Broker_JWKS_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *brokerClient) NodeTags(ctx context.Context, in *NodeTagsRequest, opts ...grpc.CallOption) (*NodeTagsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(NodeTagsResponse)
@@ -185,6 +199,9 @@ type BrokerServer interface {
 	// clause, without releasing anything; the answer is sealed to the
 	// session key.
 	Explain(context.Context, *ExplainRequest) (*ExplainResponse, error)
+	// JWKS returns the public keys that verify the broker's attestation
+	// results (EAR), as a JSON Web Key Set.
+	JWKS(context.Context, *JWKSRequest) (*JWKSResponse, error)
 	// NodeTags returns the asset tags the broker holds for a session's node,
 	// sealed to the session key, so the node can write their digest into its
 	// TPM.
@@ -222,6 +239,9 @@ func (UnimplementedBrokerServer) Unwrap(context.Context, *UnwrapRequest) (*Unwra
 }
 func (UnimplementedBrokerServer) Explain(context.Context, *ExplainRequest) (*ExplainResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Explain not implemented")
+}
+func (UnimplementedBrokerServer) JWKS(context.Context, *JWKSRequest) (*JWKSResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method JWKS not implemented")
 }
 func (UnimplementedBrokerServer) NodeTags(context.Context, *NodeTagsRequest) (*NodeTagsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method NodeTags not implemented")
@@ -391,6 +411,24 @@ func _Broker_Explain_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Broker_JWKS_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(JWKSRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BrokerServer).JWKS(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Broker_JWKS_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BrokerServer).JWKS(ctx, req.(*JWKSRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Broker_NodeTags_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(NodeTagsRequest)
 	if err := dec(in); err != nil {
@@ -449,6 +487,10 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Broker_Explain_Handler,
 		},
 		{
+			MethodName: "JWKS",
+			Handler:    _Broker_JWKS_Handler,
+		},
+		{
 			MethodName: "NodeTags",
 			Handler:    _Broker_NodeTags_Handler,
 		},
@@ -458,18 +500,28 @@ var Broker_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	Admin_CreateKey_FullMethodName       = "/attested.broker.v1.Admin/CreateKey"
-	Admin_ListKeys_FullMethodName        = "/attested.broker.v1.Admin/ListKeys"
-	Admin_ApplyPolicy_FullMethodName     = "/attested.broker.v1.Admin/ApplyPolicy"
-	Admin_ListPolicies_FullMethodName    = "/attested.broker.v1.Admin/ListPolicies"
-	Admin_CreateJoinToken_FullMethodName = "/attested.broker.v1.Admin/CreateJoinToken"
-	Admin_ApproveNode_FullMethodName     = "/attested.broker.v1.Admin/ApproveNode"
-	Admin_RevokeNode_FullMethodName      = "/attested.broker.v1.Admin/RevokeNode"
-	Admin_RemoveNode_FullMethodName      = "/attested.broker.v1.Admin/RemoveNode"
-	Admin_ListNodes_FullMethodName       = "/attested.broker.v1.Admin/ListNodes"
-	Admin_ListAudit_FullMethodName       = "/attested.broker.v1.Admin/ListAudit"
-	Admin_TagNode_FullMethodName         = "/attested.broker.v1.Admin/TagNode"
-	Admin_LearnPolicy_FullMethodName     = "/attested.broker.v1.Admin/LearnPolicy"
+	Admin_CreateKey_FullMethodName           = "/attested.broker.v1.Admin/CreateKey"
+	Admin_ListKeys_FullMethodName            = "/attested.broker.v1.Admin/ListKeys"
+	Admin_ApplyPolicy_FullMethodName         = "/attested.broker.v1.Admin/ApplyPolicy"
+	Admin_ListPolicies_FullMethodName        = "/attested.broker.v1.Admin/ListPolicies"
+	Admin_CreateJoinToken_FullMethodName     = "/attested.broker.v1.Admin/CreateJoinToken"
+	Admin_ApproveNode_FullMethodName         = "/attested.broker.v1.Admin/ApproveNode"
+	Admin_RevokeNode_FullMethodName          = "/attested.broker.v1.Admin/RevokeNode"
+	Admin_RemoveNode_FullMethodName          = "/attested.broker.v1.Admin/RemoveNode"
+	Admin_ListNodes_FullMethodName           = "/attested.broker.v1.Admin/ListNodes"
+	Admin_ListAudit_FullMethodName           = "/attested.broker.v1.Admin/ListAudit"
+	Admin_TagNode_FullMethodName             = "/attested.broker.v1.Admin/TagNode"
+	Admin_LearnPolicy_FullMethodName         = "/attested.broker.v1.Admin/LearnPolicy"
+	Admin_GetNode_FullMethodName             = "/attested.broker.v1.Admin/GetNode"
+	Admin_RotateKey_FullMethodName           = "/attested.broker.v1.Admin/RotateKey"
+	Admin_DisableKey_FullMethodName          = "/attested.broker.v1.Admin/DisableKey"
+	Admin_GetKey_FullMethodName              = "/attested.broker.v1.Admin/GetKey"
+	Admin_ListPolicyRevisions_FullMethodName = "/attested.broker.v1.Admin/ListPolicyRevisions"
+	Admin_VerifyAudit_FullMethodName         = "/attested.broker.v1.Admin/VerifyAudit"
+	Admin_AddWebhook_FullMethodName          = "/attested.broker.v1.Admin/AddWebhook"
+	Admin_ListWebhooks_FullMethodName        = "/attested.broker.v1.Admin/ListWebhooks"
+	Admin_RemoveWebhook_FullMethodName       = "/attested.broker.v1.Admin/RemoveWebhook"
+	Admin_TestWebhook_FullMethodName         = "/attested.broker.v1.Admin/TestWebhook"
 )
 
 // AdminClient is the client API for Admin service.
@@ -491,6 +543,24 @@ type AdminClient interface {
 	TagNode(ctx context.Context, in *TagNodeRequest, opts ...grpc.CallOption) (*Node, error)
 	// LearnPolicy drafts a policy from a node's last accepted evidence.
 	LearnPolicy(ctx context.Context, in *LearnPolicyRequest, opts ...grpc.CallOption) (*LearnPolicyResponse, error)
+	// GetNode shows a node: status, last evidence, sessions, status history.
+	GetNode(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*NodeDetail, error)
+	// RotateKey adds a key version that new wraps use; old versions still
+	// unwrap.
+	RotateKey(ctx context.Context, in *KeyRequest, opts ...grpc.CallOption) (*Key, error)
+	// DisableKey stops releases of a key version (0: every version) at once.
+	DisableKey(ctx context.Context, in *KeyRequest, opts ...grpc.CallOption) (*Key, error)
+	// GetKey shows a key's versions, suite, policy and release counts.
+	GetKey(ctx context.Context, in *KeyRequest, opts ...grpc.CallOption) (*KeyDetail, error)
+	// ListPolicyRevisions lists every revision of a policy, oldest first.
+	ListPolicyRevisions(ctx context.Context, in *PolicyRequest, opts ...grpc.CallOption) (*ListPoliciesResponse, error)
+	// VerifyAudit checks the audit trail's hash chain and MACs.
+	VerifyAudit(ctx context.Context, in *VerifyAuditRequest, opts ...grpc.CallOption) (*VerifyAuditResponse, error)
+	AddWebhook(ctx context.Context, in *AddWebhookRequest, opts ...grpc.CallOption) (*Webhook, error)
+	ListWebhooks(ctx context.Context, in *ListWebhooksRequest, opts ...grpc.CallOption) (*ListWebhooksResponse, error)
+	RemoveWebhook(ctx context.Context, in *WebhookRequest, opts ...grpc.CallOption) (*Webhook, error)
+	// TestWebhook sends a test event to a webhook now and reports the answer.
+	TestWebhook(ctx context.Context, in *WebhookRequest, opts ...grpc.CallOption) (*TestWebhookResponse, error)
 }
 
 type adminClient struct {
@@ -621,6 +691,106 @@ func (c *adminClient) LearnPolicy(ctx context.Context, in *LearnPolicyRequest, o
 	return out, nil
 }
 
+func (c *adminClient) GetNode(ctx context.Context, in *NodeRequest, opts ...grpc.CallOption) (*NodeDetail, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(NodeDetail)
+	err := c.cc.Invoke(ctx, Admin_GetNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) RotateKey(ctx context.Context, in *KeyRequest, opts ...grpc.CallOption) (*Key, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Key)
+	err := c.cc.Invoke(ctx, Admin_RotateKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) DisableKey(ctx context.Context, in *KeyRequest, opts ...grpc.CallOption) (*Key, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Key)
+	err := c.cc.Invoke(ctx, Admin_DisableKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) GetKey(ctx context.Context, in *KeyRequest, opts ...grpc.CallOption) (*KeyDetail, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyDetail)
+	err := c.cc.Invoke(ctx, Admin_GetKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ListPolicyRevisions(ctx context.Context, in *PolicyRequest, opts ...grpc.CallOption) (*ListPoliciesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListPoliciesResponse)
+	err := c.cc.Invoke(ctx, Admin_ListPolicyRevisions_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) VerifyAudit(ctx context.Context, in *VerifyAuditRequest, opts ...grpc.CallOption) (*VerifyAuditResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VerifyAuditResponse)
+	err := c.cc.Invoke(ctx, Admin_VerifyAudit_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) AddWebhook(ctx context.Context, in *AddWebhookRequest, opts ...grpc.CallOption) (*Webhook, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Webhook)
+	err := c.cc.Invoke(ctx, Admin_AddWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) ListWebhooks(ctx context.Context, in *ListWebhooksRequest, opts ...grpc.CallOption) (*ListWebhooksResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWebhooksResponse)
+	err := c.cc.Invoke(ctx, Admin_ListWebhooks_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) RemoveWebhook(ctx context.Context, in *WebhookRequest, opts ...grpc.CallOption) (*Webhook, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Webhook)
+	err := c.cc.Invoke(ctx, Admin_RemoveWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) TestWebhook(ctx context.Context, in *WebhookRequest, opts ...grpc.CallOption) (*TestWebhookResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TestWebhookResponse)
+	err := c.cc.Invoke(ctx, Admin_TestWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -640,6 +810,24 @@ type AdminServer interface {
 	TagNode(context.Context, *TagNodeRequest) (*Node, error)
 	// LearnPolicy drafts a policy from a node's last accepted evidence.
 	LearnPolicy(context.Context, *LearnPolicyRequest) (*LearnPolicyResponse, error)
+	// GetNode shows a node: status, last evidence, sessions, status history.
+	GetNode(context.Context, *NodeRequest) (*NodeDetail, error)
+	// RotateKey adds a key version that new wraps use; old versions still
+	// unwrap.
+	RotateKey(context.Context, *KeyRequest) (*Key, error)
+	// DisableKey stops releases of a key version (0: every version) at once.
+	DisableKey(context.Context, *KeyRequest) (*Key, error)
+	// GetKey shows a key's versions, suite, policy and release counts.
+	GetKey(context.Context, *KeyRequest) (*KeyDetail, error)
+	// ListPolicyRevisions lists every revision of a policy, oldest first.
+	ListPolicyRevisions(context.Context, *PolicyRequest) (*ListPoliciesResponse, error)
+	// VerifyAudit checks the audit trail's hash chain and MACs.
+	VerifyAudit(context.Context, *VerifyAuditRequest) (*VerifyAuditResponse, error)
+	AddWebhook(context.Context, *AddWebhookRequest) (*Webhook, error)
+	ListWebhooks(context.Context, *ListWebhooksRequest) (*ListWebhooksResponse, error)
+	RemoveWebhook(context.Context, *WebhookRequest) (*Webhook, error)
+	// TestWebhook sends a test event to a webhook now and reports the answer.
+	TestWebhook(context.Context, *WebhookRequest) (*TestWebhookResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -685,6 +873,36 @@ func (UnimplementedAdminServer) TagNode(context.Context, *TagNodeRequest) (*Node
 }
 func (UnimplementedAdminServer) LearnPolicy(context.Context, *LearnPolicyRequest) (*LearnPolicyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method LearnPolicy not implemented")
+}
+func (UnimplementedAdminServer) GetNode(context.Context, *NodeRequest) (*NodeDetail, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetNode not implemented")
+}
+func (UnimplementedAdminServer) RotateKey(context.Context, *KeyRequest) (*Key, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateKey not implemented")
+}
+func (UnimplementedAdminServer) DisableKey(context.Context, *KeyRequest) (*Key, error) {
+	return nil, status.Error(codes.Unimplemented, "method DisableKey not implemented")
+}
+func (UnimplementedAdminServer) GetKey(context.Context, *KeyRequest) (*KeyDetail, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetKey not implemented")
+}
+func (UnimplementedAdminServer) ListPolicyRevisions(context.Context, *PolicyRequest) (*ListPoliciesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListPolicyRevisions not implemented")
+}
+func (UnimplementedAdminServer) VerifyAudit(context.Context, *VerifyAuditRequest) (*VerifyAuditResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method VerifyAudit not implemented")
+}
+func (UnimplementedAdminServer) AddWebhook(context.Context, *AddWebhookRequest) (*Webhook, error) {
+	return nil, status.Error(codes.Unimplemented, "method AddWebhook not implemented")
+}
+func (UnimplementedAdminServer) ListWebhooks(context.Context, *ListWebhooksRequest) (*ListWebhooksResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWebhooks not implemented")
+}
+func (UnimplementedAdminServer) RemoveWebhook(context.Context, *WebhookRequest) (*Webhook, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveWebhook not implemented")
+}
+func (UnimplementedAdminServer) TestWebhook(context.Context, *WebhookRequest) (*TestWebhookResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method TestWebhook not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -923,6 +1141,186 @@ func _Admin_LearnPolicy_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_GetNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(NodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).GetNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_GetNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).GetNode(ctx, req.(*NodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_RotateKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RotateKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RotateKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RotateKey(ctx, req.(*KeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_DisableKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).DisableKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_DisableKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).DisableKey(ctx, req.(*KeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_GetKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).GetKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_GetKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).GetKey(ctx, req.(*KeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ListPolicyRevisions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PolicyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListPolicyRevisions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListPolicyRevisions_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListPolicyRevisions(ctx, req.(*PolicyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_VerifyAudit_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VerifyAuditRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).VerifyAudit(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_VerifyAudit_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).VerifyAudit(ctx, req.(*VerifyAuditRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_AddWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).AddWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_AddWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).AddWebhook(ctx, req.(*AddWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_ListWebhooks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWebhooksRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListWebhooks(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListWebhooks_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListWebhooks(ctx, req.(*ListWebhooksRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_RemoveWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(WebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RemoveWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RemoveWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RemoveWebhook(ctx, req.(*WebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_TestWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(WebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).TestWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_TestWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).TestWebhook(ctx, req.(*WebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -977,6 +1375,46 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "LearnPolicy",
 			Handler:    _Admin_LearnPolicy_Handler,
+		},
+		{
+			MethodName: "GetNode",
+			Handler:    _Admin_GetNode_Handler,
+		},
+		{
+			MethodName: "RotateKey",
+			Handler:    _Admin_RotateKey_Handler,
+		},
+		{
+			MethodName: "DisableKey",
+			Handler:    _Admin_DisableKey_Handler,
+		},
+		{
+			MethodName: "GetKey",
+			Handler:    _Admin_GetKey_Handler,
+		},
+		{
+			MethodName: "ListPolicyRevisions",
+			Handler:    _Admin_ListPolicyRevisions_Handler,
+		},
+		{
+			MethodName: "VerifyAudit",
+			Handler:    _Admin_VerifyAudit_Handler,
+		},
+		{
+			MethodName: "AddWebhook",
+			Handler:    _Admin_AddWebhook_Handler,
+		},
+		{
+			MethodName: "ListWebhooks",
+			Handler:    _Admin_ListWebhooks_Handler,
+		},
+		{
+			MethodName: "RemoveWebhook",
+			Handler:    _Admin_RemoveWebhook_Handler,
+		},
+		{
+			MethodName: "TestWebhook",
+			Handler:    _Admin_TestWebhook_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
