@@ -184,19 +184,30 @@ var methodDefaults = map[string]struct {
 	"NodeTags":       {4 << 10, rateAttest},
 	"Unwrap":         {64 << 10, rateUnwrap}, // token and one layer annotation
 	"Explain":        {4 << 10, rateUnwrap},
+	"JWKS":           {4 << 10, ratePublic},
 	// Admin: authenticated before the body is read.
-	"CreateKey":       {64 << 10, ""},
-	"ListKeys":        {4 << 10, ""},
-	"ApplyPolicy":     {4 << 20, ""}, // policy YAML, allow-lists included
-	"ListPolicies":    {4 << 10, ""},
-	"CreateJoinToken": {4 << 10, ""},
-	"ApproveNode":     {4 << 10, ""},
-	"RevokeNode":      {4 << 10, ""},
-	"RemoveNode":      {4 << 10, ""},
-	"ListNodes":       {4 << 10, ""},
-	"ListAudit":       {4 << 10, ""},
-	"TagNode":         {64 << 10, ""},
-	"LearnPolicy":     {4 << 10, ""},
+	"CreateKey":           {64 << 10, ""},
+	"ListKeys":            {4 << 10, ""},
+	"ApplyPolicy":         {4 << 20, ""}, // policy YAML, allow-lists included
+	"ListPolicies":        {4 << 10, ""},
+	"CreateJoinToken":     {4 << 10, ""},
+	"ApproveNode":         {4 << 10, ""},
+	"RevokeNode":          {4 << 10, ""},
+	"RemoveNode":          {4 << 10, ""},
+	"ListNodes":           {4 << 10, ""},
+	"ListAudit":           {4 << 10, ""},
+	"TagNode":             {64 << 10, ""},
+	"LearnPolicy":         {4 << 10, ""},
+	"GetNode":             {4 << 10, ""},
+	"RotateKey":           {4 << 10, ""},
+	"DisableKey":          {4 << 10, ""},
+	"GetKey":              {4 << 10, ""},
+	"ListPolicyRevisions": {4 << 10, ""},
+	"VerifyAudit":         {4 << 10, ""},
+	"AddWebhook":          {8 << 10, ""}, // a URL and event names
+	"ListWebhooks":        {4 << 10, ""},
+	"RemoveWebhook":       {4 << 10, ""},
+	"TestWebhook":         {4 << 10, ""},
 }
 
 // DefaultMaxMessageSize is the largest request a method (e.g. "Attest")
