@@ -604,8 +604,12 @@ type Node struct {
 	Status          string `protobuf:"bytes,12,opt,name=status,proto3" json:"status,omitempty"`
 	StatusReason    string `protobuf:"bytes,13,opt,name=status_reason,json=statusReason,proto3" json:"status_reason,omitempty"`
 	StatusSinceUnix int64  `protobuf:"varint,14,opt,name=status_since_unix,json=statusSinceUnix,proto3" json:"status_since_unix,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// certified_tags are the tags the node's TPM certified (NV_Certify by
+	// the AK) in its last accepted evidence, when they are the tags the
+	// broker holds; empty otherwise.
+	CertifiedTags map[string]string `protobuf:"bytes,15,rep,name=certified_tags,json=certifiedTags,proto3" json:"certified_tags,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Node) Reset() {
@@ -734,6 +738,13 @@ func (x *Node) GetStatusSinceUnix() int64 {
 		return x.StatusSinceUnix
 	}
 	return 0
+}
+
+func (x *Node) GetCertifiedTags() map[string]string {
+	if x != nil {
+		return x.CertifiedTags
+	}
+	return nil
 }
 
 type NodeDetail struct {
@@ -3797,7 +3808,7 @@ const file_broker_proto_rawDesc = "" +
 	"\x06secret\x18\x03 \x01(\fR\x06secret\"e\n" +
 	"\x13EnrollFinishRequest\x12#\n" +
 	"\renrollment_id\x18\x01 \x01(\tR\fenrollmentId\x12)\n" +
-	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\xce\x04\n" +
+	"\x10activated_secret\x18\x02 \x01(\fR\x0factivatedSecret\"\xe4\x05\n" +
 	"\x04Node\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x0eek_fingerprint\x18\x02 \x01(\tR\rekFingerprint\x123\n" +
@@ -3813,8 +3824,12 @@ const file_broker_proto_rawDesc = "" +
 	"\x14pending_expires_unix\x18\v \x01(\x03R\x12pendingExpiresUnix\x12\x16\n" +
 	"\x06status\x18\f \x01(\tR\x06status\x12#\n" +
 	"\rstatus_reason\x18\r \x01(\tR\fstatusReason\x12*\n" +
-	"\x11status_since_unix\x18\x0e \x01(\x03R\x0fstatusSinceUnix\x1a7\n" +
+	"\x11status_since_unix\x18\x0e \x01(\x03R\x0fstatusSinceUnix\x12R\n" +
+	"\x0ecertified_tags\x18\x0f \x03(\v2+.attested.broker.v1.Node.CertifiedTagsEntryR\rcertifiedTags\x1a7\n" +
 	"\tTagsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a@\n" +
+	"\x12CertifiedTagsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfd\x01\n" +
 	"\n" +
@@ -4084,7 +4099,7 @@ func file_broker_proto_rawDescGZIP() []byte {
 }
 
 var file_broker_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
+var file_broker_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
 var file_broker_proto_goTypes = []any{
 	(NodeState)(0),                  // 0: attested.broker.v1.NodeState
 	(*InfoRequest)(nil),             // 1: attested.broker.v1.InfoRequest
@@ -4149,100 +4164,102 @@ var file_broker_proto_goTypes = []any{
 	(*NodeTagsResponse)(nil),        // 60: attested.broker.v1.NodeTagsResponse
 	(*NodeTagSet)(nil),              // 61: attested.broker.v1.NodeTagSet
 	nil,                             // 62: attested.broker.v1.Node.TagsEntry
-	nil,                             // 63: attested.broker.v1.TagNodeRequest.SetEntry
-	nil,                             // 64: attested.broker.v1.NodeTagSet.TagsEntry
+	nil,                             // 63: attested.broker.v1.Node.CertifiedTagsEntry
+	nil,                             // 64: attested.broker.v1.TagNodeRequest.SetEntry
+	nil,                             // 65: attested.broker.v1.NodeTagSet.TagsEntry
 }
 var file_broker_proto_depIdxs = []int32{
 	5,  // 0: attested.broker.v1.EnrollStartRequest.ak:type_name -> attested.broker.v1.AKParameters
 	0,  // 1: attested.broker.v1.Node.state:type_name -> attested.broker.v1.NodeState
 	62, // 2: attested.broker.v1.Node.tags:type_name -> attested.broker.v1.Node.TagsEntry
-	9,  // 3: attested.broker.v1.NodeDetail.node:type_name -> attested.broker.v1.Node
-	11, // 4: attested.broker.v1.NodeDetail.sessions:type_name -> attested.broker.v1.SessionInfo
-	12, // 5: attested.broker.v1.NodeDetail.history:type_name -> attested.broker.v1.StatusChange
-	9,  // 6: attested.broker.v1.EnrollFinishResponse.node:type_name -> attested.broker.v1.Node
-	16, // 7: attested.broker.v1.AttestRequest.pcrs:type_name -> attested.broker.v1.PCR
-	21, // 8: attested.broker.v1.KeyDetail.versions:type_name -> attested.broker.v1.Key
-	29, // 9: attested.broker.v1.KeyDetail.policy:type_name -> attested.broker.v1.Policy
-	24, // 10: attested.broker.v1.KeyDetail.counts:type_name -> attested.broker.v1.KeyVersionCounts
-	21, // 11: attested.broker.v1.ListKeysResponse.keys:type_name -> attested.broker.v1.Key
-	29, // 12: attested.broker.v1.ListPoliciesResponse.policies:type_name -> attested.broker.v1.Policy
-	9,  // 13: attested.broker.v1.ListNodesResponse.nodes:type_name -> attested.broker.v1.Node
-	9,  // 14: attested.broker.v1.ListNodesResponse.pending:type_name -> attested.broker.v1.Node
-	42, // 15: attested.broker.v1.ListWebhooksResponse.webhooks:type_name -> attested.broker.v1.Webhook
-	38, // 16: attested.broker.v1.ListAuditResponse.events:type_name -> attested.broker.v1.AuditEvent
-	52, // 17: attested.broker.v1.KeyAppraisal.clauses:type_name -> attested.broker.v1.Clause
-	53, // 18: attested.broker.v1.Explanation.keys:type_name -> attested.broker.v1.KeyAppraisal
-	63, // 19: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
-	64, // 20: attested.broker.v1.NodeTagSet.tags:type_name -> attested.broker.v1.NodeTagSet.TagsEntry
-	1,  // 21: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
-	3,  // 22: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
-	6,  // 23: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
-	8,  // 24: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
-	14, // 25: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
-	17, // 26: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
-	19, // 27: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
-	51, // 28: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
-	48, // 29: attested.broker.v1.Broker.JWKS:input_type -> attested.broker.v1.JWKSRequest
-	59, // 30: attested.broker.v1.Broker.NodeTags:input_type -> attested.broker.v1.NodeTagsRequest
-	26, // 31: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
-	27, // 32: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
-	30, // 33: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
-	31, // 34: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
-	33, // 35: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
-	35, // 36: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
-	35, // 37: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
-	35, // 38: attested.broker.v1.Admin.RemoveNode:input_type -> attested.broker.v1.NodeRequest
-	36, // 39: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
-	39, // 40: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
-	56, // 41: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
-	57, // 42: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
-	35, // 43: attested.broker.v1.Admin.GetNode:input_type -> attested.broker.v1.NodeRequest
-	22, // 44: attested.broker.v1.Admin.RotateKey:input_type -> attested.broker.v1.KeyRequest
-	22, // 45: attested.broker.v1.Admin.DisableKey:input_type -> attested.broker.v1.KeyRequest
-	22, // 46: attested.broker.v1.Admin.GetKey:input_type -> attested.broker.v1.KeyRequest
-	25, // 47: attested.broker.v1.Admin.ListPolicyRevisions:input_type -> attested.broker.v1.PolicyRequest
-	40, // 48: attested.broker.v1.Admin.VerifyAudit:input_type -> attested.broker.v1.VerifyAuditRequest
-	43, // 49: attested.broker.v1.Admin.AddWebhook:input_type -> attested.broker.v1.AddWebhookRequest
-	45, // 50: attested.broker.v1.Admin.ListWebhooks:input_type -> attested.broker.v1.ListWebhooksRequest
-	44, // 51: attested.broker.v1.Admin.RemoveWebhook:input_type -> attested.broker.v1.WebhookRequest
-	44, // 52: attested.broker.v1.Admin.TestWebhook:input_type -> attested.broker.v1.WebhookRequest
-	2,  // 53: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
-	4,  // 54: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
-	7,  // 55: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
-	13, // 56: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
-	15, // 57: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
-	18, // 58: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
-	20, // 59: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
-	54, // 60: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
-	49, // 61: attested.broker.v1.Broker.JWKS:output_type -> attested.broker.v1.JWKSResponse
-	60, // 62: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
-	21, // 63: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
-	28, // 64: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
-	29, // 65: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
-	32, // 66: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
-	34, // 67: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
-	9,  // 68: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
-	9,  // 69: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
-	9,  // 70: attested.broker.v1.Admin.RemoveNode:output_type -> attested.broker.v1.Node
-	37, // 71: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
-	50, // 72: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
-	9,  // 73: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
-	58, // 74: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
-	10, // 75: attested.broker.v1.Admin.GetNode:output_type -> attested.broker.v1.NodeDetail
-	21, // 76: attested.broker.v1.Admin.RotateKey:output_type -> attested.broker.v1.Key
-	21, // 77: attested.broker.v1.Admin.DisableKey:output_type -> attested.broker.v1.Key
-	23, // 78: attested.broker.v1.Admin.GetKey:output_type -> attested.broker.v1.KeyDetail
-	32, // 79: attested.broker.v1.Admin.ListPolicyRevisions:output_type -> attested.broker.v1.ListPoliciesResponse
-	41, // 80: attested.broker.v1.Admin.VerifyAudit:output_type -> attested.broker.v1.VerifyAuditResponse
-	42, // 81: attested.broker.v1.Admin.AddWebhook:output_type -> attested.broker.v1.Webhook
-	46, // 82: attested.broker.v1.Admin.ListWebhooks:output_type -> attested.broker.v1.ListWebhooksResponse
-	42, // 83: attested.broker.v1.Admin.RemoveWebhook:output_type -> attested.broker.v1.Webhook
-	47, // 84: attested.broker.v1.Admin.TestWebhook:output_type -> attested.broker.v1.TestWebhookResponse
-	53, // [53:85] is the sub-list for method output_type
-	21, // [21:53] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	63, // 3: attested.broker.v1.Node.certified_tags:type_name -> attested.broker.v1.Node.CertifiedTagsEntry
+	9,  // 4: attested.broker.v1.NodeDetail.node:type_name -> attested.broker.v1.Node
+	11, // 5: attested.broker.v1.NodeDetail.sessions:type_name -> attested.broker.v1.SessionInfo
+	12, // 6: attested.broker.v1.NodeDetail.history:type_name -> attested.broker.v1.StatusChange
+	9,  // 7: attested.broker.v1.EnrollFinishResponse.node:type_name -> attested.broker.v1.Node
+	16, // 8: attested.broker.v1.AttestRequest.pcrs:type_name -> attested.broker.v1.PCR
+	21, // 9: attested.broker.v1.KeyDetail.versions:type_name -> attested.broker.v1.Key
+	29, // 10: attested.broker.v1.KeyDetail.policy:type_name -> attested.broker.v1.Policy
+	24, // 11: attested.broker.v1.KeyDetail.counts:type_name -> attested.broker.v1.KeyVersionCounts
+	21, // 12: attested.broker.v1.ListKeysResponse.keys:type_name -> attested.broker.v1.Key
+	29, // 13: attested.broker.v1.ListPoliciesResponse.policies:type_name -> attested.broker.v1.Policy
+	9,  // 14: attested.broker.v1.ListNodesResponse.nodes:type_name -> attested.broker.v1.Node
+	9,  // 15: attested.broker.v1.ListNodesResponse.pending:type_name -> attested.broker.v1.Node
+	42, // 16: attested.broker.v1.ListWebhooksResponse.webhooks:type_name -> attested.broker.v1.Webhook
+	38, // 17: attested.broker.v1.ListAuditResponse.events:type_name -> attested.broker.v1.AuditEvent
+	52, // 18: attested.broker.v1.KeyAppraisal.clauses:type_name -> attested.broker.v1.Clause
+	53, // 19: attested.broker.v1.Explanation.keys:type_name -> attested.broker.v1.KeyAppraisal
+	64, // 20: attested.broker.v1.TagNodeRequest.set:type_name -> attested.broker.v1.TagNodeRequest.SetEntry
+	65, // 21: attested.broker.v1.NodeTagSet.tags:type_name -> attested.broker.v1.NodeTagSet.TagsEntry
+	1,  // 22: attested.broker.v1.Broker.Info:input_type -> attested.broker.v1.InfoRequest
+	3,  // 23: attested.broker.v1.Broker.GetWrappingKey:input_type -> attested.broker.v1.GetWrappingKeyRequest
+	6,  // 24: attested.broker.v1.Broker.EnrollStart:input_type -> attested.broker.v1.EnrollStartRequest
+	8,  // 25: attested.broker.v1.Broker.EnrollFinish:input_type -> attested.broker.v1.EnrollFinishRequest
+	14, // 26: attested.broker.v1.Broker.Challenge:input_type -> attested.broker.v1.ChallengeRequest
+	17, // 27: attested.broker.v1.Broker.Attest:input_type -> attested.broker.v1.AttestRequest
+	19, // 28: attested.broker.v1.Broker.Unwrap:input_type -> attested.broker.v1.UnwrapRequest
+	51, // 29: attested.broker.v1.Broker.Explain:input_type -> attested.broker.v1.ExplainRequest
+	48, // 30: attested.broker.v1.Broker.JWKS:input_type -> attested.broker.v1.JWKSRequest
+	59, // 31: attested.broker.v1.Broker.NodeTags:input_type -> attested.broker.v1.NodeTagsRequest
+	26, // 32: attested.broker.v1.Admin.CreateKey:input_type -> attested.broker.v1.CreateKeyRequest
+	27, // 33: attested.broker.v1.Admin.ListKeys:input_type -> attested.broker.v1.ListKeysRequest
+	30, // 34: attested.broker.v1.Admin.ApplyPolicy:input_type -> attested.broker.v1.ApplyPolicyRequest
+	31, // 35: attested.broker.v1.Admin.ListPolicies:input_type -> attested.broker.v1.ListPoliciesRequest
+	33, // 36: attested.broker.v1.Admin.CreateJoinToken:input_type -> attested.broker.v1.CreateJoinTokenRequest
+	35, // 37: attested.broker.v1.Admin.ApproveNode:input_type -> attested.broker.v1.NodeRequest
+	35, // 38: attested.broker.v1.Admin.RevokeNode:input_type -> attested.broker.v1.NodeRequest
+	35, // 39: attested.broker.v1.Admin.RemoveNode:input_type -> attested.broker.v1.NodeRequest
+	36, // 40: attested.broker.v1.Admin.ListNodes:input_type -> attested.broker.v1.ListNodesRequest
+	39, // 41: attested.broker.v1.Admin.ListAudit:input_type -> attested.broker.v1.ListAuditRequest
+	56, // 42: attested.broker.v1.Admin.TagNode:input_type -> attested.broker.v1.TagNodeRequest
+	57, // 43: attested.broker.v1.Admin.LearnPolicy:input_type -> attested.broker.v1.LearnPolicyRequest
+	35, // 44: attested.broker.v1.Admin.GetNode:input_type -> attested.broker.v1.NodeRequest
+	22, // 45: attested.broker.v1.Admin.RotateKey:input_type -> attested.broker.v1.KeyRequest
+	22, // 46: attested.broker.v1.Admin.DisableKey:input_type -> attested.broker.v1.KeyRequest
+	22, // 47: attested.broker.v1.Admin.GetKey:input_type -> attested.broker.v1.KeyRequest
+	25, // 48: attested.broker.v1.Admin.ListPolicyRevisions:input_type -> attested.broker.v1.PolicyRequest
+	40, // 49: attested.broker.v1.Admin.VerifyAudit:input_type -> attested.broker.v1.VerifyAuditRequest
+	43, // 50: attested.broker.v1.Admin.AddWebhook:input_type -> attested.broker.v1.AddWebhookRequest
+	45, // 51: attested.broker.v1.Admin.ListWebhooks:input_type -> attested.broker.v1.ListWebhooksRequest
+	44, // 52: attested.broker.v1.Admin.RemoveWebhook:input_type -> attested.broker.v1.WebhookRequest
+	44, // 53: attested.broker.v1.Admin.TestWebhook:input_type -> attested.broker.v1.WebhookRequest
+	2,  // 54: attested.broker.v1.Broker.Info:output_type -> attested.broker.v1.InfoResponse
+	4,  // 55: attested.broker.v1.Broker.GetWrappingKey:output_type -> attested.broker.v1.WrappingKey
+	7,  // 56: attested.broker.v1.Broker.EnrollStart:output_type -> attested.broker.v1.EnrollStartResponse
+	13, // 57: attested.broker.v1.Broker.EnrollFinish:output_type -> attested.broker.v1.EnrollFinishResponse
+	15, // 58: attested.broker.v1.Broker.Challenge:output_type -> attested.broker.v1.ChallengeResponse
+	18, // 59: attested.broker.v1.Broker.Attest:output_type -> attested.broker.v1.AttestResponse
+	20, // 60: attested.broker.v1.Broker.Unwrap:output_type -> attested.broker.v1.UnwrapResponse
+	54, // 61: attested.broker.v1.Broker.Explain:output_type -> attested.broker.v1.ExplainResponse
+	49, // 62: attested.broker.v1.Broker.JWKS:output_type -> attested.broker.v1.JWKSResponse
+	60, // 63: attested.broker.v1.Broker.NodeTags:output_type -> attested.broker.v1.NodeTagsResponse
+	21, // 64: attested.broker.v1.Admin.CreateKey:output_type -> attested.broker.v1.Key
+	28, // 65: attested.broker.v1.Admin.ListKeys:output_type -> attested.broker.v1.ListKeysResponse
+	29, // 66: attested.broker.v1.Admin.ApplyPolicy:output_type -> attested.broker.v1.Policy
+	32, // 67: attested.broker.v1.Admin.ListPolicies:output_type -> attested.broker.v1.ListPoliciesResponse
+	34, // 68: attested.broker.v1.Admin.CreateJoinToken:output_type -> attested.broker.v1.CreateJoinTokenResponse
+	9,  // 69: attested.broker.v1.Admin.ApproveNode:output_type -> attested.broker.v1.Node
+	9,  // 70: attested.broker.v1.Admin.RevokeNode:output_type -> attested.broker.v1.Node
+	9,  // 71: attested.broker.v1.Admin.RemoveNode:output_type -> attested.broker.v1.Node
+	37, // 72: attested.broker.v1.Admin.ListNodes:output_type -> attested.broker.v1.ListNodesResponse
+	50, // 73: attested.broker.v1.Admin.ListAudit:output_type -> attested.broker.v1.ListAuditResponse
+	9,  // 74: attested.broker.v1.Admin.TagNode:output_type -> attested.broker.v1.Node
+	58, // 75: attested.broker.v1.Admin.LearnPolicy:output_type -> attested.broker.v1.LearnPolicyResponse
+	10, // 76: attested.broker.v1.Admin.GetNode:output_type -> attested.broker.v1.NodeDetail
+	21, // 77: attested.broker.v1.Admin.RotateKey:output_type -> attested.broker.v1.Key
+	21, // 78: attested.broker.v1.Admin.DisableKey:output_type -> attested.broker.v1.Key
+	23, // 79: attested.broker.v1.Admin.GetKey:output_type -> attested.broker.v1.KeyDetail
+	32, // 80: attested.broker.v1.Admin.ListPolicyRevisions:output_type -> attested.broker.v1.ListPoliciesResponse
+	41, // 81: attested.broker.v1.Admin.VerifyAudit:output_type -> attested.broker.v1.VerifyAuditResponse
+	42, // 82: attested.broker.v1.Admin.AddWebhook:output_type -> attested.broker.v1.Webhook
+	46, // 83: attested.broker.v1.Admin.ListWebhooks:output_type -> attested.broker.v1.ListWebhooksResponse
+	42, // 84: attested.broker.v1.Admin.RemoveWebhook:output_type -> attested.broker.v1.Webhook
+	47, // 85: attested.broker.v1.Admin.TestWebhook:output_type -> attested.broker.v1.TestWebhookResponse
+	54, // [54:86] is the sub-list for method output_type
+	22, // [22:54] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_broker_proto_init() }
@@ -4256,7 +4273,7 @@ func file_broker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_broker_proto_rawDesc), len(file_broker_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   64,
+			NumMessages:   65,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
