@@ -100,6 +100,7 @@ func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 		return nil, status.Errorf(codes.Unauthenticated, "broker %s: %s; attest again", s.cfg.ID, reason)
 	}
 	s.setTrust(ctx, n, "untrusted", reason)
+	s.notify(ctx, Event{Kind: "refusal", Time: s.now(), Node: n.Name, Key: a.Recipients[0].Key, Reason: reason})
 	return nil, status.Errorf(codes.PermissionDenied, "broker %s refused node %s: %s", s.cfg.ID, n.Name, reason)
 }
 
