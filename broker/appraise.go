@@ -96,17 +96,25 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		PCRs: pcrs, ResetCount: clock.ResetCount, RestartCount: clock.RestartCount,
 		Created: now, Expires: now.Add(s.cfg.SessionTTL),
 	}
+	var trust, trustReason string
 	if failure == "" {
+		claims := policy.Claims{Node: n.Name, PCRs: pcrs, Facts: facts, Tags: n.Tags}
 		rec := claimsRecord{Facts: facts}
-		if rec.IMAVerdicts, err = s.imaVerdicts(ctx, policy.Claims{Node: n.Name, PCRs: pcrs, Facts: facts, Tags: n.Tags}); err != nil {
+		if rec.IMAVerdicts, err = s.imaVerdicts(ctx, claims); err != nil {
 			return nil, storeErr("policies", err)
 		}
 		if sess.Facts, err = json.Marshal(rec); err != nil {
 			return nil, status.Errorf(codes.Internal, "facts: %v", err)
 		}
+		results, err := s.policyResults(ctx, claims)
+		if err != nil {
+			return nil, storeErr("policies", err)
+		}
+		trust, trustReason = trustFromPolicies(results)
 	}
 	var ended int
 	var reboot bool
+	var change *statusChange
 	_, err = s.store.Appraise(ctx, n.Name, store.SpentNonce{Nonce: req.GetNonce(), Expires: nonceExpires.Add(spentMargin)}, now,
 		func(cur *store.Node, live []store.Session) (store.Outcome, error) {
 			if cur.EKFingerprint != n.EKFingerprint {
@@ -123,22 +131,22 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 			if failure == "" && cur.ClockSeen && (clock.ResetCount < cur.ResetCount || (clock.ResetCount == cur.ResetCount && clock.RestartCount < cur.RestartCount)) {
 				failure = fmt.Sprintf("TPM reset/restart counters went backwards (%d/%d, last seen %d/%d)", clock.ResetCount, clock.RestartCount, cur.ResetCount, cur.RestartCount)
 			}
+			cur.LastSeen = now
 			if failure != "" {
-				cur.Trust, cur.TrustReason = "untrusted", evidenceRefused+failure
+				cur.Trust, cur.TrustReason = StatusUntrusted, evidenceRefused+failure
+				change = s.recordStatus(cur, now)
 				ended = len(live)
 				return store.Outcome{EndAll: true}, nil
 			}
 			reboot = cur.ClockSeen && (clock.ResetCount != cur.ResetCount || clock.RestartCount != cur.RestartCount)
 			cur.ResetCount, cur.RestartCount, cur.ClockSeen = clock.ResetCount, clock.RestartCount, true
-			cur.LastAttested, cur.LastPCRs = now, pcrs
+			cur.LastAttested, cur.LastPCRs, cur.CertifiedTagDigest = now, pcrs, facts.CertifiedTagDigest
+			var err error
 			if cur.LastFacts, err = json.Marshal(facts); err != nil {
 				return store.Outcome{}, err
 			}
-			if cur.Trust != "untrusted" || strings.HasPrefix(cur.TrustReason, evidenceRefused) {
-				// Good evidence clears a refusal of evidence; a policy
-				// refusal stands until the next release or refusal decides.
-				cur.Trust, cur.TrustReason = "trusted", "evidence verified"
-			}
+			cur.Trust, cur.TrustReason = trust, trustReason
+			change = s.recordStatus(cur, now)
 			out := store.Outcome{Open: &sess}
 			for _, l := range live {
 				if l.ResetCount != clock.ResetCount || l.RestartCount != clock.RestartCount || !samePCRs(l.PCRs, pcrs) {
@@ -159,6 +167,7 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		}
 		return nil, storeErr("node", err)
 	}
+	s.announce(ctx, change)
 	if failure != "" {
 		reason := evidenceRefused + failure
 		if ended > 0 {
@@ -179,7 +188,7 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount}, nil
 }
 
-// evidenceRefused prefixes the trust reason of a node whose signed
+// evidenceRefused prefixes the status reason of a node whose signed
 // evidence was refused.
 const evidenceRefused = "evidence refused: "
 

@@ -72,6 +72,9 @@ type Config struct {
 	SessionTTL time.Duration `yaml:"sessionTTL"`
 	// NonceTTL bounds how long a node has to answer a challenge.
 	NonceTTL time.Duration `yaml:"nonceTTL"`
+	// StaleAfter is how long a node may go without sending evidence before
+	// its status is stale (default three times the agent's reattest).
+	StaleAfter time.Duration `yaml:"staleAfter,omitempty"`
 	// EKRoots lists PEM files or directories of TPM manufacturer CAs that
 	// EK certificates must chain to. Empty trusts none.
 	EKRoots []string `yaml:"ekRoots,omitempty"`

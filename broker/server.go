@@ -248,12 +248,20 @@ func (s *Server) Run(ctx context.Context) {
 	defer t.Stop()
 	sample := time.NewTicker(s.limits.AuditSampleInterval)
 	defer sample.Stop()
+	// Nodes go stale by the clock alone; check often enough that a stale
+	// node is announced within a small part of the window.
+	check := time.NewTicker(max(s.staleAfter()/12, time.Second))
+	defer check.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-sample.C:
 			s.flushSampledAudit(ctx, false)
+		case <-check.C:
+			if err := s.CheckStatus(ctx); err != nil && ctx.Err() == nil {
+				s.log.Warn("checking node status failed", "err", err)
+			}
 		case <-t.C:
 			now := s.now()
 			if err := s.store.Expire(ctx, now, now.Add(-PendingTTL)); err != nil && ctx.Err() == nil {

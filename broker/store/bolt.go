@@ -292,6 +292,35 @@ func (s *Bolt) Appraise(ctx context.Context, node string, nonce SpentNonce, now 
 	return n, err
 }
 
+// NodeSessions implements Store.
+func (s *Bolt) NodeSessions(ctx context.Context, node string, now time.Time) ([]Session, error) {
+	var out []Session
+	err := s.view(ctx, func(tx *bolt.Tx) error {
+		var err error
+		out, err = nodeSessions(tx, node, now)
+		return err
+	})
+	return out, err
+}
+
+// Stats implements Store.
+func (s *Bolt) Stats(ctx context.Context, now time.Time) (Stats, error) {
+	var st Stats
+	err := s.view(ctx, func(tx *bolt.Tx) error {
+		st.Bytes = tx.Size()
+		return tx.Bucket(bucketSessions).ForEach(func(_, v []byte) error {
+			var sess struct {
+				Expires time.Time `json:"expires"`
+			}
+			if json.Unmarshal(v, &sess) == nil && now.Before(sess.Expires) {
+				st.LiveSessions++
+			}
+			return nil
+		})
+	})
+	return st, err
+}
+
 // nodeSessions returns a node's sessions that have not expired.
 func nodeSessions(tx *bolt.Tx, node string, now time.Time) ([]Session, error) {
 	idx, sessions := tx.Bucket(bucketNodeSess), tx.Bucket(bucketSessions)

@@ -56,6 +56,26 @@ type Node struct {
 	// LastFacts are the facts of the last accepted evidence (JSON), for
 	// drafting policies from a known-good node.
 	LastFacts json.RawMessage `json:"lastFacts,omitempty"`
+	// LastSeen is when the broker last appraised evidence the node's AK
+	// signed, accepted or not.
+	LastSeen time.Time `json:"lastSeen,omitzero"`
+	// CertifiedTagDigest is the tag digest the node's TPM certified in its
+	// last accepted evidence.
+	CertifiedTagDigest []byte `json:"certifiedTagDigest,omitempty"`
+	// Status is what was last recorded as true of the node (trusted,
+	// untrusted, stale, revoked, pending), why, and since when; History
+	// keeps the latest changes, oldest first.
+	Status       string         `json:"status,omitempty"`
+	StatusReason string         `json:"statusReason,omitempty"`
+	StatusSince  time.Time      `json:"statusSince,omitzero"`
+	History      []StatusChange `json:"history,omitempty"`
+}
+
+// StatusChange is one entry of a node's status history.
+type StatusChange struct {
+	Time   time.Time `json:"time"`
+	Status string    `json:"status"`
+	Reason string    `json:"reason,omitempty"`
 }
 
 // Enrollment is a credential activation in flight.
@@ -107,6 +127,14 @@ type Session struct {
 	Facts   json.RawMessage `json:"facts,omitempty"`
 	Created time.Time       `json:"created"`
 	Expires time.Time       `json:"expires"`
+}
+
+// Stats are counts for metrics.
+type Stats struct {
+	// LiveSessions counts unexpired sessions.
+	LiveSessions int
+	// Bytes is the size of the store.
+	Bytes int64
 }
 
 // Key is one version of a wrapping key. The private part is sealed under
@@ -181,6 +209,10 @@ type Store interface {
 	Appraise(ctx context.Context, node string, nonce SpentNonce, now time.Time, fn func(n *Node, live []Session) (Outcome, error)) (Node, error)
 
 	GetSession(ctx context.Context, tokenHash []byte) (Session, error)
+	// NodeSessions returns a node's sessions that have not expired at now.
+	NodeSessions(ctx context.Context, node string, now time.Time) ([]Session, error)
+	// Stats counts what the store holds, for metrics.
+	Stats(ctx context.Context, now time.Time) (Stats, error)
 	// DeleteNodeSessions ends every session of a node.
 	DeleteNodeSessions(ctx context.Context, node string) error
 	// Expire drops spent nonces, sessions, enrollments and join tokens past their

@@ -1,0 +1,219 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/attested-dev/attested/attest/binding"
+	"github.com/attested-dev/attested/broker/policy"
+	"github.com/attested-dev/attested/broker/store"
+)
+
+// Node status is what is true of a node now, for operators, dashboards,
+// webhooks and Kubernetes placement:
+//
+//	revoked    an admin revoked it
+//	pending    enrolled, waiting for approval
+//	stale      no authenticated evidence within staleAfter
+//	untrusted  its last evidence was refused, or satisfies no key's policy
+//	trusted    its last evidence was accepted and satisfies at least one
+//	           key's policy (or there are no keys yet)
+//
+// Status follows appraisals, not releases: a node allowed one key and
+// refused another does not flap with every pull (each refusal is audited
+// and announced as a refusal event instead).
+const (
+	StatusTrusted   = "trusted"
+	StatusUntrusted = "untrusted"
+	StatusStale     = "stale"
+	StatusRevoked   = "revoked"
+	StatusPending   = "pending"
+)
+
+// DefaultStaleAfter is three times the agent's default re-attestation
+// period.
+const DefaultStaleAfter = 6 * time.Minute
+
+// maxHistory bounds the status changes kept per node.
+const maxHistory = 32
+
+// statusOf computes a node's status at now.
+func (s *Server) statusOf(n store.Node, now time.Time) (status, reason string) {
+	switch n.State {
+	case store.NodeRevoked:
+		return StatusRevoked, "revoked by an admin"
+	case store.NodePending:
+		return StatusPending, "enrolled, waiting for an admin's approval"
+	}
+	seen := n.LastSeen
+	if seen.IsZero() {
+		seen = n.LastAttested
+	}
+	if seen.IsZero() {
+		return StatusStale, "no evidence received since enrollment"
+	}
+	if age := now.Sub(seen); age > s.staleAfter() {
+		return StatusStale, fmt.Sprintf("no evidence for %s (staleAfter %s); last at %s", age.Round(time.Second), s.staleAfter(), seen.UTC().Format(time.RFC3339))
+	}
+	if n.Trust == StatusUntrusted {
+		return StatusUntrusted, n.TrustReason
+	}
+	return StatusTrusted, n.TrustReason
+}
+
+func (s *Server) staleAfter() time.Duration {
+	if s.cfg.StaleAfter > 0 {
+		return s.cfg.StaleAfter
+	}
+	return DefaultStaleAfter
+}
+
+// statusChange is a change recordStatus made, for announcing it once the
+// transaction that made it committed.
+type statusChange struct {
+	node, from, to, reason string
+	at                     time.Time
+}
+
+// recordStatus brings the node's stored status up to date within the
+// transaction that changed it, keeping a bounded history. It returns the
+// change, if any.
+func (s *Server) recordStatus(n *store.Node, now time.Time) *statusChange {
+	status, reason := s.statusOf(*n, now)
+	if status == n.Status && reason == n.StatusReason {
+		return nil
+	}
+	from := n.Status
+	n.Status, n.StatusReason = status, reason
+	if status != from {
+		n.StatusSince = now
+	}
+	n.History = append(n.History, store.StatusChange{Time: now, Status: status, Reason: reason})
+	if len(n.History) > maxHistory {
+		n.History = n.History[len(n.History)-maxHistory:]
+	}
+	if status == from {
+		return nil // the reason moved; not a change to announce
+	}
+	return &statusChange{node: n.Name, from: from, to: status, reason: reason, at: now}
+}
+
+// announce tells webhooks and metrics of committed status changes.
+func (s *Server) announce(ctx context.Context, changes ...*statusChange) {
+	for _, c := range changes {
+		if c == nil {
+			continue
+		}
+		s.metrics.statusChanges.WithLabelValues(c.to).Inc()
+		s.notify(ctx, Event{Kind: "status", Time: c.at, Node: c.node, Status: c.to, PreviousStatus: c.from, Reason: c.reason})
+	}
+}
+
+// CheckStatus records the status of every node as of now (nodes go stale
+// by the clock alone); Run calls it periodically.
+func (s *Server) CheckStatus(ctx context.Context) error {
+	nodes, err := s.store.ListNodes(ctx)
+	if err != nil {
+		return err
+	}
+	now := s.now()
+	for _, n := range nodes {
+		if st, reason := s.statusOf(n, now); st == n.Status && reason == n.StatusReason {
+			continue
+		}
+		var change *statusChange
+		if _, err := s.store.UpdateNode(ctx, n.Name, func(n *store.Node) error {
+			change = s.recordStatus(n, now)
+			return nil
+		}); err != nil && ctx.Err() == nil {
+			s.log.Warn("recording node status failed", "node", n.Name, "err", err)
+			continue
+		}
+		s.announce(ctx, change)
+	}
+	return nil
+}
+
+// PolicyResult is one key policy evaluated against a node's claims.
+type PolicyResult struct {
+	Policy   string
+	Revision uint32
+	Keys     []string
+	Result   policy.Result
+}
+
+// policyResults evaluates the policy of every key against claims, once per
+// policy, in name order.
+func (s *Server) policyResults(ctx context.Context, c policy.Claims) ([]PolicyResult, error) {
+	keys, err := s.store.ListKeys(ctx)
+	if err != nil {
+		return nil, err
+	}
+	byPolicy := map[string][]string{}
+	for _, k := range keys {
+		if !containsString(byPolicy[k.Policy], k.Name) {
+			byPolicy[k.Policy] = append(byPolicy[k.Policy], k.Name)
+		}
+	}
+	names := make([]string, 0, len(byPolicy))
+	for name := range byPolicy {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	out := make([]PolicyResult, 0, len(names))
+	for _, name := range names {
+		r := PolicyResult{Policy: name, Keys: byPolicy[name]}
+		rec, p, err := s.policyRecord(ctx, name)
+		if err != nil {
+			r.Result = policy.Result{Clauses: []policy.Clause{{Name: "policy", Detail: err.Error()}}}
+		} else {
+			r.Revision, r.Result = rec.Revision, p.Evaluate(c)
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+func containsString(list []string, v string) bool {
+	for _, s := range list {
+		if s == v {
+			return true
+		}
+	}
+	return false
+}
+
+// trustFromPolicies is a node's trust after accepted evidence: trusted if
+// some key's policy holds (or no key exists yet), untrusted with every
+// policy's failing clauses otherwise.
+func trustFromPolicies(results []PolicyResult) (trust, reason string) {
+	if len(results) == 0 {
+		return StatusTrusted, "evidence verified (no keys on this broker yet)"
+	}
+	var pass, fail []string
+	for _, r := range results {
+		if r.Result.Allowed {
+			pass = append(pass, r.Policy)
+		} else {
+			fail = append(fail, r.Result.Error())
+		}
+	}
+	if len(pass) > 0 {
+		return StatusTrusted, "evidence verified; satisfies policy " + strings.Join(pass, ", ")
+	}
+	return StatusUntrusted, "evidence satisfies no key's policy: " + strings.Join(fail, "; ")
+}
+
+// certifiedTags are the node's tags when its TPM certified exactly them.
+func certifiedTags(n store.Node, certifiedDigest []byte) map[string]string {
+	if certifiedDigest == nil || len(n.Tags) == 0 {
+		return nil
+	}
+	if string(binding.TagDigest(n.Name, n.Tags)) != string(certifiedDigest) {
+		return nil
+	}
+	return n.Tags
+}
