@@ -35,10 +35,6 @@ const Version = "0.1.0"
 // largest legitimate message.
 const MaxMessageSize = 16 << 20
 
-// PendingTTL is how long an enrollment waits for admin approval before it
-// is dropped.
-const PendingTTL = 7 * 24 * time.Hour
-
 // HandlerTimeout bounds every RPC, whatever deadline the caller sent.
 const HandlerTimeout = 30 * time.Second
 
@@ -169,7 +165,7 @@ func (s *Server) Run(ctx context.Context) {
 			return
 		case <-t.C:
 			now := s.now()
-			if err := s.store.Expire(ctx, now, now.Add(-PendingTTL)); err != nil && ctx.Err() == nil {
+			if err := s.store.Expire(ctx, now, now.Add(-s.pendingTTL())); err != nil && ctx.Err() == nil {
 				s.log.Warn("expiring stale records failed", "err", err)
 			}
 		}
