@@ -200,7 +200,8 @@ func (a adminServer) approveLegacy(ctx context.Context, name, fp string) (*apiv1
 		return nil, storeErr("node", err)
 	}
 	if n.EKFingerprint != fp {
-		return nil, status.Errorf(codes.FailedPrecondition, "node %q is enrolled with EK %s, not %s", name, DisplayFingerprint(n.EKFingerprint), DisplayFingerprint(fp))
+		return nil, status.Errorf(codes.FailedPrecondition, "no enrollment of node %q with EK %s is waiting for approval: node %q is enrolled with EK %s (an enrollment with a join token or an approval supersedes the others of its name)",
+			name, DisplayFingerprint(fp), name, DisplayFingerprint(n.EKFingerprint))
 	}
 	return a.setState(ctx, name, store.NodeActive, "approve")
 }
