@@ -84,6 +84,24 @@ type Config struct {
 	// Limits bound what callers can make the broker hold (limits.go);
 	// unset fields take DefaultLimits.
 	Limits Limits `yaml:"limits,omitempty"`
+	// ApproveCertifiedEKs admits a TPM whose EK certificate chains to
+	// EKRoots without a join token or an approval. Set it only when
+	// EKRoots names a CA that certifies your own machines alone (your
+	// provisioning CA): a TPM manufacturer's CA certifies every TPM it
+	// made, including those of strangers.
+	ApproveCertifiedEKs bool `yaml:"approveCertifiedEKs,omitempty"`
+	// PendingTTL is how long an enrollment without a join token waits for
+	// admin approval before it is dropped.
+	PendingTTL time.Duration `yaml:"pendingTTL,omitempty"`
+	// MaxPending caps the enrollments waiting for approval; beyond it,
+	// enrollment needs a join token.
+	MaxPending int `yaml:"maxPending,omitempty"`
+	// MaxPendingPerName caps the enrollments waiting for approval under
+	// one node name.
+	MaxPendingPerName int `yaml:"maxPendingPerName,omitempty"`
+	// MaxEnrollmentsInFlight caps the credential activation challenges
+	// issued and not yet answered (each lives EnrollmentTTL).
+	MaxEnrollmentsInFlight int `yaml:"maxEnrollmentsInFlight,omitempty"`
 }
 
 // Defaults for a new broker.
@@ -91,6 +109,24 @@ const (
 	DefaultListen     = "127.0.0.1:8443"
 	DefaultSessionTTL = 5 * time.Minute
 	DefaultNonceTTL   = 30 * time.Second
+)
+
+// Defaults bounding what enrollment without credentials can create.
+//
+// An approval is an admin checking, while someone waits, that a fingerprint
+// a node printed is the one listed: four hours covers that and a hand-over,
+// and bounds how long a squatter's entry clutters the list (it never blocks
+// anything). One hundred pending enrollments is far more than admins
+// approve by hand at once; fleets enroll with join tokens, which no cap
+// touches. A legitimate name has one pending enrollment (a TPM's newer one
+// replaces its older); five leaves room for retries from re-imaged
+// machines. A challenge is answered within seconds; 256 unanswered ones at
+// a time is more than any bring-up needs and bounds the store.
+const (
+	DefaultPendingTTL             = 4 * time.Hour
+	DefaultMaxPending             = 100
+	DefaultMaxPendingPerName      = 5
+	DefaultMaxEnrollmentsInFlight = 256
 )
 
 // InitOptions configures Init.
@@ -580,6 +616,18 @@ func LoadConfig(dataDir string) (*Config, error) {
 	}
 	if cfg.Limits, err = cfg.Limits.resolved(); err != nil {
 		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
+	}
+	if cfg.PendingTTL <= 0 {
+		cfg.PendingTTL = DefaultPendingTTL
+	}
+	if cfg.MaxPending <= 0 {
+		cfg.MaxPending = DefaultMaxPending
+	}
+	if cfg.MaxPendingPerName <= 0 {
+		cfg.MaxPendingPerName = DefaultMaxPendingPerName
+	}
+	if cfg.MaxEnrollmentsInFlight <= 0 {
+		cfg.MaxEnrollmentsInFlight = DefaultMaxEnrollmentsInFlight
 	}
 	return &cfg, nil
 }

@@ -32,10 +32,6 @@ import (
 // Version is reported by Info.
 const Version = "0.1.0"
 
-// PendingTTL is how long an enrollment waits for admin approval before it
-// is dropped.
-const PendingTTL = 7 * 24 * time.Hour
-
 // HandlerTimeout bounds every RPC, whatever deadline the caller sent: the
 // default of limits.requestTimeout.
 const HandlerTimeout = 30 * time.Second
@@ -264,7 +260,7 @@ func (s *Server) Run(ctx context.Context) {
 			}
 		case <-t.C:
 			now := s.now()
-			if err := s.store.Expire(ctx, now, now.Add(-PendingTTL)); err != nil && ctx.Err() == nil {
+			if err := s.store.Expire(ctx, now, now.Add(-s.pendingTTL())); err != nil && ctx.Err() == nil {
 				s.log.Warn("expiring stale records failed", "err", err)
 			}
 		}

@@ -263,16 +263,10 @@ func enrollDirect(t *testing.T, d direct) *nodeattest.State {
 	st, n, err := nodeattest.Enroll(context.Background(), d, tpm, nodeattest.EnrollOptions{Name: "node1", BrokerID: "broker-test"})
 	require.NoError(t, err)
 	if n.GetState() != apiv1.NodeState_NODE_STATE_ACTIVE {
-		approveAll(t, d)
+		_, err := d.srv.AdminServer().ApproveNode(context.Background(), &apiv1.NodeRequest{Name: "node1", EkFingerprint: "SHA256:" + st.EKFingerprint})
+		require.NoError(t, err)
 	}
 	return st
-}
-
-// approveAll approves pending enrollments through the admin service.
-func approveAll(t *testing.T, d direct) {
-	t.Helper()
-	_, err := d.srv.AdminServer().ApproveNode(context.Background(), &apiv1.NodeRequest{Name: "node1"})
-	require.NoError(t, err)
 }
 
 func sessionDirect(t *testing.T, d direct, st *nodeattest.State) (*nodeattest.Session, error) {
