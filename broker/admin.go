@@ -132,11 +132,13 @@ func (a adminServer) CreateJoinToken(ctx context.Context, req *apiv1.CreateJoinT
 }
 
 func (a adminServer) setState(ctx context.Context, name string, to store.NodeState, kind string) (*apiv1.Node, error) {
+	var change *statusChange
 	n, err := a.s.store.UpdateNode(ctx, name, func(n *store.Node) error {
 		if to == store.NodeActive && n.State == store.NodeRevoked {
-			return status.Errorf(codes.FailedPrecondition, "node %s is revoked; a revoked node must be removed and enrolled again", name)
+			return status.Errorf(codes.FailedPrecondition, "node %q is revoked; a revoked node must be removed and enrolled again", name)
 		}
 		n.State = to
+		change = a.s.recordStatus(n, a.s.now())
 		return nil
 	})
 	if err != nil {
@@ -152,7 +154,8 @@ func (a adminServer) setState(ctx context.Context, name string, to store.NodeSta
 		}
 	}
 	a.s.audit(ctx, store.AuditEvent{Kind: kind, Node: name, Allowed: true, Actor: "admin", Reason: "node is now " + string(to)})
-	return nodeToAPI(n), nil
+	a.s.announce(ctx, change)
+	return a.s.nodeToAPI(n), nil
 }
 
 // ApproveNode admits the pending enrollment of a name whose EK is the one
@@ -183,7 +186,7 @@ func (a adminServer) ApproveNode(ctx context.Context, req *apiv1.NodeRequest) (*
 	}
 	s.audit(ctx, store.AuditEvent{Kind: "approve", Node: name, Allowed: true, Actor: "admin", Reason: fmt.Sprintf(
 		"approved EK %s (EK certificate %s); other enrollments pending under this name or EK dropped", DisplayFingerprint(fp), ekCertState(n.EKIssuer))})
-	return nodeToAPI(n), nil
+	return s.nodeToAPI(n), nil
 }
 
 // approveLegacy handles a name with no matching pending enrollment: a
@@ -251,7 +254,7 @@ func (a adminServer) RemoveNode(ctx context.Context, req *apiv1.NodeRequest) (*a
 	}
 	a.s.audit(ctx, store.AuditEvent{Kind: "remove", Node: n.Name, Allowed: true, Actor: "admin",
 		Reason: fmt.Sprintf("node removed; EK %s may enroll again", DisplayFingerprint(n.EKFingerprint))})
-	return nodeToAPI(n), nil
+	return a.s.nodeToAPI(n), nil
 }
 
 func (a adminServer) rejectPending(ctx context.Context, name, fp string) (*apiv1.Node, error) {
@@ -278,10 +281,10 @@ func (a adminServer) ListNodes(ctx context.Context, _ *apiv1.ListNodesRequest) (
 	}
 	out := &apiv1.ListNodesResponse{}
 	for _, n := range nodes {
-		out.Nodes = append(out.Nodes, nodeToAPI(n))
+		out.Nodes = append(out.Nodes, a.s.nodeToAPI(n))
 	}
 	for _, p := range pending {
-		n := nodeToAPI(p.Node)
+		n := a.s.nodeToAPI(p.Node)
 		n.PendingExpiresUnix = p.Expires.Unix()
 		out.Pending = append(out.Pending, n)
 	}

@@ -203,7 +203,7 @@ func (s *Server) EnrollFinish(ctx context.Context, req *apiv1.EnrollFinishReques
 		s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: n.Name, Allowed: true, Reason: fmt.Sprintf(
 			"waiting for approval until %s: EK %s, EK certificate %s; approve with 'attested node approve %s --ek %s'",
 			p.Expires.UTC().Format(time.RFC3339), ek, ekCertState(n.EKIssuer), n.Name, ek)})
-		out := nodeToAPI(n)
+		out := s.nodeToAPI(n)
 		out.PendingExpiresUnix = p.Expires.Unix()
 		return &apiv1.EnrollFinishResponse{Node: out}, nil
 	}
@@ -224,7 +224,7 @@ func (s *Server) EnrollFinish(ctx context.Context, req *apiv1.EnrollFinishReques
 	}
 	s.audit(ctx, store.AuditEvent{Kind: "enroll", Node: n.Name, Allowed: true, Reason: fmt.Sprintf(
 		"enrolled with %s: EK %s, EK certificate %s", how, ek, ekCertState(n.EKIssuer))})
-	return &apiv1.EnrollFinishResponse{Node: nodeToAPI(n)}, nil
+	return &apiv1.EnrollFinishResponse{Node: s.nodeToAPI(n)}, nil
 }
 
 // ekCertState says how far an EK's manufacturer was verified.
@@ -281,7 +281,9 @@ func checkAKSignOnly(public []byte) error {
 	return nil
 }
 
-func nodeToAPI(n store.Node) *apiv1.Node {
+// nodeToAPI shows a node as the API does: its status as of now, and the
+// tags its TPM certified when they are the ones the broker holds.
+func (s *Server) nodeToAPI(n store.Node) *apiv1.Node {
 	out := &apiv1.Node{
 		Name: n.Name, EkFingerprint: n.EKFingerprint, Trust: n.Trust, TrustReason: n.TrustReason,
 		EnrolledUnix: n.EnrolledAt.Unix(), Tags: n.Tags, TagsVersion: n.TagsVersion, EkIssuer: n.EKIssuer,
@@ -297,5 +299,14 @@ func nodeToAPI(n store.Node) *apiv1.Node {
 	case store.NodeRevoked:
 		out.State = apiv1.NodeState_NODE_STATE_REVOKED
 	}
+	out.Status, out.StatusReason = s.statusOf(n, s.now())
+	since := n.StatusSince
+	if out.Status != n.Status || since.IsZero() {
+		// Changed by the clock since it was recorded (a node gone stale);
+		// the periodic check records it.
+		since = s.now()
+	}
+	out.StatusSinceUnix = since.Unix()
+	out.CertifiedTags = certifiedTags(n, n.CertifiedTagDigest)
 	return out
 }

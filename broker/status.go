@@ -2,14 +2,19 @@ package broker
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"sort"
 	"strings"
 	"time"
 
 	"github.com/attested-dev/attested/attest/binding"
+	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/evidence"
 	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // Node status is what is true of a node now, for operators, dashboards,
@@ -104,7 +109,8 @@ func (s *Server) recordStatus(n *store.Node, now time.Time) *statusChange {
 // announce tells webhooks and metrics of committed status changes.
 func (s *Server) announce(ctx context.Context, changes ...*statusChange) {
 	for _, c := range changes {
-		if c == nil {
+		if c == nil || c.from == "" {
+			// Nothing to announce for a status first recorded.
 			continue
 		}
 		s.metrics.statusChanges.WithLabelValues(c.to).Inc()
@@ -216,4 +222,50 @@ func certifiedTags(n store.Node, certifiedDigest []byte) map[string]string {
 		return nil
 	}
 	return n.Tags
+}
+
+// GetNode implements apiv1.AdminServer: what is true of the node now, its
+// last evidence, its live sessions and its status history.
+func (a adminServer) GetNode(ctx context.Context, req *apiv1.NodeRequest) (*apiv1.NodeDetail, error) {
+	s := a.s
+	n, err := s.store.GetNode(ctx, req.GetName())
+	if err != nil {
+		return nil, storeErr(fmt.Sprintf("node %q", req.GetName()), err)
+	}
+	out := &apiv1.NodeDetail{Node: s.nodeToAPI(n)}
+	if !n.LastAttested.IsZero() {
+		out.LastEvidenceUnix = n.LastAttested.Unix()
+		var facts evidence.Facts
+		if len(n.LastFacts) > 0 {
+			if err := json.Unmarshal(n.LastFacts, &facts); err != nil {
+				return nil, status.Errorf(codes.Internal, "node %q: last facts: %v", n.Name, err)
+			}
+		}
+		out.Evidence = append(pcrLines(n.LastPCRs), facts.Lines()...)
+	}
+	sessions, err := s.store.NodeSessions(ctx, n.Name, s.now())
+	if err != nil {
+		return nil, storeErr("sessions", err)
+	}
+	for _, sess := range sessions {
+		out.Sessions = append(out.Sessions, &apiv1.SessionInfo{CreatedUnix: sess.Created.Unix(), ExpiresUnix: sess.Expires.Unix()})
+	}
+	for _, h := range n.History {
+		out.History = append(out.History, &apiv1.StatusChange{TimeUnix: h.Time.Unix(), Status: h.Status, Reason: h.Reason})
+	}
+	return out, nil
+}
+
+// pcrLines shows the PCR values of the last accepted quote, briefly.
+func pcrLines(pcrs map[int][]byte) []string {
+	idx := make([]int, 0, len(pcrs))
+	for i := range pcrs {
+		idx = append(idx, i)
+	}
+	sort.Ints(idx)
+	var out []string
+	for _, i := range idx {
+		out = append(out, fmt.Sprintf("PCR %2d: %x", i, pcrs[i]))
+	}
+	return out
 }

@@ -53,7 +53,7 @@ func (a adminServer) TagNode(ctx context.Context, req *apiv1.TagNodeRequest) (*a
 	}
 	a.s.audit(ctx, store.AuditEvent{Kind: "tag", Node: n.Name, Allowed: true, Actor: "admin",
 		Reason: fmt.Sprintf("tags version %d: %s -> %s", n.TagsVersion, dashIfEmpty(before), dashIfEmpty(tagString(n.Tags)))})
-	return nodeToAPI(n), nil
+	return a.s.nodeToAPI(n), nil
 }
 
 func tagString(m map[string]string) string {

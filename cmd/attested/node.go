@@ -209,10 +209,10 @@ waits. Other enrollments waiting under NAME are dropped.`,
 				if !onlyPending {
 					var rows [][]string
 					for _, n := range r.GetNodes() {
-						rows = append(rows, []string{n.GetName(), stateName(n.GetState()), dash(n.GetTrust()), unixTime(n.GetLastAttestedUnix()),
-							sortedTags(n.GetTags()), short(n.GetEkFingerprint()), ekTrust(n.GetEkIssuer()), dash(n.GetTrustReason())})
+						rows = append(rows, []string{n.GetName(), dash(n.GetStatus()), unixTime(n.GetStatusSinceUnix()), unixTime(n.GetLastAttestedUnix()),
+							sortedTags(n.GetTags()), short(n.GetEkFingerprint()), ekTrust(n.GetEkIssuer()), dash(n.GetStatusReason())})
 					}
-					table(w, "NAME\tSTATE\tTRUST\tLAST ATTESTED\tTAGS\tEK\tEK CERTIFICATE\tREASON", rows)
+					table(w, "NAME\tSTATUS\tSINCE\tLAST ATTESTED\tTAGS\tEK\tEK CERTIFICATE\tREASON", rows)
 					if len(r.GetPending()) == 0 {
 						return nil
 					}
@@ -234,6 +234,19 @@ waits. Other enrollments waiting under NAME are dropped.`,
 		},
 	}
 	list.Flags().BoolVar(&onlyPending, "pending", false, "list only enrollments waiting for approval")
+	show := &cobra.Command{
+		Use: "show NAME", Short: "Show a node: status, last evidence, sessions, status history (admin)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
+				d, err := a.GetNode(ctx, &apiv1.NodeRequest{Name: args[0]})
+				if err != nil {
+					return err
+				}
+				printNode(cmd.OutOrStdout(), d)
+				return nil
+			})
+		},
+	}
 	var remove []string
 	tag := &cobra.Command{
 		Use:   "tag NAME [KEY=VALUE]...",
@@ -295,8 +308,34 @@ certifiedTags: true accepts tags only as this TPM attests them.`,
 			})
 		},
 	})
-	cmd.AddCommand(enroll, attestNow, token, approve, revoke, removeNode, list, tag, tags)
+	cmd.AddCommand(enroll, attestNow, token, approve, revoke, removeNode, list, show, tag, tags)
 	return cmd
+}
+
+// printNode prints what node show shows.
+func printNode(w io.Writer, d *apiv1.NodeDetail) {
+	n := d.GetNode()
+	fmt.Fprintf(w, "node %s\n", n.GetName())
+	fmt.Fprintf(w, "  status:        %s since %s\n", dash(n.GetStatus()), unixTime(n.GetStatusSinceUnix()))
+	fmt.Fprintf(w, "  reason:        %s\n", dash(n.GetStatusReason()))
+	fmt.Fprintf(w, "  enrolled:      %s (state %s)\n", unixTime(n.GetEnrolledUnix()), stateName(n.GetState()))
+	fmt.Fprintf(w, "  EK:            %s (EK certificate %s)\n", fingerprint(n.GetEkFingerprint()), ekTrust(n.GetEkIssuer()))
+	fmt.Fprintf(w, "  tags:          %s (version %d)\n", sortedTags(n.GetTags()), n.GetTagsVersion())
+	fmt.Fprintf(w, "  TPM-certified: %s\n", sortedTags(n.GetCertifiedTags()))
+	fmt.Fprintf(w, "\nlast accepted evidence: %s\n", unixTime(d.GetLastEvidenceUnix()))
+	for _, l := range d.GetEvidence() {
+		fmt.Fprintf(w, "  %s\n", l)
+	}
+	fmt.Fprintf(w, "\nlive sessions: %d\n", len(d.GetSessions()))
+	for _, s := range d.GetSessions() {
+		fmt.Fprintf(w, "  opened %s, expires %s\n", unixTime(s.GetCreatedUnix()), unixTime(s.GetExpiresUnix()))
+	}
+	fmt.Fprintln(w, "\nstatus history:")
+	var rows [][]string
+	for _, h := range d.GetHistory() {
+		rows = append(rows, []string{"  " + unixTime(h.GetTimeUnix()), h.GetStatus(), h.GetReason()})
+	}
+	table(w, "  TIME\tSTATUS\tREASON", rows)
 }
 
 func stateName(s apiv1.NodeState) string {

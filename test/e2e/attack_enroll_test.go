@@ -212,7 +212,7 @@ func TestApprovalNamesTheEK(t *testing.T) {
 // join token and by approval, and says the EK is unverified.
 func TestUncertifiedEnrollment(t *testing.T) {
 	w := newWorld(t, worldOptions{noImage: true, uncertified: true, brokerConfig: "ekRoots: []\n"})
-	assert.Regexp(t, `node1 +active .* unverified`, w.admin("node", "list"))
+	assert.Regexp(t, `node1 +stale .* unverified`, w.admin("node", "list"), "enrolled, no evidence yet")
 	n := w.newNode("worker-3")
 	r := w.attested(n, "node", "enroll")
 	require.NoError(t, r.err, "%s", r.stderr)
