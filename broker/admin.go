@@ -41,7 +41,7 @@ func (a adminServer) CreateKey(ctx context.Context, req *apiv1.CreateKeyRequest)
 		return nil, status.Error(codes.InvalidArgument, "a key needs a policy (--policy); nothing is released without one")
 	}
 	if _, err := s.store.GetPolicy(ctx, req.GetPolicy()); errors.Is(err, store.ErrNotFound) {
-		return nil, status.Errorf(codes.FailedPrecondition, "policy %s does not exist; apply it first with 'attested policy apply -f FILE'", req.GetPolicy())
+		return nil, status.Errorf(codes.FailedPrecondition, "policy %q does not exist; apply it first with 'attested policy apply -f FILE'", req.GetPolicy())
 	} else if err != nil {
 		return nil, storeErr("policy", err)
 	}
@@ -145,7 +145,7 @@ func (a adminServer) setState(ctx context.Context, name string, to store.NodeSta
 		if _, ok := status.FromError(err); ok && !errors.Is(err, store.ErrNotFound) {
 			return nil, err
 		}
-		return nil, storeErr("node "+name, err)
+		return nil, storeErr(fmt.Sprintf("node %q", name), err)
 	}
 	if to == store.NodeRevoked {
 		// Revocation takes effect at once: no session survives it.
@@ -250,7 +250,7 @@ func (a adminServer) RemoveNode(ctx context.Context, req *apiv1.NodeRequest) (*a
 		return nil, storeErr(fmt.Sprintf("node %q", req.GetName()), err)
 	}
 	if err := a.s.store.DeleteNode(ctx, n.Name); err != nil {
-		return nil, storeErr("node "+n.Name, err)
+		return nil, storeErr(fmt.Sprintf("node %q", n.Name), err)
 	}
 	a.s.audit(ctx, store.AuditEvent{Kind: "remove", Node: n.Name, Allowed: true, Actor: "admin",
 		Reason: fmt.Sprintf("node removed; EK %s may enroll again", DisplayFingerprint(n.EKFingerprint))})

@@ -8,8 +8,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm/legacy/tpm2"
@@ -265,7 +267,9 @@ func (s *Server) checkEKCertificate(certDER, ekPKIX []byte) (string, error) {
 	if subtle.ConstantTimeCompare(der, ekPKIX) != 1 {
 		return "", errors.New("EK certificate is for another key than the EK presented")
 	}
-	return cert.Issuer.String(), nil
+	// The issuer is the certificate's text, shown in lists and messages:
+	// escape what a terminal would interpret.
+	return printable(cert.Issuer.String()), nil
 }
 
 // checkAKSignOnly refuses AKs that can also decrypt: go-attestation checks
@@ -309,4 +313,20 @@ func (s *Server) nodeToAPI(n store.Node) *apiv1.Node {
 	out.StatusSinceUnix = since.Unix()
 	out.CertifiedTags = certifiedTags(n, n.CertifiedTagDigest)
 	return out
+}
+
+// printable escapes control and other non-printable characters (as Go
+// quotes them), so text from a certificate or a log cannot break lines or
+// drive a terminal where it is shown.
+func printable(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		if unicode.IsPrint(r) {
+			b.WriteRune(r)
+			continue
+		}
+		q := strconv.QuoteRune(r)
+		b.WriteString(q[1 : len(q)-1])
+	}
+	return b.String()
 }

@@ -373,6 +373,12 @@ http:
 var brokerIDRe = regexp.MustCompile(`broker (\S+) initialised`)
 
 func (w *world) startBroker() {
+	require.NoError(w.t, w.tryStartBroker())
+}
+
+// tryStartBroker initialises and starts the world's broker, saying why it
+// did not start.
+func (w *world) tryStartBroker() error {
 	t := w.t
 	w.brokerDir = filepath.Join(w.dir, "broker")
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -393,10 +399,10 @@ func (w *world) startBroker() {
 			addr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
 		}
 		if err = w.serveBroker(addr); err == nil {
-			return
+			return nil
 		}
 	}
-	require.NoError(t, err)
+	return err
 }
 
 // ekTrust is broker configuration trusting the suite's swtpm EK CA, with
