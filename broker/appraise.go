@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm/legacy/tpm2"
@@ -58,6 +59,21 @@ func (s *Server) stateError(n store.Node) error {
 // session's, ends those sessions at once. Policy is evaluated per key at
 // Unwrap.
 func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.AttestResponse, error) {
+	start := time.Now()
+	resp, err := s.attest(ctx, req)
+	result := "accepted"
+	switch status.Code(err) {
+	case codes.OK:
+	case codes.PermissionDenied, codes.DeadlineExceeded, codes.InvalidArgument:
+		result = "refused"
+	default:
+		result = "error"
+	}
+	s.ops.appraisal.WithLabelValues(result).Observe(time.Since(start).Seconds())
+	return resp, err
+}
+
+func (s *Server) attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.AttestResponse, error) {
 	// Until the quote verifies nothing is authenticated: every refusal up
 	// to there gives the same answer whatever the broker knows of the node
 	// (the precise reason goes to the audit), and changes nothing.
@@ -169,6 +185,7 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	}
 	s.announce(ctx, change)
 	if failure != "" {
+		s.ops.refusals.WithLabelValues(RefusalEvidence).Inc()
 		reason := evidenceRefused + failure
 		if ended > 0 {
 			reason += fmt.Sprintf(" (%d live session(s) ended)", ended)

@@ -75,6 +75,9 @@ type Config struct {
 	// StaleAfter is how long a node may go without sending evidence before
 	// its status is stale (default three times the agent's reattest).
 	StaleAfter time.Duration `yaml:"staleAfter,omitempty"`
+	// MetricsListen is where Prometheus metrics are served over plain HTTP
+	// (default DefaultMetricsListen, loopback); "off" serves none.
+	MetricsListen string `yaml:"metricsListen,omitempty"`
 	// EKRoots lists PEM files or directories of TPM manufacturer CAs that
 	// EK certificates must chain to. Empty trusts none.
 	EKRoots []string `yaml:"ekRoots,omitempty"`
@@ -103,6 +106,10 @@ type Config struct {
 	// issued and not yet answered (each lives EnrollmentTTL).
 	MaxEnrollmentsInFlight int `yaml:"maxEnrollmentsInFlight,omitempty"`
 }
+
+// DefaultMetricsListen serves metrics on loopback only: expose them with
+// metricsListen where a Prometheus elsewhere scrapes.
+const DefaultMetricsListen = "127.0.0.1:9464"
 
 // Defaults for a new broker.
 const (
@@ -616,6 +623,9 @@ func LoadConfig(dataDir string) (*Config, error) {
 	}
 	if cfg.Limits, err = cfg.Limits.resolved(); err != nil {
 		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
+	}
+	if cfg.MetricsListen == "" {
+		cfg.MetricsListen = DefaultMetricsListen
 	}
 	if cfg.PendingTTL <= 0 {
 		cfg.PendingTTL = DefaultPendingTTL

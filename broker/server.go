@@ -85,6 +85,7 @@ type Server struct {
 	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
 	policies map[string]cachedPolicy    // name -> parsed at revision
 	claims   map[string]claimsRecord    // session token hash -> decoded claims
+	ops      *opsMetrics
 }
 
 type cachedPolicy struct {
@@ -135,9 +136,11 @@ func New(o Options) (*Server, error) {
 		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
 	}
 	g := newGuard(limits)
-	return &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
+	s := &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
 		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{},
-		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}, nil
+		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}
+	s.registerOpsMetrics()
+	return s, nil
 }
 
 // Open opens the broker in dataDir with its embedded store; override, if

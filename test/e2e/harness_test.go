@@ -57,8 +57,10 @@ type world struct {
 	brokerDir  string
 	brokerAddr string
 	brokerID   string
-	broker     *proc
-	node1      *node
+	// metricsAddr is where the broker serves Prometheus metrics.
+	metricsAddr string
+	broker      *proc
+	node1       *node
 	// image is the encrypted image in the registry.
 	image       string
 	brokerExtra string
@@ -390,9 +392,10 @@ func (w *world) tryStartBroker() error {
 	for _, f := range []string{"ca.pem", "admin.token"} {
 		require.FileExists(t, filepath.Join(w.brokerDir, f))
 	}
-	if w.brokerExtra != "" {
-		require.NoError(t, overrideYAML(filepath.Join(w.brokerDir, "broker.yaml"), w.brokerExtra))
-	}
+	// Each world's broker serves its metrics on a port of its own.
+	w.metricsAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	extra := "metricsListen: " + w.metricsAddr + "\n---\n" + w.brokerExtra
+	require.NoError(t, overrideYAML(filepath.Join(w.brokerDir, "broker.yaml"), extra))
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
 		if attempt > 0 {
