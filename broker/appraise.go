@@ -96,8 +96,9 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		PCRs: pcrs, ResetCount: clock.ResetCount, RestartCount: clock.RestartCount,
 		Created: now, Expires: now.Add(s.cfg.SessionTTL),
 	}
+	var rec claimsRecord
 	if failure == "" {
-		rec := claimsRecord{Facts: facts}
+		rec = claimsRecord{Facts: facts}
 		if rec.IMAVerdicts, err = s.imaVerdicts(ctx, policy.Claims{Node: n.Name, PCRs: pcrs, Facts: facts, Tags: n.Tags}); err != nil {
 			return nil, storeErr("policies", err)
 		}
@@ -176,7 +177,8 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	}
 	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Allowed: true, Reason: reason})
 	return &apiv1.AttestResponse{SessionToken: token, ExpiresUnix: sess.Expires.Unix(),
-		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount}, nil
+		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount,
+		Ear: s.attestationResult(ctx, earInput{node: n, rec: rec, pcrs: pcrs, nonce: req.GetNonce(), issued: now, expires: sess.Expires})}, nil
 }
 
 // evidenceRefused prefixes the trust reason of a node whose signed
