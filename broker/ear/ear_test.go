@@ -179,9 +179,9 @@ func brokerLike(now time.Time) *ear.Result {
 		Status:     &st, Issuer: "broker-test", Subject: "node-1",
 		Submods: map[string]ear.Appraisal{ear.SubmodNode: {
 			Profile: ear.AppraisalProfile, Status: ear.TierAffirming,
-			TrustVector: &ear.TrustVector{InstanceIdentity: 2, Executables: 2, Configuration: 2},
-			PolicyIDs:   []string{"policy://broker-test/measured-boot/1"},
-			Nonce:       ear.NonceOf([]byte("0123456789abcdef0123")),
+			TrustVector:    &ear.TrustVector{InstanceIdentity: 2, Executables: 2, Configuration: 2},
+			PolicyIDs:      []string{"policy://broker-test/measured-boot/1"},
+			Nonce:          ear.NonceOf([]byte("0123456789abcdef0123")),
 			AttesterClaims: json.RawMessage(`{"pcrs_sha256":{"0":"00"}}`),
 			VerifierClaims: json.RawMessage(`{"node":"node-1","ek_fingerprint":"SHA256:00","policies":{}}`),
 		}},
@@ -412,12 +412,18 @@ func TestValidateRefuses(t *testing.T) {
 			a.Status = ear.TierWarning
 			r.Submods[ear.SubmodNode] = a
 		},
-		"no appraisal":          func(r *ear.Result) { r.Submods = nil },
-		"unknown profile":       func(r *ear.Result) { r.Profile = "tag:example.com,2026:other" },
-		"no verifier id":        func(r *ear.Result) { r.VerifierID = ear.VerifierID{} },
-		"empty policy id list":  func(r *ear.Result) { a := r.Submods[ear.SubmodNode]; a.PolicyIDs = []string{}; r.Submods[ear.SubmodNode] = a },
-		"extension over claim":  func(r *ear.Result) { r.Extensions = map[string]json.RawMessage{"iat": json.RawMessage(`1`)} },
-		"legacy name extension": func(r *ear.Result) { r.Extensions = map[string]json.RawMessage{"ear.status": json.RawMessage(`"affirming"`)} },
+		"no appraisal":    func(r *ear.Result) { r.Submods = nil },
+		"unknown profile": func(r *ear.Result) { r.Profile = "tag:example.com,2026:other" },
+		"no verifier id":  func(r *ear.Result) { r.VerifierID = ear.VerifierID{} },
+		"empty policy id list": func(r *ear.Result) {
+			a := r.Submods[ear.SubmodNode]
+			a.PolicyIDs = []string{}
+			r.Submods[ear.SubmodNode] = a
+		},
+		"extension over claim": func(r *ear.Result) { r.Extensions = map[string]json.RawMessage{"iat": json.RawMessage(`1`)} },
+		"legacy name extension": func(r *ear.Result) {
+			r.Extensions = map[string]json.RawMessage{"ear.status": json.RawMessage(`"affirming"`)}
+		},
 	} {
 		r := brokerLike(now)
 		mutate(r)
