@@ -42,7 +42,7 @@ func nodeCmd(c *config) *cobra.Command {
 		},
 	}
 	enroll.Flags().StringVar(&joinToken, "join-token", "", "single-use join token from 'attested node token create' (else admin approval is needed)")
-	var explain bool
+	var explain, earOut bool
 	attestNow := &cobra.Command{
 		Use:   "attest",
 		Short: "Attest once: quote the PCRs and have the broker appraise them",
@@ -57,6 +57,12 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 					return err
 				}
 				w := cmd.OutOrStdout()
+				if earOut { // stdout carries the EAR alone, for a pipe or a file
+					if err := nodeEAR(ctx, w, cmd.ErrOrStderr(), b, st.Broker, s.EAR); err != nil {
+						return err
+					}
+					w = cmd.ErrOrStderr()
+				}
 				fmt.Fprintf(w, "node %s attested: quote verified by broker %s; session valid until %s (TPM reset %d, restart %d)\n",
 					st.Name, st.Broker, s.Expires.UTC().Format(time.RFC3339), s.ResetCount, s.RestartCount)
 				if !explain {
@@ -76,6 +82,7 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 		},
 	}
 	attestNow.Flags().BoolVar(&explain, "explain", false, "show the full appraisal, clause by clause")
+	attestNow.Flags().BoolVar(&earOut, "ear", false, "print the broker's signed attestation result (EAR JWT), checked with the broker's JWK Set, alone on standard output (the rest goes to standard error)")
 	var ttl time.Duration
 	token := &cobra.Command{Use: "token", Short: "Join tokens (admin)"}
 	tokenCreate := &cobra.Command{
