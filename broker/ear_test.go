@@ -59,6 +59,15 @@ func brokerJWKS(t *testing.T, b *brokertest.Broker) *jose.JSONWebKeySet {
 	return set
 }
 
+// noTagIndex removes the simulator's tag index, which outlives the tests
+// that wrote it: these tests assert the vector of a node without one.
+func noTagIndex(t *testing.T) {
+	t.Helper()
+	tpm := openTPM(t)
+	defer tpm.Close()
+	require.NoError(t, tpm.RemoveTags())
+}
+
 // verifiedEAR checks the session's EAR with the broker's JWKS and returns
 // its one appraisal and the broker's claims in it.
 func verifiedEAR(t *testing.T, b *brokertest.Broker, s *nodeattest.Session) (*ear.Result, ear.Appraisal, *ear.NodeClaims) {
@@ -79,6 +88,7 @@ func verifiedEAR(t *testing.T, b *brokertest.Broker, s *nodeattest.Session) (*ea
 // identity, the policy that accepted it, the nonce and PCRs of the
 // evidence, the session's expiry.
 func TestEARForTrustedNode(t *testing.T) {
+	noTagIndex(t)
 	b := brokertest.Start(t)
 	n := goodBoot().apply(t, b)
 	strict(t, b)
@@ -148,6 +158,7 @@ func TestEARContraindicatedWhenEvidenceFailsThePolicy(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
+			noTagIndex(t)
 			b := brokertest.Start(t)
 			n := tc.boot().apply(t, b)
 			ann := strict(t, b)
@@ -172,6 +183,7 @@ func TestEARContraindicatedWhenEvidenceFailsThePolicy(t *testing.T) {
 // vector; every policy's verdict is in the broker's claims. A tag that a
 // node lacks makes a policy refuse it, not the node untrustworthy.
 func TestEARWithSeveralPolicies(t *testing.T) {
+	noTagIndex(t)
 	b := brokertest.Start(t)
 	n := goodBoot().apply(t, b)
 	strict(t, b)
@@ -204,6 +216,7 @@ func TestEARWithSeveralPolicies(t *testing.T) {
 // Without any policy nothing appraised the platform: the EAR says so with a
 // warning, never affirming.
 func TestEARWithoutPolicyIsAWarning(t *testing.T) {
+	noTagIndex(t)
 	b := brokertest.Start(t)
 	n := enroll(t, b, "node1")
 	s, _ := attestForEAR(t, n)
@@ -217,8 +230,10 @@ func TestEARWithoutPolicyIsAWarning(t *testing.T) {
 
 // TPM-certified tags are sourced data: affirming when the TPM certified
 // exactly the broker's tags, and listed; contraindicated when a policy
-// relies on certified tags that are not the broker's.
+// relies on certified tags that are not the broker's; a warning when the
+// policy that accepts the node does not rely on them.
 func TestEARCertifiedTags(t *testing.T) {
+	t.Cleanup(func() { noTagIndex(t) })
 	b, n, _ := certifiedSetup(t)
 	s, err := n.session(t)
 	require.NoError(t, err)
@@ -242,11 +257,20 @@ func TestEARCertifiedTags(t *testing.T) {
 	assert.Equal(t, ear.TrustVector{InstanceIdentity: 2, SourcedData: 96}, *a.TrustVector)
 	assert.Empty(t, c.CertifiedTags)
 	assert.Equal(t, []string{"certifiedTags"}, c.Policies["eu-certified"].Failed)
+
+	_, err = b.Admin.ApplyPolicy(context.Background(), &apiv1.ApplyPolicyRequest{Yaml: "name: eu-plain\ntags:\n  region: [EU]\n"})
+	require.NoError(t, err)
+	s, _ = attestForEAR(t, n)
+	r, a, c := verifiedEAR(t, b, s)
+	assert.Equal(t, ear.TierWarning, *r.Status, "accepted, but the TPM certifies other tags than the broker's")
+	assert.Equal(t, ear.TrustVector{InstanceIdentity: 2, SourcedData: 32}, *a.TrustVector)
+	assert.True(t, c.Policies["eu-plain"].Allowed)
 }
 
 // A token the broker issued fails verification once altered, and a token
 // another broker issued does not verify with this broker's JWKS.
 func TestEARTamperedOrFromAnotherBrokerFails(t *testing.T) {
+	noTagIndex(t)
 	b := brokertest.Start(t)
 	n := enroll(t, b, "node1")
 	s, _ := attestForEAR(t, n)

@@ -4,6 +4,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"os"
@@ -203,9 +204,17 @@ func TestSignVerifyAndAttacks(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "node-1", r.Subject)
 
-	// The kid is the RFC 7638 thumbprint, and the JWK Set names it.
+	// The kid is the RFC 7638 thumbprint (computed here from the RFC's
+	// recipe: SHA-256 of the required members in lexicographic order, no
+	// whitespace), and the JWK Set names it.
 	kid, err := ear.KeyID(&key.PublicKey)
 	require.NoError(t, err)
+	coord := func(b []byte) string { return base64.RawURLEncoding.EncodeToString(b) }
+	raw, err := key.PublicKey.Bytes() // 0x04 || X || Y
+	require.NoError(t, err)
+	canonical := `{"crv":"P-256","kty":"EC","x":"` + coord(raw[1:33]) + `","y":"` + coord(raw[33:]) + `"}`
+	sum := sha256.Sum256([]byte(canonical))
+	require.Equal(t, coord(sum[:]), kid)
 	require.Equal(t, kid, s.KeyID())
 	require.Equal(t, kid, set.Keys[0].KeyID)
 	require.Equal(t, "sig", set.Keys[0].Use)
