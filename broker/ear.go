@@ -10,8 +10,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"maps"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -131,6 +133,28 @@ func (s *Server) JWKS(context.Context, *apiv1.JWKSRequest) (*apiv1.JWKSResponse,
 		return &apiv1.JWKSResponse{Jwks: `{"keys":[]}`}, nil
 	}
 	return &apiv1.JWKSResponse{Jwks: s.ear.jwks}, nil
+}
+
+// JWKSPath is where an HTTPS listener of the broker (the dashboard's)
+// publishes the JWK Set, for relying parties that fetch a jwks_uri.
+const JWKSPath = "/.well-known/jwks.json"
+
+// JWKSHandler serves the JWK Set over HTTP (mount it at JWKSPath on a TLS
+// listener whose certificate chains to the broker CA): the same document
+// as the JWKS call, public, cacheable for a few minutes.
+func (s *Server) JWKSHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			http.Error(w, "the JWK Set is read with GET", http.StatusMethodNotAllowed)
+			return
+		}
+		resp, _ := s.JWKS(r.Context(), nil)
+		w.Header().Set("Content-Type", "application/jwk-set+json")
+		w.Header().Set("Cache-Control", "public, max-age=300")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		io.WriteString(w, resp.GetJwks())
+	})
 }
 
 // earInput is what an accepted attestation established.

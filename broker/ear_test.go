@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/hex"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -292,6 +294,20 @@ func TestEARTamperedOrFromAnotherBrokerFails(t *testing.T) {
 		_, err := ear.Verify(strings.Join(forged, "."), keys, time.Now())
 		require.Error(t, err, "part %d altered", i)
 	}
+
+	// The HTTP form of the JWKS, for relying parties that fetch a jwks_uri,
+	// is the same document.
+	rec := httptest.NewRecorder()
+	b.Server.JWKSHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, broker.JWKSPath, nil))
+	require.Equal(t, http.StatusOK, rec.Code)
+	assert.Equal(t, "application/jwk-set+json", rec.Header().Get("Content-Type"))
+	fromHTTP, err := ear.ParseJWKS(rec.Body.Bytes())
+	require.NoError(t, err)
+	_, err = ear.Verify(s.EAR, fromHTTP, time.Now())
+	require.NoError(t, err)
+	rec = httptest.NewRecorder()
+	b.Server.JWKSHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodPost, broker.JWKSPath, nil))
+	assert.Equal(t, http.StatusMethodNotAllowed, rec.Code)
 
 	other := brokertest.Start(t)
 	n2 := enroll(t, other, "node1")

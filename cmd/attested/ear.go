@@ -14,6 +14,7 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/status"
 
 	"github.com/attested-dev/attested/broker"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
@@ -173,7 +174,7 @@ func withBroker(c *config, fn func(ctx context.Context, b apiv1.BrokerClient) er
 func fetchJWKS(ctx context.Context, b apiv1.BrokerClient) (*jose.JSONWebKeySet, string, error) {
 	r, err := b.JWKS(ctx, &apiv1.JWKSRequest{})
 	if err != nil {
-		return nil, "", fmt.Errorf("ear: fetching the broker's JWK Set: %w", err)
+		return nil, "", fmt.Errorf("ear: fetching the broker's JWK Set: %s", status.Convert(err).Message())
 	}
 	set, err := ear.ParseJWKS([]byte(r.GetJwks()))
 	if err != nil {
