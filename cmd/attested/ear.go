@@ -35,6 +35,8 @@ vector of the node and the broker's claims about it. A node prints its own with
 Fetch the JWK Set over the TLS channel pinned to the broker CA (--broker,
 --broker-ca), as these commands do: that channel is what makes its keys the
 broker's.`,
+		Example: `  attested node attest --ear > node.ear          # on the node
+  attested ear verify node.ear --require-affirming  # anywhere with --broker and --broker-ca`,
 	}
 	jwks := &cobra.Command{
 		Use:     "jwks",
