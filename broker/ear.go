@@ -332,7 +332,7 @@ func (s *Server) earClaims(in earInput) *ear.Result {
 		vec.SourcedData = ear.SourcesUntrusted
 	}
 
-	claims := ear.NodeClaims{Node: n.Name, EKFingerprint: "SHA256:" + n.EKFingerprint, EKIssuer: n.EKIssuer,
+	claims := ear.NodeClaims{Broker: s.cfg.ID, Node: n.Name, EKFingerprint: "SHA256:" + n.EKFingerprint, EKIssuer: n.EKIssuer,
 		Tags: n.Tags, Policies: map[string]ear.PolicyResult{}}
 	if vec.SourcedData == ear.SourcesTrusted && len(n.Tags) > 0 {
 		claims.CertifiedTags = n.Tags
@@ -407,8 +407,6 @@ func (s *Server) earClaims(in earInput) *ear.Result {
 		Expires:    in.expires.Unix(),
 		VerifierID: ear.VerifierID{Developer: ear.Developer, Build: ear.Developer + " " + Version},
 		Status:     &st,
-		Issuer:     s.cfg.ID,
-		Subject:    n.Name,
 		Submods: map[string]ear.Appraisal{ear.SubmodNode: {
 			Profile:        ear.AppraisalProfile,
 			Status:         st,

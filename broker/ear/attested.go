@@ -12,8 +12,8 @@ const (
 	// Developer and the build prefix of the broker's ear_verifier_id.
 	Developer = "attested"
 	// SubmodNode labels the one appraisal of an attested node: the
-	// platform its TPM measured. The node's name is the token's "sub" and
-	// the "node" verifier claim.
+	// platform its TPM measured. The node's name is its "node" verifier
+	// claim.
 	SubmodNode = "attested-node"
 	// AppraisalProfile is the eat_profile of that appraisal: it names the
 	// schema of its ear_verifier_claims (NodeClaims) and
@@ -26,7 +26,10 @@ const (
 // ear_verifier_claims, "claims with verifier authority"): who the node is
 // to the broker and what each of the broker's policies concluded.
 type NodeClaims struct {
-	Node string `json:"node"`
+	// Broker is the id of the broker that appraised the evidence (its
+	// annotations' broker id).
+	Broker string `json:"broker"`
+	Node   string `json:"node"`
 	// EKFingerprint is the SHA-256 of the node's endorsement key (its
 	// identity at the broker), "SHA256:" and hex.
 	EKFingerprint string `json:"ek_fingerprint"`

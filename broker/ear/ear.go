@@ -71,9 +71,6 @@ const (
 	ClaimPolicyIDs      = "ear_appraisal_policy_ids"
 	ClaimAttesterClaims = "ear_attester_claims"
 	ClaimVerifierClaims = "ear_verifier_claims"
-	// JWT registered claims the broker adds (RFC 7519 section 4.1).
-	ClaimIssuer  = "iss"
-	ClaimSubject = "sub"
 )
 
 // legacyNames maps the pre-03 spellings to the current ones.
@@ -298,10 +295,10 @@ type Result struct {
 	// record in -04. The broker never sends it (it can be megabytes, and
 	// it is the node's to disclose).
 	RawEvidence json.RawMessage `json:"ear_raw_evidence,omitempty"`
-	Issuer      string          `json:"iss,omitempty"`
-	Subject     string          `json:"sub,omitempty"`
 	// Extensions are the other claims ($$ear-extension), kept as they
-	// came (jti, nbf, ear_veraison_*, ...).
+	// came (jti, nbf, ear_veraison_*, ...). The draft wants an extension
+	// to be a map: the broker adds none at the top level, and says who
+	// issued the EAR about which node in its appraisal's verifier claims.
 	Extensions map[string]json.RawMessage `json:"-"`
 }
 
@@ -431,12 +428,6 @@ func Parse(payload []byte) (*Result, error) {
 	if err := field(top, ClaimNonce, &r.Nonce); err != nil {
 		return nil, err
 	}
-	if err := str(top, ClaimIssuer, &r.Issuer); err != nil {
-		return nil, err
-	}
-	if err := str(top, ClaimSubject, &r.Subject); err != nil {
-		return nil, err
-	}
 	if raw, ok := top[ClaimRawEvidence]; ok {
 		r.RawEvidence = raw
 	}
@@ -453,7 +444,7 @@ func Parse(payload []byte) (*Result, error) {
 		r.Submods[label] = a
 	}
 	for _, k := range []string{ClaimProfile, ClaimIssuedAt, ClaimExpires, ClaimVerifierID, ClaimStatus, ClaimNonce,
-		ClaimIssuer, ClaimSubject, ClaimRawEvidence, ClaimSubmods} {
+		ClaimRawEvidence, ClaimSubmods} {
 		delete(top, k)
 	}
 	if len(top) > 0 {

@@ -177,14 +177,14 @@ func brokerLike(now time.Time) *ear.Result {
 	return &ear.Result{
 		Profile: ear.Profile, IssuedAt: now.Unix(), Expires: now.Add(5 * time.Minute).Unix(),
 		VerifierID: ear.VerifierID{Developer: ear.Developer, Build: "attested 0.1.0"},
-		Status:     &st, Issuer: "broker-test", Subject: "node-1",
+		Status:     &st,
 		Submods: map[string]ear.Appraisal{ear.SubmodNode: {
 			Profile: ear.AppraisalProfile, Status: ear.TierAffirming,
 			TrustVector:    &ear.TrustVector{InstanceIdentity: 2, Executables: 2, Configuration: 2},
 			PolicyIDs:      []string{"policy://broker-test/measured-boot/1"},
 			Nonce:          ear.NonceOf([]byte("0123456789abcdef0123")),
 			AttesterClaims: json.RawMessage(`{"pcrs_sha256":{"0":"00"}}`),
-			VerifierClaims: json.RawMessage(`{"node":"node-1","ek_fingerprint":"SHA256:00","policies":{}}`),
+			VerifierClaims: json.RawMessage(`{"broker":"broker-test","node":"node-1","ek_fingerprint":"SHA256:00","policies":{}}`),
 		}},
 	}
 }
@@ -202,7 +202,9 @@ func TestSignVerifyAndAttacks(t *testing.T) {
 	require.NoError(t, err)
 	r, err := ear.Verify(tok, set, now)
 	require.NoError(t, err)
-	require.Equal(t, "node-1", r.Subject)
+	c, err := r.Submods[ear.SubmodNode].NodeClaims()
+	require.NoError(t, err)
+	require.Equal(t, "node-1", c.Node)
 
 	// The kid is the RFC 7638 thumbprint (computed here from the RFC's
 	// recipe: SHA-256 of the required members in lexicographic order, no
@@ -358,7 +360,8 @@ func requireSameTypes(t *testing.T, ours, theirs map[string]any, path string) {
 // claim names with the same JSON types (integer iat, verifier id object,
 // appraisals with a status string, a vector of integers, a list of policy
 // ids), and beyond them only the draft-04 claims (exp, ear_status, eat_nonce,
-// ear_attester_claims, ear_verifier_claims) and JWT's iss and sub.
+// ear_attester_claims, ear_verifier_claims), each a map where the draft
+// wants one.
 func TestEncoderMatchesDraftStructure(t *testing.T) {
 	now := time.Now()
 	s, err := ear.NewSigner(newKey(t))
@@ -383,7 +386,7 @@ func TestEncoderMatchesDraftStructure(t *testing.T) {
 		requireSameTypes(t, ours, ex.m, "")
 	}
 
-	allowedTop := []string{"eat_profile", "iat", "exp", "ear_verifier_id", "ear_status", "submods", "eat_nonce", "iss", "sub"}
+	allowedTop := []string{"eat_profile", "iat", "exp", "ear_verifier_id", "ear_status", "submods", "eat_nonce"}
 	for k := range ours {
 		require.Contains(t, allowedTop, k)
 	}
@@ -401,6 +404,8 @@ func TestEncoderMatchesDraftStructure(t *testing.T) {
 		require.Equal(t, "integer", v)
 	}
 	require.Equal(t, "string", app["eat_nonce"])
+	require.IsType(t, map[string]any{}, app["ear_attester_claims"])
+	require.IsType(t, map[string]any{}, app["ear_verifier_claims"])
 	require.Equal(t, "string", ours["ear_status"])
 	require.Equal(t, "integer", ours["exp"])
 }

@@ -229,7 +229,7 @@ func printResult(w io.Writer, r *ear.Result) {
 	if r.Status != nil {
 		st = r.Status.String()
 	}
-	fmt.Fprintf(w, "attestation result verified: issued by %s at %s", dash(r.Issuer), time.Unix(r.IssuedAt, 0).UTC().Format(time.RFC3339))
+	fmt.Fprintf(w, "attestation result verified: issued at %s", time.Unix(r.IssuedAt, 0).UTC().Format(time.RFC3339))
 	if r.Expires != 0 {
 		fmt.Fprintf(w, ", valid until %s", time.Unix(r.Expires, 0).UTC().Format(time.RFC3339))
 	}
@@ -247,7 +247,7 @@ func printResult(w io.Writer, r *ear.Result) {
 		if err != nil {
 			continue // not one of ours: the vector is all we read
 		}
-		fmt.Fprintf(w, "    node %s, EK %s, tags %s", nc.Node, nc.EKFingerprint, sortedTags(nc.Tags))
+		fmt.Fprintf(w, "    node %s at broker %s, EK %s, tags %s", nc.Node, nc.Broker, nc.EKFingerprint, sortedTags(nc.Tags))
 		if len(nc.CertifiedTags) > 0 {
 			fmt.Fprintf(w, " (certified by its TPM)")
 		}
