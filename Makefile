@@ -43,6 +43,8 @@ fuzz:
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzReplayIMA -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzParseCmdline -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzVerifyTagCertification -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/ear -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/ear -run '^$$' -fuzz FuzzVerify -fuzztime $(FUZZTIME)
 
 bench: deps build imgcopy
 	$(GO) test -run '^$$' -bench . -benchtime 300x ./keyprovider/

@@ -4,6 +4,7 @@ go 1.26.8
 
 require (
 	github.com/containers/ocicrypt v1.3.2
+	github.com/go-jose/go-jose/v4 v4.1.4
 	github.com/google/cel-go v0.26.1
 	github.com/google/go-attestation v0.6.4
 	github.com/google/go-tpm v0.9.8
@@ -29,7 +30,6 @@ require (
 	github.com/beorn7/perks v1.0.1 // indirect
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect
 	github.com/cloudflare/circl v1.6.2 // indirect
-	github.com/go-jose/go-jose/v4 v4.1.4 // indirect
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
 	github.com/miekg/pkcs11 v1.1.2 // indirect
 	github.com/munnerz/goautoneg v0.0.0-20191010083416-a7dc8b61c822 // indirect

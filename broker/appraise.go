@@ -113,20 +113,25 @@ func (s *Server) attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		Created: now, Expires: now.Add(s.cfg.SessionTTL),
 	}
 	var trust, trustReason string
+	var rec claimsRecord
+	var verdicts []policyVerdict
 	if failure == "" {
 		claims := policy.Claims{Node: n.Name, PCRs: pcrs, Facts: facts, Tags: n.Tags}
-		rec := claimsRecord{Facts: facts}
+		rec = claimsRecord{Facts: facts}
 		if rec.IMAVerdicts, err = s.imaVerdicts(ctx, claims); err != nil {
 			return nil, storeErr("policies", err)
 		}
 		if sess.Facts, err = json.Marshal(rec); err != nil {
 			return nil, status.Errorf(codes.Internal, "facts: %v", err)
 		}
-		results, err := s.policyResults(ctx, claims)
-		if err != nil {
+		if verdicts, err = s.evaluatePolicies(ctx, n, pcrs, rec); err != nil {
 			return nil, storeErr("policies", err)
 		}
-		trust, trustReason = trustFromPolicies(results)
+		keys, err := s.store.ListKeys(ctx)
+		if err != nil {
+			return nil, storeErr("keys", err)
+		}
+		trust, trustReason = trustFromVerdicts(verdicts, keys)
 	}
 	var ended int
 	var reboot bool
@@ -202,7 +207,8 @@ func (s *Server) attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	}
 	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Allowed: true, Reason: reason})
 	return &apiv1.AttestResponse{SessionToken: token, ExpiresUnix: sess.Expires.Unix(),
-		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount}, nil
+		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount,
+		Ear: s.attestationResult(earInput{node: n, rec: rec, pcrs: pcrs, nonce: req.GetNonce(), issued: now, expires: sess.Expires, evaluate: verdicts})}, nil
 }
 
 // evidenceRefused prefixes the status reason of a node whose signed

@@ -48,12 +48,12 @@ const (
 // of them means a broker, or what is left of one, is there. CAKeyFile is
 // listed for brokers initialised before it moved out.
 var brokerFiles = []string{ConfigFile, DatabaseFile, MasterKeyFile, AdminTokenFile, CACertFile, CAKeyFile,
-	ServerCertFile, ServerKeyFile, SignerCertFile, SignerKeyFile}
+	ServerCertFile, ServerKeyFile, SignerCertFile, SignerKeyFile, EARKeyFile}
 
 // secretFiles may be read by the broker's user only; the others must not
 // be writable by anyone else.
 var secretFiles = map[string]bool{MasterKeyFile: true, AdminTokenFile: true, CAKeyFile: true,
-	ServerKeyFile: true, SignerKeyFile: true, DatabaseFile: true}
+	ServerKeyFile: true, SignerKeyFile: true, DatabaseFile: true, EARKeyFile: true}
 
 // DefaultCADir is where init writes the CA private key when not told:
 // beside the data directory, e.g. /var/lib/attested-broker-ca.
@@ -160,12 +160,12 @@ var initHook func(path string) error
 
 // Init creates a broker: in the data directory the master key, the CA
 // certificate, the TLS server certificate and key, the wrapping-key signing
-// certificate and key, the admin credential and broker.yaml; in the CA
-// directory the CA private key. It refuses when either directory holds any
-// broker file, creates every file exclusively (a file that appears
-// meanwhile is never overwritten), and writes broker.yaml last, so an init
-// that stops half way leaves nothing serve accepts and a second init
-// refuses rather than destroying keys.
+// certificate and key, the attestation-result (EAR) signing key, the admin
+// credential and broker.yaml; in the CA directory the CA private key. It
+// refuses when either directory holds any broker file, creates every file
+// exclusively (a file that appears meanwhile is never overwritten), and
+// writes broker.yaml last, so an init that stops half way leaves nothing
+// serve accepts and a second init refuses rather than destroying keys.
 func Init(o InitOptions) (*Config, error) {
 	if o.DataDir == "" {
 		return nil, errors.New("broker: init: no data directory given")
@@ -244,6 +244,10 @@ func Init(o InitOptions) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
+	earKeyPEM, err := newEARKey()
+	if err != nil {
+		return nil, err
+	}
 	caPEM := pemBlock("CERTIFICATE", caCert.Raw)
 	files := []struct {
 		dir, name string
@@ -258,6 +262,7 @@ func Init(o InitOptions) (*Config, error) {
 		{o.DataDir, ServerCertFile, pemBlock("CERTIFICATE", srvCert), 0o644},
 		{o.DataDir, SignerKeyFile, signerKeyPEM, 0o600},
 		{o.DataDir, SignerCertFile, pemBlock("CERTIFICATE", signerCert), 0o644},
+		{o.DataDir, EARKeyFile, earKeyPEM, 0o600},
 		{o.DataDir, AdminTokenFile, []byte(token + "\n"), 0o600},
 		// The config goes last: its presence marks a complete init.
 		{o.DataDir, ConfigFile, cfgYAML, 0o600},

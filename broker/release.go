@@ -338,20 +338,8 @@ func (s *Server) policyRecord(ctx context.Context, name string) (store.Policy, *
 	if err != nil {
 		return rec, nil, fmt.Errorf("policy %s: store: %v", name, err)
 	}
-	s.mu.Lock()
-	c, ok := s.policies[name]
-	s.mu.Unlock()
-	if ok && c.revision == rec.Revision {
-		return rec, c.p, nil
-	}
-	p, err := policy.Parse([]byte(rec.YAML))
-	if err != nil {
-		return rec, nil, fmt.Errorf("stored policy %s no longer parses: %v", name, err)
-	}
-	s.mu.Lock()
-	s.policies[name] = cachedPolicy{revision: rec.Revision, p: p}
-	s.mu.Unlock()
-	return rec, p, nil
+	p, err := s.policyAt(rec)
+	return rec, p, err
 }
 
 // privateKey opens a key version's private part; versions are immutable,

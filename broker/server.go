@@ -74,6 +74,7 @@ type Server struct {
 	adminHash []byte
 	ekRoots   *EKRoots
 	signer    *keysig.Signer // nil on a broker initialised before signed wrapping keys
+	ear       *earIssuer     // nil on a broker initialised before attestation results
 
 	limits  Limits                // resolved: no zero fields
 	methods map[string]methodSpec // by full gRPC method name

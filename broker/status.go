@@ -11,7 +11,6 @@ import (
 	"github.com/attested-dev/attested/attest/binding"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/evidence"
-	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -143,72 +142,35 @@ func (s *Server) CheckStatus(ctx context.Context) error {
 	return nil
 }
 
-// PolicyResult is one key policy evaluated against a node's claims.
-type PolicyResult struct {
-	Policy   string
-	Revision uint32
-	Keys     []string
-	Result   policy.Result
-}
-
-// policyResults evaluates the policy of every key against claims, once per
-// policy, in name order.
-func (s *Server) policyResults(ctx context.Context, c policy.Claims) ([]PolicyResult, error) {
-	keys, err := s.store.ListKeys(ctx)
-	if err != nil {
-		return nil, err
-	}
-	byPolicy := map[string][]string{}
+// trustFromVerdicts is a node's trust after accepted evidence: trusted if
+// the policy of some key holds (or no key exists yet), untrusted with every
+// key policy's failing clauses otherwise. Policies no key uses release
+// nothing and do not count.
+func trustFromVerdicts(verdicts []policyVerdict, keys []store.Key) (trust, reason string) {
+	used := map[string]bool{}
 	for _, k := range keys {
-		if !containsString(byPolicy[k.Policy], k.Name) {
-			byPolicy[k.Policy] = append(byPolicy[k.Policy], k.Name)
-		}
+		used[k.Policy] = true
 	}
-	names := make([]string, 0, len(byPolicy))
-	for name := range byPolicy {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	out := make([]PolicyResult, 0, len(names))
-	for _, name := range names {
-		r := PolicyResult{Policy: name, Keys: byPolicy[name]}
-		rec, p, err := s.policyRecord(ctx, name)
-		if err != nil {
-			r.Result = policy.Result{Clauses: []policy.Clause{{Name: "policy", Detail: err.Error()}}}
-		} else {
-			r.Revision, r.Result = rec.Revision, p.Evaluate(c)
-		}
-		out = append(out, r)
-	}
-	return out, nil
-}
-
-func containsString(list []string, v string) bool {
-	for _, s := range list {
-		if s == v {
-			return true
-		}
-	}
-	return false
-}
-
-// trustFromPolicies is a node's trust after accepted evidence: trusted if
-// some key's policy holds (or no key exists yet), untrusted with every
-// policy's failing clauses otherwise.
-func trustFromPolicies(results []PolicyResult) (trust, reason string) {
-	if len(results) == 0 {
+	if len(used) == 0 {
 		return StatusTrusted, "evidence verified (no keys on this broker yet)"
 	}
 	var pass, fail []string
-	for _, r := range results {
-		if r.Result.Allowed {
-			pass = append(pass, r.Policy)
-		} else {
-			fail = append(fail, r.Result.Error())
+	for _, v := range verdicts {
+		switch {
+		case !used[v.name]:
+		case v.err != nil:
+			fail = append(fail, v.err.Error())
+		case v.res.Allowed:
+			pass = append(pass, v.name)
+		default:
+			fail = append(fail, v.res.Error())
 		}
 	}
 	if len(pass) > 0 {
 		return StatusTrusted, "evidence verified; satisfies policy " + strings.Join(pass, ", ")
+	}
+	if len(fail) == 0 {
+		return StatusUntrusted, "no policy of a key exists on this broker"
 	}
 	return StatusUntrusted, "evidence satisfies no key's policy: " + strings.Join(fail, "; ")
 }

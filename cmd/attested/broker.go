@@ -184,7 +184,7 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 	for _, c := range []*cobra.Command{initCmd, serveCmd} {
 		c.Flags().StringVar(&listen, "listen", "", "TLS gRPC listen address (default from broker.yaml, "+broker.DefaultListen+")")
 	}
-	cmd.AddCommand(initCmd, serveCmd, issueSignerCmd)
+	cmd.AddCommand(initCmd, serveCmd, issueSignerCmd, issueEARKeyCmd())
 	return cmd
 }
 

@@ -73,7 +73,7 @@ shows before running 'attested node approve NAME --ek SHA256:...'.`,
 	enroll.Flags().StringVar(&joinTokenFile, "join-token-file", "", "file holding a single-use join token from 'attested node token create' ('-' for stdin; env "+joinTokenEnv+"); without one, an admin approves the EK")
 	enroll.Flags().StringVar(&argvToken, "join-token", "", "refused: use --join-token-file or "+joinTokenEnv)
 	enroll.Flags().MarkHidden("join-token")
-	var explain bool
+	var explain, earOut bool
 	attestNow := &cobra.Command{
 		Use:   "attest",
 		Short: "Attest once: quote the PCRs and have the broker appraise them",
@@ -88,6 +88,12 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 					return err
 				}
 				w := cmd.OutOrStdout()
+				if earOut { // stdout carries the EAR alone, for a pipe or a file
+					if err := nodeEAR(ctx, w, cmd.ErrOrStderr(), b, st.Broker, s.EAR); err != nil {
+						return err
+					}
+					w = cmd.ErrOrStderr()
+				}
 				fmt.Fprintf(w, "node %s attested: quote verified by broker %s; session valid until %s (TPM reset %d, restart %d)\n",
 					st.Name, st.Broker, s.Expires.UTC().Format(time.RFC3339), s.ResetCount, s.RestartCount)
 				if !explain {
@@ -107,6 +113,7 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 		},
 	}
 	attestNow.Flags().BoolVar(&explain, "explain", false, "show the full appraisal, clause by clause")
+	attestNow.Flags().BoolVar(&earOut, "ear", false, "print the broker's signed attestation result (EAR JWT), checked with the broker's JWK Set, alone on standard output (the rest goes to standard error)")
 	var ttl time.Duration
 	var tokenOut string
 	token := &cobra.Command{Use: "token", Short: "Join tokens (admin)"}
