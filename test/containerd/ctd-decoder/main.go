@@ -110,7 +110,7 @@ func decryptionKeys(dir string) (encconfig.CryptoConfig, error) {
 			return err
 		}
 		if info.Mode()&os.ModeSymlink != 0 {
-			return errors.New("Symbolic links not supported in decryption keys paths")
+			return errors.New("symbolic links not supported in decryption keys paths")
 		}
 		b, err := os.ReadFile(path)
 		if err != nil {
