@@ -136,13 +136,19 @@ type proc struct {
 
 func (w *world) start(name string, bin string, args ...string) *proc {
 	w.t.Helper()
+	return w.startEnv(name, nil, bin, args...)
+}
+
+// startEnv is start with variables added to the child's environment.
+func (w *world) startEnv(name string, env []string, bin string, args ...string) *proc {
+	w.t.Helper()
 	logPath := filepath.Join(w.dir, name+".log")
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	require.NoError(w.t, err)
 	defer f.Close()
 	cmd := exec.Command(bin, args...)
 	cmd.Dir = w.dir
-	cmd.Env = childEnv()
+	cmd.Env = childEnv(env...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	require.NoError(w.t, cmd.Start(), "start %s", name)
