@@ -26,7 +26,7 @@ func scanNode(row pgx.Row) (store.Node, error) {
 
 // CreateNode implements store.Store.
 func (s *Store) CreateNode(ctx context.Context, n store.Node) error {
-	return s.tx(ctx, nil, func(tx pgx.Tx) error {
+	return s.tx(ctx, nil, func(ctx context.Context, tx pgx.Tx) error {
 		if err := lockEnroll(ctx, tx); err != nil {
 			return err
 		}
@@ -109,7 +109,7 @@ func queryRecords[T any](ctx context.Context, q interface {
 // to write, so concurrent updates on any replica apply one after another.
 func (s *Store) UpdateNode(ctx context.Context, name string, fn func(*store.Node) error) (store.Node, error) {
 	var n store.Node
-	err := s.txOnce(ctx, func(tx pgx.Tx) error {
+	err := s.txOnce(ctx, func(ctx context.Context, tx pgx.Tx) error {
 		var err error
 		if n, err = scanNode(tx.QueryRow(ctx, "SELECT record FROM nodes WHERE name = $1 FOR UPDATE", name)); err != nil {
 			return err
@@ -155,7 +155,7 @@ func (s *Store) PutEnrollment(ctx context.Context, e store.Enrollment, limit int
 	if err != nil {
 		return err
 	}
-	return s.tx(ctx, nil, func(tx pgx.Tx) error {
+	return s.tx(ctx, nil, func(ctx context.Context, tx pgx.Tx) error {
 		if err := lockEnroll(ctx, tx); err != nil {
 			return err
 		}
@@ -193,7 +193,7 @@ func (s *Store) TakeEnrollment(ctx context.Context, id string) (store.Enrollment
 
 // EnrollNode implements store.Store.
 func (s *Store) EnrollNode(ctx context.Context, n store.Node, joinTokenHash []byte, now time.Time) error {
-	return s.tx(ctx, nil, func(tx pgx.Tx) error {
+	return s.tx(ctx, nil, func(ctx context.Context, tx pgx.Tx) error {
 		if err := lockEnroll(ctx, tx); err != nil {
 			return err
 		}
@@ -230,7 +230,7 @@ func (s *Store) AddPending(ctx context.Context, p store.PendingEnrollment, lim s
 	if err != nil {
 		return err
 	}
-	return s.tx(ctx, nil, func(tx pgx.Tx) error {
+	return s.tx(ctx, nil, func(ctx context.Context, tx pgx.Tx) error {
 		if err := lockEnroll(ctx, tx); err != nil {
 			return err
 		}
@@ -282,7 +282,7 @@ func (s *Store) ListPending(ctx context.Context, now time.Time) ([]store.Pending
 // ApprovePending implements store.Store.
 func (s *Store) ApprovePending(ctx context.Context, name, fp string, now time.Time) (store.Node, error) {
 	var n store.Node
-	err := s.tx(ctx, nil, func(tx pgx.Tx) error {
+	err := s.tx(ctx, nil, func(ctx context.Context, tx pgx.Tx) error {
 		if err := lockEnroll(ctx, tx); err != nil {
 			return err
 		}

@@ -193,15 +193,16 @@ func retryable(err error) bool {
 	return false
 }
 
-// tx runs fn in a transaction, committing if it returns nil. fn must only
+// tx runs fn in a transaction, committing if it returns nil; fn's context
+// is ctx bounded as every call is. fn must only
 // do database work: it may run again when PostgreSQL aborts the
 // transaction for a serialization failure or deadlock (and when retry
 // says so of another error).
-func (s *Store) tx(ctx context.Context, retry func(error) bool, fn func(pgx.Tx) error) error {
+func (s *Store) tx(ctx context.Context, retry func(error) bool, fn func(context.Context, pgx.Tx) error) error {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
 	for attempt := 0; ; attempt++ {
-		err := pgx.BeginFunc(ctx, s.pool, fn)
+		err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return fn(ctx, tx) })
 		if err == nil || attempt >= maxRetries || ctx.Err() != nil || !(retryable(err) || (retry != nil && retry(err))) {
 			return err
 		}
@@ -217,10 +218,10 @@ func (s *Store) tx(ctx context.Context, retry func(error) bool, fn func(pgx.Tx) 
 // caller's function, whose effects outside the database are not ours to
 // repeat. They take their row locks in one order (node, then sessions), so
 // they do not deadlock one another.
-func (s *Store) txOnce(ctx context.Context, fn func(pgx.Tx) error) error {
+func (s *Store) txOnce(ctx context.Context, fn func(context.Context, pgx.Tx) error) error {
 	ctx, cancel := s.bound(ctx)
 	defer cancel()
-	return pgx.BeginFunc(ctx, s.pool, fn)
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return fn(ctx, tx) })
 }
 
 // isUnique reports a unique_violation.

@@ -1,10 +1,17 @@
 package pgstore_test
 
 import (
+	"bytes"
 	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/attested-dev/attested/broker/store"
@@ -39,4 +46,170 @@ func TestPostgres(t *testing.T) {
 			return open(t, url), open(t, url)
 		})
 	})
+}
+
+// TestMigrationRunsOnce starts replicas together on an empty database:
+// each migration is applied once, by one of them, and all of them open.
+func TestMigrationRunsOnce(t *testing.T) {
+	c := pgtest.Need(t)
+	url := c.NewDatabase(t)
+	const replicas = 6
+	var buf [replicas]syncBuffer
+	errs := make(chan error, replicas)
+	start := make(chan struct{})
+	for i := range replicas {
+		go func() {
+			<-start
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			s, err := pgstore.Open(ctx, url, pgstore.Options{Logger: slog.New(slog.NewTextHandler(&buf[i], nil))})
+			if err == nil {
+				s.Close()
+			}
+			errs <- err
+		}()
+	}
+	close(start)
+	for range replicas {
+		require.NoError(t, <-errs)
+	}
+	applied := 0
+	for i := range replicas {
+		if strings.Contains(buf[i].String(), "applied schema migrations") {
+			applied++
+		} else {
+			assert.Contains(t, buf[i].String(), "schema is current")
+		}
+	}
+	assert.Equal(t, 1, applied, "one replica migrates")
+	conn, err := pgx.Connect(context.Background(), url)
+	require.NoError(t, err)
+	defer conn.Close(context.Background())
+	var n, max int
+	require.NoError(t, conn.QueryRow(context.Background(), "SELECT count(*), max(version) FROM attested_schema").Scan(&n, &max))
+	assert.Equal(t, pgstore.SchemaVersion(), n)
+	assert.Equal(t, pgstore.SchemaVersion(), max)
+
+	// A database a newer broker migrated is refused, saying so.
+	_, err = conn.Exec(context.Background(), "INSERT INTO attested_schema (version, name) VALUES ($1, 'future')", max+1)
+	require.NoError(t, err)
+	_, err = pgstore.Open(context.Background(), url, pgstore.Options{})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), fmt.Sprintf("schema is at version %d, newer than this broker's (%d)", max+1, max))
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestCallsWithoutDeadlineAreBounded: a call whose context has no deadline
+// (the broker writes audit records so) still ends, after Options.Timeout,
+// when the database makes it wait.
+func TestCallsWithoutDeadlineAreBounded(t *testing.T) {
+	c := pgtest.Need(t)
+	url := c.NewDatabase(t)
+	ctx := context.Background()
+	s, err := pgstore.Open(ctx, url, pgstore.Options{Timeout: 300 * time.Millisecond})
+	require.NoError(t, err)
+	defer s.Close()
+	require.NoError(t, s.CreateNode(ctx, store.Node{Name: "n", EKFingerprint: "ek"}))
+	// Another client holds the node's row and the audit head.
+	conn, err := pgx.Connect(ctx, url)
+	require.NoError(t, err)
+	defer conn.Close(ctx)
+	tx, err := conn.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(ctx)
+	_, err = tx.Exec(ctx, "SELECT 1 FROM nodes WHERE name = 'n' FOR UPDATE")
+	require.NoError(t, err)
+	_, err = tx.Exec(ctx, "UPDATE audit_head SET seq = seq")
+	require.NoError(t, err)
+
+	started := time.Now()
+	_, err = s.UpdateNode(ctx, "n", func(*store.Node) error { return nil })
+	assert.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Less(t, time.Since(started), 5*time.Second)
+	started = time.Now()
+	err = s.AppendAudit(ctx, store.AuditEvent{Kind: "release"})
+	assert.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Less(t, time.Since(started), 5*time.Second)
+}
+
+func TestURLSecretsRefusedAndRedacted(t *testing.T) {
+	for _, u := range []string{
+		"postgres://broker:s3cret-pw@db.example/attested",
+		"postgresql://broker:s3cret-pw@db1.example:5432,db2.example:5432/attested?sslmode=verify-full",
+		"postgres://broker@db.example/attested?password=s3cret-pw",
+		"postgres://db.example/attested?sslmode=verify-full&sslkey=k.pem&sslpassword=s3cret-pw",
+	} {
+		_, err := pgstore.Open(context.Background(), u, pgstore.Options{})
+		require.Error(t, err, u)
+		assert.Contains(t, err.Error(), "no place for secrets", u)
+		assert.Contains(t, err.Error(), "PGPASSFILE", u)
+		assert.NotContains(t, err.Error(), "s3cret-pw", u)
+		assert.NotContains(t, pgstore.Redact(u), "s3cret-pw", u)
+	}
+	assert.Equal(t, "postgres://broker:xxxxx@db.example/attested?sslmode=verify-full&password=xxxxx",
+		pgstore.Redact("postgres://broker:pw@db.example/attested?sslmode=verify-full&password=pw"))
+	assert.Equal(t, "postgres://db.example/attested", pgstore.Redact("postgres://db.example/attested"))
+
+	_, err := pgstore.Open(context.Background(), "mysql://db.example/attested", pgstore.Options{})
+	assert.ErrorContains(t, err, "is not a PostgreSQL URL")
+}
+
+// TestPasswordNeverInErrors connects with a wrong password from the
+// environment: the refusal says what failed, never the password.
+func TestPasswordNeverInErrors(t *testing.T) {
+	c := pgtest.Need(t)
+	t.Setenv("PGPASSWORD", "wrong-"+c.Password)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err := pgstore.Open(ctx, c.TCPURL("postgres"), pgstore.Options{})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "password authentication failed")
+	assert.NotContains(t, err.Error(), c.Password)
+
+	// The right one, from a passfile.
+	pass, err := c.Passfile(t.TempDir())
+	require.NoError(t, err)
+	t.Setenv("PGPASSWORD", "")
+	t.Setenv("PGPASSFILE", pass)
+	var logs syncBuffer
+	s, err := pgstore.Open(ctx, c.TCPURL("postgres"), pgstore.Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	require.NoError(t, err)
+	s.Close()
+	assert.NotContains(t, logs.String(), c.Password)
+	assert.Contains(t, logs.String(), "store: PostgreSQL")
+}
+
+// TestUnauthenticatedRemoteDatabaseWarns: a database on another machine
+// without a verified TLS connection is a warning at every start.
+func TestUnauthenticatedRemoteDatabaseWarns(t *testing.T) {
+	var logs syncBuffer
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	// Nothing listens there; the warning comes before the connection.
+	_, err := pgstore.Open(ctx, "postgres://broker@192.0.2.1:1/attested?sslmode=require&connect_timeout=1", pgstore.Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	require.Error(t, err)
+	assert.Contains(t, logs.String(), "SECURITY: the connection to PostgreSQL is not authenticated by TLS (sslmode=require)")
+
+	logs = syncBuffer{}
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel2()
+	_, err = pgstore.Open(ctx2, "postgres://broker@192.0.2.1:1/attested?sslmode=verify-full&connect_timeout=1", pgstore.Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	require.Error(t, err)
+	assert.NotContains(t, logs.String(), "SECURITY")
 }

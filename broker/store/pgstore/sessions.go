@@ -18,7 +18,7 @@ import (
 // writes each go as one pipelined batch.
 func (s *Store) Appraise(ctx context.Context, node string, nonce store.SpentNonce, now time.Time, fn func(*store.Node, []store.Session) (store.Outcome, error)) (store.Node, error) {
 	var n store.Node
-	err := s.txOnce(ctx, func(tx pgx.Tx) error {
+	err := s.txOnce(ctx, func(ctx context.Context, tx pgx.Tx) error {
 		b := &pgx.Batch{}
 		b.Queue("INSERT INTO spent_nonces (nonce, expires) VALUES ($1, $2) ON CONFLICT (nonce) DO NOTHING", nonce.Nonce, nonce.Expires)
 		b.Queue("SELECT record FROM nodes WHERE name = $1 FOR UPDATE", node)
@@ -137,7 +137,7 @@ func (s *Store) Stats(ctx context.Context, now time.Time) (store.Stats, error) {
 
 // Expire implements store.Store, in one transaction.
 func (s *Store) Expire(ctx context.Context, now, pendingBefore time.Time) error {
-	return s.tx(ctx, nil, func(tx pgx.Tx) error {
+	return s.tx(ctx, nil, func(ctx context.Context, tx pgx.Tx) error {
 		b := &pgx.Batch{}
 		b.Queue("DELETE FROM nodes WHERE state = $1 AND enrolled_at < $2", string(store.NodePending), pendingBefore)
 		// Spent nonces are kept until the nonces themselves expire.
