@@ -105,6 +105,9 @@ type Config struct {
 	// MaxEnrollmentsInFlight caps the credential activation challenges
 	// issued and not yet answered (each lives EnrollmentTTL).
 	MaxEnrollmentsInFlight int `yaml:"maxEnrollmentsInFlight,omitempty"`
+	// Store is a PostgreSQL URL (postgres://...) shared by broker replicas;
+	// empty keeps the embedded store, DatabaseFile (see storeopen.go).
+	Store string `yaml:"store,omitempty"`
 }
 
 // DefaultMetricsListen serves metrics on loopback only: expose them with

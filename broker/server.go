@@ -144,8 +144,9 @@ func New(o Options) (*Server, error) {
 	return s, nil
 }
 
-// Open opens the broker in dataDir with its embedded store; override, if
-// given, adjusts broker.yaml's settings (command-line flags).
+// Open opens the broker in dataDir with the store broker.yaml names (the
+// embedded one by default); override, if given, adjusts broker.yaml's
+// settings (command-line flags).
 func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server, error) {
 	if err := CheckDataDir(dataDir); err != nil {
 		return nil, err
@@ -160,7 +161,7 @@ func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server,
 	if err := checkEKPolicy(cfg); err != nil {
 		return nil, err
 	}
-	st, err := store.OpenBolt(filepath.Join(dataDir, DatabaseFile))
+	st, err := openStore(dataDir, cfg, log)
 	if err != nil {
 		return nil, err
 	}
