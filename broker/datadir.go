@@ -81,6 +81,8 @@ type Config struct {
 	// Limits bound what callers can make the broker hold (limits.go);
 	// unset fields take DefaultLimits.
 	Limits Limits `yaml:"limits,omitempty"`
+	// Webhooks configures webhook delivery (webhook.go).
+	Webhooks WebhookConfig `yaml:"webhooks,omitempty"`
 }
 
 // Defaults for a new broker.
