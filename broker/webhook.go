@@ -464,8 +464,11 @@ func (h *hooks) attempt(ctx context.Context, d store.Delivery) {
 			a.Outcome, result = store.RetryLater, "error"
 			a.NextAttempt = now.Add(h.backoff(attempts))
 		}
-		s.log.Warn("webhook delivery failed", "webhook", w.ID, "url", redactURL(w.URL), "event", d.EventID,
-			"attempt", attempts, "retryAt", a.NextAttempt, "err", a.Error)
+		args := []any{"webhook", w.ID, "url", redactURL(w.URL), "event", d.EventID, "attempt", attempts, "err", a.Error}
+		if a.Outcome == store.RetryLater {
+			args = append(args, "retryAt", a.NextAttempt.UTC().Format(time.RFC3339))
+		}
+		s.log.Warn("webhook delivery failed", args...)
 	}
 	if err := s.store.RecordAttempt(context.WithoutCancel(ctx), d, a); err != nil {
 		if !errors.Is(err, store.ErrNotFound) {
