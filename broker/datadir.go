@@ -105,6 +105,8 @@ type Config struct {
 	// MaxEnrollmentsInFlight caps the credential activation challenges
 	// issued and not yet answered (each lives EnrollmentTTL).
 	MaxEnrollmentsInFlight int `yaml:"maxEnrollmentsInFlight,omitempty"`
+	// Webhooks configures webhook delivery (webhook.go).
+	Webhooks WebhookConfig `yaml:"webhooks,omitempty"`
 }
 
 // DefaultMetricsListen serves metrics on loopback only: expose them with

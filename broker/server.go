@@ -81,6 +81,7 @@ type Server struct {
 	guard   *guard
 	metrics *metrics
 	sampler *auditSampler
+	hooks   *hooks // webhooks and their delivery (webhook.go)
 
 	mu       sync.Mutex
 	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
@@ -141,6 +142,9 @@ func New(o Options) (*Server, error) {
 		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{},
 		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}
 	s.registerOpsMetrics()
+	if err := s.initWebhooks(); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -178,6 +182,7 @@ func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server,
 // Close writes the sampled audit records still pending and releases the
 // store.
 func (s *Server) Close() error {
+	s.stopWebhooks()
 	s.flushSampledAudit(context.Background(), true)
 	return s.store.Close()
 }
@@ -241,9 +246,10 @@ func LoadServerCertificate(dataDir string) (*tls.Certificate, error) {
 	return &c, nil
 }
 
-// Run expires stale nonces and sessions, and writes the sampled audit
-// records of refusals, until ctx ends.
+// Run expires stale nonces and sessions, writes the sampled audit
+// records of refusals, and delivers webhook events, until ctx ends.
 func (s *Server) Run(ctx context.Context) {
+	s.startWebhooks(ctx)
 	t := time.NewTicker(time.Minute)
 	defer t.Stop()
 	sample := time.NewTicker(s.limits.AuditSampleInterval)

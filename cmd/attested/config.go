@@ -116,7 +116,16 @@ func loadConfig(cmd *cobra.Command, c *config) error {
 		return fmt.Errorf("config: %w", err)
 	}
 	changed := map[string]string{}
-	cmd.Flags().Visit(func(f *pflag.Flag) { changed[f.Name] = f.Value.String() })
+	slices := map[pflag.SliceValue][]string{}
+	cmd.Flags().Visit(func(f *pflag.Flag) {
+		// A list flag's String() is "[a,b]", which Set would read as the
+		// items "[a" and "b]": keep its items instead.
+		if sv, ok := f.Value.(pflag.SliceValue); ok {
+			slices[sv] = append([]string(nil), sv.GetSlice()...)
+			return
+		}
+		changed[f.Name] = f.Value.String()
+	})
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
@@ -124,6 +133,11 @@ func loadConfig(cmd *cobra.Command, c *config) error {
 	}
 	for name, v := range changed {
 		if err := cmd.Flags().Set(name, v); err != nil {
+			return err
+		}
+	}
+	for sv, items := range slices {
+		if err := sv.Replace(items); err != nil {
 			return err
 		}
 	}

@@ -44,6 +44,7 @@ func newRootConfig() (*cobra.Command, *config) {
 		policyCmd(&cfg),
 		auditCmd(&cfg),
 		earCmd(&cfg),
+		webhookCmd(&cfg),
 	)
 	return root, &cfg
 }
