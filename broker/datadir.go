@@ -22,6 +22,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/attested-dev/attested/broker/fsperm"
+	"github.com/attested-dev/attested/broker/settings"
 	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
@@ -611,10 +612,8 @@ func LoadConfig(dataDir string) (*Config, error) {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
 	var cfg Config
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&cfg); err != nil {
-		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
+	if err := settings.Decode(filepath.Join(dataDir, ConfigFile), data, &cfg); err != nil {
+		return nil, fmt.Errorf("broker: %w", err)
 	}
 	if cfg.ID == "" || cfg.AdminTokenSHA256 == "" {
 		return nil, fmt.Errorf("broker: %s: id and adminTokenSHA256 are required", ConfigFile)
