@@ -17,11 +17,11 @@ type conf struct {
 
 func TestErrorsSpeakTheOperatorsLanguage(t *testing.T) {
 	for doc, want := range map[string]string{
-		"broker: x\n\nbrokr: y\n":     `unknown setting "brokr" in node.yaml line 3`,
-		"timeout: 5 minutes\n":        `node.yaml line 1: "5 minutes" is not a duration such as 30s or 5m`,
-		"debug: maybe\n":              `node.yaml line 1: "maybe" is not true or false`,
-		"tags: one\n":                 `node.yaml line 1: "one" is not a list`,
-		"broker: [unclosed\n":         "node.yaml line",
+		"broker: x\n\nbrokr: y\n":      `unknown setting "brokr" in node.yaml line 3`,
+		"timeout: 5 minutes\n":         `node.yaml line 1: "5 minutes" is not a duration such as 30s or 5m`,
+		"debug: maybe\n":               `node.yaml line 1: "maybe" is not true or false`,
+		"tags: one\n":                  `node.yaml line 1: "one" is not a list`,
+		"broker: [unclosed\n":          "node.yaml line",
 		"broker: x\n  bad indent: 1\n": "node.yaml line 2: not valid YAML",
 	} {
 		var c conf
