@@ -84,6 +84,9 @@ type Config struct {
 	// Limits bound what callers can make the broker hold (limits.go);
 	// unset fields take DefaultLimits.
 	Limits Limits `yaml:"limits,omitempty"`
+	// DisableDashboard stops serving the admin dashboard to browsers on
+	// the TLS port (see Frontend); gRPC is served either way.
+	DisableDashboard bool `yaml:"disableDashboard,omitempty"`
 }
 
 // Defaults for a new broker.
