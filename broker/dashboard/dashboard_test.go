@@ -544,7 +544,7 @@ func TestServedOnTheBrokerPort(t *testing.T) {
 	jar, err := cookiejar.New(nil)
 	require.NoError(t, err)
 	client := &http.Client{
-		Jar: jar,
+		Jar:       jar,
 		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: b.CA, NextProtos: []string{"h2", "http/1.1"}, MinVersion: tls.VersionTLS13}},
 		Timeout:   20 * time.Second,
 	}
