@@ -276,7 +276,7 @@ func (handshakenTLS) ClientHandshake(context.Context, string, net.Conn) (net.Con
 }
 
 func (handshakenTLS) Info() credentials.ProtocolInfo {
-	return credentials.ProtocolInfo{SecurityProtocol: "tls", SecurityVersion: "1.3"}
+	return credentials.ProtocolInfo{SecurityProtocol: "tls"}
 }
 
 func (handshakenTLS) Clone() credentials.TransportCredentials { return handshakenTLS{} }
