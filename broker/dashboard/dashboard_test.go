@@ -207,6 +207,9 @@ func TestLoginNeedsTheAdminCredential(t *testing.T) {
 		assert.Empty(t, resp.Cookies(), "no cookie for a wrong credential")
 		assert.Contains(t, body, "wrong admin credential")
 		assert.NotContains(t, body, f.token)
+		if wrong != "" {
+			assert.NotContains(t, body, wrong, "a credential given is never echoed")
+		}
 	}
 	// The token as pasted from the file, newline and all.
 	resp := c.login(f.token + "\n")

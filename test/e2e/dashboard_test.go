@@ -224,11 +224,14 @@ func TestDashboardInChromium(t *testing.T) {
 	}
 	assert.Equal(t, map[string]string{"node1": "admin (dashboard)", "node2": "admin"}, actors)
 	list := w.admin("node", "list")
+	found := false
 	for _, l := range strings.Split(list, "\n") {
 		if strings.HasPrefix(l, "node1 ") {
+			found = true
 			assert.Contains(t, l, "revoked", list)
 		}
 	}
+	assert.True(t, found, "node1 in 'node list':\n%s", list)
 	msg, _ := w.refusedPull(w.node1, execMode)
 	assert.Contains(t, msg, "revoked")
 	logins := w.audit("--kind", "login")
@@ -251,4 +254,29 @@ func (w *world) caPool(t *testing.T) *x509.CertPool {
 		t.Fatal("no CA certificate in ca.pem")
 	}
 	return pool
+}
+
+// TestDashboardCanBeTurnedOff: with disableDashboard a browser's
+// handshake gets h2 (gRPC) and no page; gRPC works as ever.
+func TestDashboardCanBeTurnedOff(t *testing.T) {
+	for _, off := range []bool{false, true} {
+		cfg := ""
+		if off {
+			cfg = "disableDashboard: true\n"
+		}
+		w := brokerOnly(t, cfg)
+		c, err := tls.Dial("tcp", w.brokerAddr, &tls.Config{RootCAs: w.caPool(t), ServerName: "localhost",
+			NextProtos: []string{"h2", "http/1.1"}, MinVersion: tls.VersionTLS13})
+		require.NoError(t, err)
+		want := "http/1.1"
+		if off {
+			want = "h2"
+		}
+		assert.Equal(t, want, c.ConnectionState().NegotiatedProtocol, "disableDashboard %v", off)
+		c.Close()
+		log, err := os.ReadFile(w.broker.log)
+		require.NoError(t, err)
+		assert.Equal(t, !off, strings.Contains(string(log), "dashboard: open it in a browser"), "disableDashboard %v: the log says where the dashboard is", off)
+		w.brokerAdmin("node", "list")
+	}
 }
