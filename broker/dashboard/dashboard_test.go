@@ -430,6 +430,17 @@ func TestUntrustedNodeShowsItsReason(t *testing.T) {
 	resp, body = c.get("/policies/prod")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	assert.Contains(t, body, strings.Repeat("ab", 32))
+	// The key's page: its versions and policy.
+	resp, body = c.get("/keys/app")
+	require.Equal(t, http.StatusOK, resp.StatusCode, body)
+	assert.Contains(t, text(byID(parseHTML(t, body), "versions")), "prod")
+	resp, _ = c.get("/keys/nokey")
+	assert.Equal(t, http.StatusNotFound, resp.StatusCode)
+	// The audit, filtered.
+	resp, body = c.get("/audit?node=node1")
+	require.Equal(t, http.StatusOK, resp.StatusCode, body)
+	assert.Contains(t, body, "evidence verified")
+	assert.NotContains(t, body, "applied policy prod", "only node1's records")
 	// The refresher gets the live part alone.
 	resp, body = c.get("/?partial=1")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
@@ -650,4 +661,73 @@ func counter(t *testing.T, reg prometheus.Gatherer, name string, labels ...strin
 		}
 	}
 	return 0
+}
+
+// detailAdmin answers GetNode with a fixed detail and everything else
+// from the real broker: the page of a broker that reports evidence
+// summaries, sessions and status history.
+type detailAdmin struct {
+	apiv1.AdminServer
+	detail *apiv1.NodeDetail
+}
+
+func (a detailAdmin) GetNode(context.Context, *apiv1.NodeRequest) (*apiv1.NodeDetail, error) {
+	return a.detail, nil
+}
+
+type detailBroker struct {
+	*broker.Server
+	detail *apiv1.NodeDetail
+}
+
+func (b detailBroker) AdminServer() apiv1.AdminServer {
+	return detailAdmin{AdminServer: b.Server.AdminServer(), detail: b.detail}
+}
+
+// TestNodeDetailRendersEvidenceSessionsAndHistory: what GetNode reports is
+// on the node's page, as text: evidence facts come from the node's event
+// log, which its owner writes.
+func TestNodeDetailRendersEvidenceSessionsAndHistory(t *testing.T) {
+	f := newFixture(t, dashboard.Options{})
+	now := time.Now().Unix()
+	long := "evidence satisfies no key's policy: policy prod: PCR 16 differs from policy prod " + strings.Repeat("x", 100)
+	detail := &apiv1.NodeDetail{
+		Node: &apiv1.Node{Name: "node9", Status: "untrusted", StatusReason: long, StatusSinceUnix: now - 60,
+			LastAttestedUnix: now - 30, Tags: map[string]string{"region": "EU"}, CertifiedTags: map[string]string{"region": "EU"}},
+		Evidence:         []string{"secure boot: enabled", `kernel command line: console=ttyS0 </li><script>alert(1)</script>`},
+		LastEvidenceUnix: now - 30,
+		Sessions:         []*apiv1.SessionInfo{{CreatedUnix: now - 30, ExpiresUnix: now + 270}},
+		History: []*apiv1.StatusChange{
+			{TimeUnix: now - 600, Status: "trusted", Reason: "evidence verified; satisfies policy prod"},
+			{TimeUnix: now - 60, Status: "untrusted", Reason: long},
+		},
+	}
+	d, err := dashboard.New(dashboard.Options{Broker: detailBroker{Server: f.b.Server, detail: detail}, Now: f.clock.now,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	require.NoError(t, err)
+	f.d = d
+	c := f.browser(t, "192.0.2.1:1234")
+	c.mustLogin()
+	resp, body := c.get("/nodes/node9")
+	require.Equal(t, http.StatusOK, resp.StatusCode, body)
+	doc := parseHTML(t, body)
+	assert.Equal(t, "untrusted", text(byID(doc, "status")))
+	assert.Contains(t, text(byID(doc, "reason")), "PCR 16 differs")
+	assert.Contains(t, body, "secure boot: enabled")
+	assert.Contains(t, body, "console=ttyS0 &lt;/li&gt;&lt;script&gt;alert(1)&lt;/script&gt;")
+	require.Len(t, elements(doc, "script"), 1, "only the dashboard's own script")
+	hist := byID(doc, "history")
+	require.NotNil(t, hist)
+	assert.Contains(t, text(hist), "trusted")
+	assert.NotNil(t, byID(doc, "history-1"), "a long reason is a click away")
+	assert.Contains(t, text(doc), "region=EU")
+	tags := elements(doc, "span")
+	certified := false
+	for _, s := range tags {
+		if strings.Contains(attr(s, "class"), "certified") && text(s) == "region=EU" {
+			certified = true
+		}
+	}
+	assert.True(t, certified, "a TPM-certified tag is marked")
+	assert.NotContains(t, body, "does not report evidence summaries")
 }
