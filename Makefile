@@ -3,10 +3,13 @@ GO        ?= go
 BIN       := $(CURDIR)/bin
 ATTESTED  := $(BIN)/attested
 IMGCOPY   := $(BIN)/imgcopy
+# containerd for the end-to-end tests (keep in step with test/e2e/containerd_test.go).
+CONTAINERD_VERSION ?= v2.4.2
+CONTAINERD := $(BIN)/containerd-$(CONTAINERD_VERSION)
 GOBIN     := $(shell $(GO) env GOPATH)/bin
 E2E_FLAGS ?= -count=1 -timeout 25m
 
-.PHONY: all build imgcopy deps test unit e2e fuzz bench lint demo proto clean
+.PHONY: all build imgcopy containerd deps test unit e2e fuzz bench lint demo proto clean
 
 all: build
 
@@ -22,6 +25,16 @@ imgcopy: $(IMGCOPY)
 $(IMGCOPY): FORCE
 	cd test/imgcopy && CGO_ENABLED=0 $(GO) build -tags containers_image_openpgp -o $@ .
 
+# containerd from the Go module proxy, built once per version (its name
+# carries it); ctd-decoder (its ocicrypt stream processor, from the imgcrypt
+# library) and cripull (the kubelet's CRI image calls) from test/containerd,
+# its own module like test/imgcopy.
+containerd: $(CONTAINERD) FORCE
+	cd test/containerd && $(GO) build -o $(BIN)/ ./ctd-decoder ./cripull
+$(CONTAINERD):
+	GOBIN=$@.tmp GOFLAGS= $(GO) install github.com/containerd/containerd/v2/cmd/containerd@$(CONTAINERD_VERSION)
+	mv $@.tmp/containerd $@ && rmdir $@.tmp
+
 deps:
 	./scripts/deps.sh
 
@@ -30,8 +43,9 @@ test: deps unit e2e
 unit:
 	$(GO) test -count=1 ./...
 
-e2e: deps build imgcopy
-	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
+e2e: deps build imgcopy containerd
+	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) CONTAINERD_BIN=$(CONTAINERD) CTD_DECODER_BIN=$(BIN)/ctd-decoder \
+		CRIPULL_BIN=$(BIN)/cripull $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
 
 # Short fuzzing runs of every parser; the seed corpora also run in 'unit'.
 FUZZTIME ?= 10s
@@ -43,6 +57,8 @@ fuzz:
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzReplayIMA -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzParseCmdline -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzVerifyTagCertification -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/ear -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/ear -run '^$$' -fuzz FuzzVerify -fuzztime $(FUZZTIME)
 
 bench: deps build imgcopy
 	$(GO) test -run '^$$' -bench . -benchtime 300x ./keyprovider/
@@ -56,6 +72,7 @@ lint:
 	$(GOBIN)/staticcheck ./...
 	$(GOBIN)/staticcheck -tags e2e ./test/...
 	cd test/imgcopy && $(GO) vet -tags containers_image_openpgp ./...
+	cd test/containerd && $(GO) vet ./...
 
 demo: deps build imgcopy
 	./scripts/demo.sh

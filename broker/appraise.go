@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm/legacy/tpm2"
@@ -58,6 +59,21 @@ func (s *Server) stateError(n store.Node) error {
 // session's, ends those sessions at once. Policy is evaluated per key at
 // Unwrap.
 func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.AttestResponse, error) {
+	start := time.Now()
+	resp, err := s.attest(ctx, req)
+	result := "accepted"
+	switch status.Code(err) {
+	case codes.OK:
+	case codes.PermissionDenied, codes.DeadlineExceeded, codes.InvalidArgument:
+		result = "refused"
+	default:
+		result = "error"
+	}
+	s.ops.appraisal.WithLabelValues(result).Observe(time.Since(start).Seconds())
+	return resp, err
+}
+
+func (s *Server) attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.AttestResponse, error) {
 	// Until the quote verifies nothing is authenticated: every refusal up
 	// to there gives the same answer whatever the broker knows of the node
 	// (the precise reason goes to the audit), and changes nothing.
@@ -85,6 +101,9 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	// The node's TPM signed this evidence for this challenge: from here on
 	// the node is told the precise reason, and a failure is its state.
 	if err := s.stateError(n); err != nil {
+		if n.State == store.NodeRevoked {
+			s.notify(ctx, Event{Kind: EventRefusal, Time: now, Node: n.Name, Reason: "attestation refused: node is revoked"})
+		}
 		return nil, err
 	}
 	facts, failure := s.appraiseEvidence(req, n, pcrs, qd)
@@ -97,20 +116,25 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		Created: now, Expires: now.Add(s.cfg.SessionTTL),
 	}
 	var trust, trustReason string
+	var rec claimsRecord
+	var verdicts []policyVerdict
 	if failure == "" {
 		claims := policy.Claims{Node: n.Name, PCRs: pcrs, Facts: facts, Tags: n.Tags}
-		rec := claimsRecord{Facts: facts}
+		rec = claimsRecord{Facts: facts}
 		if rec.IMAVerdicts, err = s.imaVerdicts(ctx, claims); err != nil {
 			return nil, storeErr("policies", err)
 		}
 		if sess.Facts, err = json.Marshal(rec); err != nil {
 			return nil, status.Errorf(codes.Internal, "facts: %v", err)
 		}
-		results, err := s.policyResults(ctx, claims)
-		if err != nil {
+		if verdicts, err = s.evaluatePolicies(ctx, n, pcrs, rec); err != nil {
 			return nil, storeErr("policies", err)
 		}
-		trust, trustReason = trustFromPolicies(results)
+		keys, err := s.store.ListKeys(ctx)
+		if err != nil {
+			return nil, storeErr("keys", err)
+		}
+		trust, trustReason = trustFromVerdicts(verdicts, keys)
 	}
 	var ended int
 	var reboot bool
@@ -169,11 +193,13 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	}
 	s.announce(ctx, change)
 	if failure != "" {
+		s.ops.refusals.WithLabelValues(RefusalEvidence).Inc()
 		reason := evidenceRefused + failure
 		if ended > 0 {
 			reason += fmt.Sprintf(" (%d live session(s) ended)", ended)
 		}
 		s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Reason: reason})
+		s.notify(ctx, Event{Kind: EventRefusal, Time: now, Node: n.Name, Reason: reason})
 		return nil, status.Error(codes.PermissionDenied, reason)
 	}
 	reason := "evidence verified; session opened"
@@ -185,7 +211,8 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	}
 	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Allowed: true, Reason: reason})
 	return &apiv1.AttestResponse{SessionToken: token, ExpiresUnix: sess.Expires.Unix(),
-		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount}, nil
+		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount,
+		Ear: s.attestationResult(earInput{node: n, rec: rec, pcrs: pcrs, nonce: req.GetNonce(), issued: now, expires: sess.Expires, evaluate: verdicts})}, nil
 }
 
 // evidenceRefused prefixes the status reason of a node whose signed

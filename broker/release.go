@@ -50,6 +50,29 @@ func (s *Server) GetWrappingKey(ctx context.Context, req *apiv1.GetWrappingKeyRe
 
 // Unwrap implements apiv1.BrokerServer.
 func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.UnwrapResponse, error) {
+	start := time.Now()
+	resp, err := s.unwrap(ctx, req)
+	result := "released"
+	switch status.Code(err) {
+	case codes.OK:
+		s.ops.releases.Inc()
+	case codes.Unauthenticated:
+		result = "refused"
+		s.ops.refusals.WithLabelValues(RefusalSession).Inc()
+	case codes.PermissionDenied:
+		result = "refused"
+		s.ops.refusals.WithLabelValues(RefusalPolicy).Inc()
+	case codes.InvalidArgument, codes.FailedPrecondition, codes.NotFound:
+		result = "refused"
+		s.ops.refusals.WithLabelValues(RefusalKey).Inc()
+	default:
+		result = "error"
+	}
+	s.ops.release.WithLabelValues(result).Observe(time.Since(start).Seconds())
+	return resp, err
+}
+
+func (s *Server) unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.UnwrapResponse, error) {
 	sess, n, err := s.liveSession(ctx, req.GetSessionToken())
 	if err != nil {
 		if sess.Node != "" {
@@ -315,20 +338,8 @@ func (s *Server) policyRecord(ctx context.Context, name string) (store.Policy, *
 	if err != nil {
 		return rec, nil, fmt.Errorf("policy %s: store: %v", name, err)
 	}
-	s.mu.Lock()
-	c, ok := s.policies[name]
-	s.mu.Unlock()
-	if ok && c.revision == rec.Revision {
-		return rec, c.p, nil
-	}
-	p, err := policy.Parse([]byte(rec.YAML))
-	if err != nil {
-		return rec, nil, fmt.Errorf("stored policy %s no longer parses: %v", name, err)
-	}
-	s.mu.Lock()
-	s.policies[name] = cachedPolicy{revision: rec.Revision, p: p}
-	s.mu.Unlock()
-	return rec, p, nil
+	p, err := s.policyAt(rec)
+	return rec, p, err
 }
 
 // privateKey opens a key version's private part; versions are immutable,

@@ -32,10 +32,6 @@ import (
 // Version is reported by Info.
 const Version = "0.1.0"
 
-// PendingTTL is how long an enrollment waits for admin approval before it
-// is dropped.
-const PendingTTL = 7 * 24 * time.Hour
-
 // HandlerTimeout bounds every RPC, whatever deadline the caller sent: the
 // default of limits.requestTimeout.
 const HandlerTimeout = 30 * time.Second
@@ -78,17 +74,20 @@ type Server struct {
 	adminHash []byte
 	ekRoots   *EKRoots
 	signer    *keysig.Signer // nil on a broker initialised before signed wrapping keys
+	ear       *earIssuer     // nil on a broker initialised before attestation results
 
 	limits  Limits                // resolved: no zero fields
 	methods map[string]methodSpec // by full gRPC method name
 	guard   *guard
 	metrics *metrics
 	sampler *auditSampler
+	hooks   *hooks // webhooks and their delivery (webhook.go)
 
 	mu       sync.Mutex
 	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
 	policies map[string]cachedPolicy    // name -> parsed at revision
 	claims   map[string]claimsRecord    // session token hash -> decoded claims
+	ops      *opsMetrics
 }
 
 type cachedPolicy struct {
@@ -139,9 +138,14 @@ func New(o Options) (*Server, error) {
 		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
 	}
 	g := newGuard(limits)
-	return &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
+	s := &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
 		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{},
-		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}, nil
+		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}
+	s.registerOpsMetrics()
+	if err := s.initWebhooks(); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // Open opens the broker in dataDir with its embedded store; override, if
@@ -178,6 +182,7 @@ func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server,
 // Close writes the sampled audit records still pending and releases the
 // store.
 func (s *Server) Close() error {
+	s.stopWebhooks()
 	s.flushSampledAudit(context.Background(), true)
 	return s.store.Close()
 }
@@ -252,9 +257,10 @@ func LoadServerCertificate(dataDir string) (*tls.Certificate, error) {
 	return &c, nil
 }
 
-// Run expires stale nonces and sessions, and writes the sampled audit
-// records of refusals, until ctx ends.
+// Run expires stale nonces and sessions, writes the sampled audit
+// records of refusals, and delivers webhook events, until ctx ends.
 func (s *Server) Run(ctx context.Context) {
+	s.startWebhooks(ctx)
 	t := time.NewTicker(time.Minute)
 	defer t.Stop()
 	sample := time.NewTicker(s.limits.AuditSampleInterval)
@@ -275,7 +281,7 @@ func (s *Server) Run(ctx context.Context) {
 			}
 		case <-t.C:
 			now := s.now()
-			if err := s.store.Expire(ctx, now, now.Add(-PendingTTL)); err != nil && ctx.Err() == nil {
+			if err := s.store.Expire(ctx, now, now.Add(-s.pendingTTL())); err != nil && ctx.Err() == nil {
 				s.log.Warn("expiring stale records failed", "err", err)
 			}
 		}

@@ -2,14 +2,18 @@ package broker
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"sort"
 	"strings"
 	"time"
 
 	"github.com/attested-dev/attested/attest/binding"
-	"github.com/attested-dev/attested/broker/policy"
+	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/evidence"
 	"github.com/attested-dev/attested/broker/store"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // Node status is what is true of a node now, for operators, dashboards,
@@ -104,7 +108,8 @@ func (s *Server) recordStatus(n *store.Node, now time.Time) *statusChange {
 // announce tells webhooks and metrics of committed status changes.
 func (s *Server) announce(ctx context.Context, changes ...*statusChange) {
 	for _, c := range changes {
-		if c == nil {
+		if c == nil || c.from == "" {
+			// Nothing to announce for a status first recorded.
 			continue
 		}
 		s.metrics.statusChanges.WithLabelValues(c.to).Inc()
@@ -137,72 +142,35 @@ func (s *Server) CheckStatus(ctx context.Context) error {
 	return nil
 }
 
-// PolicyResult is one key policy evaluated against a node's claims.
-type PolicyResult struct {
-	Policy   string
-	Revision uint32
-	Keys     []string
-	Result   policy.Result
-}
-
-// policyResults evaluates the policy of every key against claims, once per
-// policy, in name order.
-func (s *Server) policyResults(ctx context.Context, c policy.Claims) ([]PolicyResult, error) {
-	keys, err := s.store.ListKeys(ctx)
-	if err != nil {
-		return nil, err
-	}
-	byPolicy := map[string][]string{}
+// trustFromVerdicts is a node's trust after accepted evidence: trusted if
+// the policy of some key holds (or no key exists yet), untrusted with every
+// key policy's failing clauses otherwise. Policies no key uses release
+// nothing and do not count.
+func trustFromVerdicts(verdicts []policyVerdict, keys []store.Key) (trust, reason string) {
+	used := map[string]bool{}
 	for _, k := range keys {
-		if !containsString(byPolicy[k.Policy], k.Name) {
-			byPolicy[k.Policy] = append(byPolicy[k.Policy], k.Name)
-		}
+		used[k.Policy] = true
 	}
-	names := make([]string, 0, len(byPolicy))
-	for name := range byPolicy {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	out := make([]PolicyResult, 0, len(names))
-	for _, name := range names {
-		r := PolicyResult{Policy: name, Keys: byPolicy[name]}
-		rec, p, err := s.policyRecord(ctx, name)
-		if err != nil {
-			r.Result = policy.Result{Clauses: []policy.Clause{{Name: "policy", Detail: err.Error()}}}
-		} else {
-			r.Revision, r.Result = rec.Revision, p.Evaluate(c)
-		}
-		out = append(out, r)
-	}
-	return out, nil
-}
-
-func containsString(list []string, v string) bool {
-	for _, s := range list {
-		if s == v {
-			return true
-		}
-	}
-	return false
-}
-
-// trustFromPolicies is a node's trust after accepted evidence: trusted if
-// some key's policy holds (or no key exists yet), untrusted with every
-// policy's failing clauses otherwise.
-func trustFromPolicies(results []PolicyResult) (trust, reason string) {
-	if len(results) == 0 {
+	if len(used) == 0 {
 		return StatusTrusted, "evidence verified (no keys on this broker yet)"
 	}
 	var pass, fail []string
-	for _, r := range results {
-		if r.Result.Allowed {
-			pass = append(pass, r.Policy)
-		} else {
-			fail = append(fail, r.Result.Error())
+	for _, v := range verdicts {
+		switch {
+		case !used[v.name]:
+		case v.err != nil:
+			fail = append(fail, v.err.Error())
+		case v.res.Allowed:
+			pass = append(pass, v.name)
+		default:
+			fail = append(fail, v.res.Error())
 		}
 	}
 	if len(pass) > 0 {
 		return StatusTrusted, "evidence verified; satisfies policy " + strings.Join(pass, ", ")
+	}
+	if len(fail) == 0 {
+		return StatusUntrusted, "no policy of a key exists on this broker"
 	}
 	return StatusUntrusted, "evidence satisfies no key's policy: " + strings.Join(fail, "; ")
 }
@@ -216,4 +184,50 @@ func certifiedTags(n store.Node, certifiedDigest []byte) map[string]string {
 		return nil
 	}
 	return n.Tags
+}
+
+// GetNode implements apiv1.AdminServer: what is true of the node now, its
+// last evidence, its live sessions and its status history.
+func (a adminServer) GetNode(ctx context.Context, req *apiv1.NodeRequest) (*apiv1.NodeDetail, error) {
+	s := a.s
+	n, err := s.store.GetNode(ctx, req.GetName())
+	if err != nil {
+		return nil, storeErr(fmt.Sprintf("node %q", req.GetName()), err)
+	}
+	out := &apiv1.NodeDetail{Node: s.nodeToAPI(n)}
+	if !n.LastAttested.IsZero() {
+		out.LastEvidenceUnix = n.LastAttested.Unix()
+		var facts evidence.Facts
+		if len(n.LastFacts) > 0 {
+			if err := json.Unmarshal(n.LastFacts, &facts); err != nil {
+				return nil, status.Errorf(codes.Internal, "node %q: last facts: %v", n.Name, err)
+			}
+		}
+		out.Evidence = append(pcrLines(n.LastPCRs), facts.Lines()...)
+	}
+	sessions, err := s.store.NodeSessions(ctx, n.Name, s.now())
+	if err != nil {
+		return nil, storeErr("sessions", err)
+	}
+	for _, sess := range sessions {
+		out.Sessions = append(out.Sessions, &apiv1.SessionInfo{CreatedUnix: sess.Created.Unix(), ExpiresUnix: sess.Expires.Unix()})
+	}
+	for _, h := range n.History {
+		out.History = append(out.History, &apiv1.StatusChange{TimeUnix: h.Time.Unix(), Status: h.Status, Reason: h.Reason})
+	}
+	return out, nil
+}
+
+// pcrLines shows the PCR values of the last accepted quote, briefly.
+func pcrLines(pcrs map[int][]byte) []string {
+	idx := make([]int, 0, len(pcrs))
+	for i := range pcrs {
+		idx = append(idx, i)
+	}
+	sort.Ints(idx)
+	var out []string
+	for _, i := range idx {
+		out = append(out, fmt.Sprintf("PCR %2d: %x", i, pcrs[i]))
+	}
+	return out
 }

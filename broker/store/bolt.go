@@ -93,19 +93,7 @@ func (s *Bolt) view(ctx context.Context, fn func(tx *bolt.Tx) error) error {
 
 // CreateNode implements Store.
 func (s *Bolt) CreateNode(ctx context.Context, n Node) error {
-	return s.update(ctx, func(tx *bolt.Tx) error {
-		nodes, eks := tx.Bucket(bucketNodes), tx.Bucket(bucketEKs)
-		if nodes.Get([]byte(n.Name)) != nil {
-			return fmt.Errorf("node %q: %w", n.Name, ErrExists)
-		}
-		if owner := eks.Get([]byte(n.EKFingerprint)); owner != nil {
-			return fmt.Errorf("EK %s is enrolled as node %q: %w", short(n.EKFingerprint), owner, ErrExists)
-		}
-		if err := eks.Put([]byte(n.EKFingerprint), []byte(n.Name)); err != nil {
-			return err
-		}
-		return put(nodes, []byte(n.Name), n)
-	})
+	return s.update(ctx, func(tx *bolt.Tx) error { return createNode(tx, n) })
 }
 
 // GetNode implements Store.
@@ -176,13 +164,6 @@ func (s *Bolt) DeleteNode(ctx context.Context, name string) error {
 			return err
 		}
 		return tx.Bucket(bucketNodes).Delete([]byte(name))
-	})
-}
-
-// PutEnrollment implements Store.
-func (s *Bolt) PutEnrollment(ctx context.Context, e Enrollment) error {
-	return s.update(ctx, func(tx *bolt.Tx) error {
-		return put(tx.Bucket(bucketEnroll), []byte(e.ID), e)
 	})
 }
 
@@ -415,7 +396,7 @@ func (s *Bolt) Expire(ctx context.Context, now, pendingBefore time.Time) error {
 				return err
 			}
 		}
-		return nil
+		return expirePending(tx, now)
 	})
 }
 
@@ -644,11 +625,4 @@ func (s *Bolt) ListAudit(ctx context.Context, f AuditFilter) ([]AuditEvent, erro
 		out[i], out[j] = out[j], out[i]
 	}
 	return out, err
-}
-
-func short(hexs string) string {
-	if len(hexs) > 12 {
-		return hexs[:12] + ".."
-	}
-	return hexs
 }

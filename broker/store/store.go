@@ -19,6 +19,10 @@ var (
 	ErrExists   = errors.New("already exists")
 	// ErrNonceSpent means a challenge was already answered.
 	ErrNonceSpent = errors.New("nonce already used")
+	// ErrLimit is a bound on records an unauthenticated caller can create.
+	ErrLimit = errors.New("limit reached")
+	// ErrJoinToken is a join token that is unknown, used or expired.
+	ErrJoinToken = errors.New("join token invalid, expired or already used")
 )
 
 // NodeState mirrors the API's node states.
@@ -30,7 +34,9 @@ const (
 	NodeRevoked NodeState = "revoked"
 )
 
-// Node is an enrolled (or pending) node. Its identity is its EK.
+// Node is an enrolled node. Its identity is its EK. (State pending is
+// only found in databases written before pending enrollments were kept
+// apart, see PendingEnrollment.)
 type Node struct {
 	Name          string `json:"name"`
 	EKFingerprint string `json:"ekFingerprint"`
@@ -78,12 +84,34 @@ type StatusChange struct {
 	Reason string    `json:"reason,omitempty"`
 }
 
+// PendingEnrollment is an enrollment whose credential activation
+// succeeded but that nothing admitted yet (no join token): it waits for an
+// admin to approve its EK. It is not a node: it holds no name and no EK, so
+// a token-backed enrollment of either supersedes it, and several may name
+// the same node.
+type PendingEnrollment struct {
+	// Node is the node it would become (State pending, EnrolledAt the
+	// time credential activation succeeded).
+	Node    Node      `json:"node"`
+	Expires time.Time `json:"expires"`
+}
+
+// PendingLimits bound pending enrollments; zero means unbounded.
+type PendingLimits struct {
+	Total   int
+	PerName int
+}
+
 // Enrollment is a credential activation in flight.
 type Enrollment struct {
 	ID         string `json:"id"`
 	Node       Node   `json:"node"`
 	SecretHash []byte `json:"secretHash"`
-	Approved   bool   `json:"approved"`
+	// Approved admits the node without an admin once credential
+	// activation succeeds (a join token, or a certified EK where the broker
+	// is configured to trust certificates alone); otherwise it becomes a
+	// pending enrollment.
+	Approved bool `json:"approved"`
 	// JoinTokenHash is the join token that will admit the node once
 	// credential activation succeeds; it is spent only then.
 	JoinTokenHash []byte    `json:"joinTokenHash,omitempty"`
@@ -190,9 +218,34 @@ type Store interface {
 	// can enroll again.
 	DeleteNode(ctx context.Context, name string) error
 
-	PutEnrollment(ctx context.Context, e Enrollment) error
+	// PutEnrollment records a credential activation in flight; ErrLimit
+	// when limit (> 0) enrollments not yet expired at now are in flight.
+	PutEnrollment(ctx context.Context, e Enrollment, limit int, now time.Time) error
 	// TakeEnrollment returns and deletes it, so a challenge answers once.
 	TakeEnrollment(ctx context.Context, id string) (Enrollment, error)
+
+	// EnrollNode creates an active node, spending the join token
+	// joinTokenHash (when not nil) in the same transaction, and drops every
+	// pending enrollment of that name or EK. ErrExists if the name or the
+	// EK is a node, ErrJoinToken if the token is unknown or expired at now;
+	// either way nothing changes.
+	EnrollNode(ctx context.Context, n Node, joinTokenHash []byte, now time.Time) error
+	// AddPending records an enrollment waiting for admin approval,
+	// replacing a pending one of the same EK. ErrExists if the name or the
+	// EK is a node; ErrLimit if lim would be exceeded (entries expired at
+	// now do not count).
+	AddPending(ctx context.Context, p PendingEnrollment, lim PendingLimits, now time.Time) error
+	// ListPending returns the pending enrollments not expired at now,
+	// oldest first.
+	ListPending(ctx context.Context, now time.Time) ([]PendingEnrollment, error)
+	// ApprovePending makes the pending enrollment of name with EK
+	// fingerprint fp an active node and drops every other pending
+	// enrollment of that name or EK. ErrNotFound if no such enrollment is
+	// pending at now; ErrExists if the name or EK became a node meanwhile.
+	ApprovePending(ctx context.Context, name, fp string, now time.Time) (Node, error)
+	// DeletePending drops the pending enrollment of name with EK
+	// fingerprint fp; ErrNotFound if there is none.
+	DeletePending(ctx context.Context, name, fp string) error
 
 	PutJoinToken(ctx context.Context, hash []byte, expires time.Time) error
 	// ConsumeJoinToken deletes the token and reports whether it was valid.
@@ -215,9 +268,9 @@ type Store interface {
 	Stats(ctx context.Context, now time.Time) (Stats, error)
 	// DeleteNodeSessions ends every session of a node.
 	DeleteNodeSessions(ctx context.Context, node string) error
-	// Expire drops spent nonces, sessions, enrollments and join tokens past their
-	// expiry, and pending nodes enrolled before pendingBefore, so an
-	// unapproved enrollment cannot hold a name or an EK forever.
+	// Expire drops spent nonces, sessions, enrollments, pending enrollments
+	// and join tokens past their expiry, and pending nodes (from databases
+	// older than PendingEnrollment) enrolled before pendingBefore.
 	Expire(ctx context.Context, now, pendingBefore time.Time) error
 
 	// CreateKey fails with ErrExists if that name and version exist.
@@ -234,6 +287,35 @@ type Store interface {
 	AppendAudit(ctx context.Context, ev AuditEvent) error
 	// ListAudit returns matching events, newest last.
 	ListAudit(ctx context.Context, f AuditFilter) ([]AuditEvent, error)
+
+	// Webhooks and their durable outbox (webhook.go). An event is queued
+	// once per subscribed webhook; each webhook's deliveries go out in
+	// order, one at a time, so a receiver sees events in the order they
+	// happened.
+	//
+	// CreateWebhook fails with ErrExists if the ID is taken.
+	CreateWebhook(ctx context.Context, w Webhook) error
+	GetWebhook(ctx context.Context, id string) (Webhook, error)
+	ListWebhooks(ctx context.Context) ([]Webhook, error)
+	// DeleteWebhook removes a webhook and its pending deliveries and
+	// returns it as it was.
+	DeleteWebhook(ctx context.Context, id string) (Webhook, error)
+	// EnqueueEvent adds a delivery of ev to the outbox of every webhook
+	// subscribed to ev.Kind, committed durably before it returns. A webhook
+	// with maxPending deliveries pending first loses its oldest ones,
+	// counted as failed and reported in Enqueued.Dropped.
+	EnqueueEvent(ctx context.Context, ev OutboxEvent, maxPending int) (Enqueued, error)
+	// NextDeliveries returns the oldest pending delivery of each webhook
+	// that has one.
+	NextDeliveries(ctx context.Context) ([]Delivery, error)
+	// RecordAttempt records the result of an attempt at d and updates the
+	// webhook's counters; ErrNotFound if the delivery is gone (its webhook
+	// was removed, or it expired).
+	RecordAttempt(ctx context.Context, d Delivery, a Attempt) error
+	// ExpireDeliveries gives up every pending delivery queued before
+	// before, counting it as failed with reason as the webhook's last error
+	// (at now), and returns how many each webhook lost.
+	ExpireDeliveries(ctx context.Context, before, now time.Time, reason string) (map[string]uint64, error)
 
 	Close() error
 }

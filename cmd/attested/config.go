@@ -36,6 +36,7 @@ type config struct {
 	Reattest       time.Duration `yaml:"reattest"`
 	EventLog       string        `yaml:"eventLog"`
 	IMALog         string        `yaml:"imaLog"`
+	MetricsListen  string        `yaml:"metricsListen"`
 }
 
 // Kernel locations of the logs a device TPM's node sends by default.
@@ -91,6 +92,7 @@ func configFlags(fs *pflag.FlagSet, c *config) {
 	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one keyprovider request, TPM and broker calls included")
 	fs.DurationVar(&c.Reattest, "reattest", c.Reattest, "agent re-attestation period")
 	fs.StringVar(&c.EventLog, "event-log", c.EventLog, "firmware event log sent with quotes (default for /dev TPMs: "+kernelEventLog+"; 'none' to send none)")
+	fs.StringVar(&c.MetricsListen, "metrics-listen", c.MetricsListen, "agent: serve Prometheus metrics on this address (e.g. 127.0.0.1:9465); off when empty")
 	fs.StringVar(&c.IMALog, "ima-log", c.IMALog, "IMA measurement list sent with quotes (default for /dev TPMs: "+kernelIMALog+"; 'none' to send none)")
 }
 
@@ -114,7 +116,16 @@ func loadConfig(cmd *cobra.Command, c *config) error {
 		return fmt.Errorf("config: %w", err)
 	}
 	changed := map[string]string{}
-	cmd.Flags().Visit(func(f *pflag.Flag) { changed[f.Name] = f.Value.String() })
+	slices := map[pflag.SliceValue][]string{}
+	cmd.Flags().Visit(func(f *pflag.Flag) {
+		// A list flag's String() is "[a,b]", which Set would read as the
+		// items "[a" and "b]": keep its items instead.
+		if sv, ok := f.Value.(pflag.SliceValue); ok {
+			slices[sv] = append([]string(nil), sv.GetSlice()...)
+			return
+		}
+		changed[f.Name] = f.Value.String()
+	})
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
@@ -122,6 +133,11 @@ func loadConfig(cmd *cobra.Command, c *config) error {
 	}
 	for name, v := range changed {
 		if err := cmd.Flags().Set(name, v); err != nil {
+			return err
+		}
+	}
+	for sv, items := range slices {
+		if err := sv.Replace(items); err != nil {
 			return err
 		}
 	}

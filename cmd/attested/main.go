@@ -43,6 +43,8 @@ func newRootConfig() (*cobra.Command, *config) {
 		keyCmd(&cfg),
 		policyCmd(&cfg),
 		auditCmd(&cfg),
+		earCmd(&cfg),
+		webhookCmd(&cfg),
 	)
 	return root, &cfg
 }

@@ -202,6 +202,10 @@ func TestDashboardInChromium(t *testing.T) {
 	// Revoke node1 from its page, confirming by name.
 	require.NoError(t, chromedp.Do(ctx, chromedp.Click(chromedp.CSS(`#node-node1 a[href="/nodes/node1"]`))))
 	waitJS(t, ctx, "node1's page", `location.pathname === "/nodes/node1" && !!document.getElementById("revoke")`, 10*time.Second)
+	// The node's page has its last evidence and status history
+	// (GetNode).
+	assert.Contains(t, evalString(t, ctx, `(document.querySelector("ul.evidence") || {}).innerText || ""`), "PCR 16")
+	assert.Contains(t, evalString(t, ctx, `(document.getElementById("history") || {}).innerText || ""`), "trusted")
 	require.NoError(t, chromedp.Do(ctx,
 		chromedp.SendKeys(chromedp.ID("confirm"), "node1"),
 		chromedp.Click(chromedp.ID("revoke-button")),
