@@ -108,6 +108,9 @@ type Config struct {
 	MaxEnrollmentsInFlight int `yaml:"maxEnrollmentsInFlight,omitempty"`
 	// Webhooks configures webhook delivery (webhook.go).
 	Webhooks WebhookConfig `yaml:"webhooks,omitempty"`
+	// DisableDashboard stops serving the admin dashboard to browsers on
+	// the TLS port (see Frontend); gRPC is served either way.
+	DisableDashboard bool `yaml:"disableDashboard,omitempty"`
 }
 
 // DefaultMetricsListen serves metrics on loopback only: expose them with

@@ -193,8 +193,22 @@ func (s *Server) Config() *Config { return s.cfg }
 // GRPCServer returns a gRPC server with both services registered, serving
 // TLS with the given certificate (nil for tests that bring their own).
 // Serve it on LimitListener(listener) for the connection caps; everything
-// else (see admission.go) is in the server itself.
+// else (see admission.go) is in the server itself. 'broker serve' uses
+// Frontend instead, which also serves the dashboard on the same port.
 func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
+	var creds credentials.TransportCredentials
+	if cert != nil {
+		creds = credentials.NewTLS(&tls.Config{
+			Certificates: []tls.Certificate{*cert},
+			MinVersion:   tls.VersionTLS13,
+		})
+	}
+	return s.grpcServer(creds)
+}
+
+// grpcServer returns the gRPC server with the given transport credentials
+// (none: the tests' own).
+func (s *Server) grpcServer(creds credentials.TransportCredentials) *grpc.Server {
 	l := s.limits
 	opts := []grpc.ServerOption{
 		// The per-method limits apply before this server-wide one (see
@@ -220,11 +234,8 @@ func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: l.KeepaliveMinInterval}),
 		grpc.ChainUnaryInterceptor(s.deadline, s.authorize),
 	}
-	if cert != nil {
-		opts = append(opts, grpc.Creds(credentials.NewTLS(&tls.Config{
-			Certificates: []tls.Certificate{*cert},
-			MinVersion:   tls.VersionTLS13,
-		})))
+	if creds != nil {
+		opts = append(opts, grpc.Creds(creds))
 	}
 	s.log.Info("limits on callers", "maxConnections", l.MaxConnections, "maxConnectionsPerSource", l.MaxConnectionsPerSource,
 		"idleTimeout", l.IdleTimeout, "handshakeTimeout", l.HandshakeTimeout, "requestTimeout", l.RequestTimeout,
@@ -307,6 +318,7 @@ func (s *Server) authorize(ctx context.Context, req any, info *grpc.UnaryServerI
 // decision itself was already made fail-closed.
 func (s *Server) audit(ctx context.Context, ev store.AuditEvent) {
 	ev.Time = s.now()
+	ev.Actor = actorOf(ctx, ev.Actor)
 	if err := s.store.AppendAudit(context.WithoutCancel(ctx), ev); err != nil {
 		s.log.Error("audit append failed", "kind", ev.Kind, "node", ev.Node, "err", err)
 	}
