@@ -7,7 +7,7 @@ IMGCOPY   := $(BIN)/imgcopy
 CONTAINERD_VERSION ?= v2.4.2
 CONTAINERD := $(BIN)/containerd-$(CONTAINERD_VERSION)
 GOBIN     := $(shell $(GO) env GOPATH)/bin
-E2E_FLAGS ?= -count=1 -timeout 25m
+E2E_FLAGS ?= -count=1 -timeout 25m -artifacts -outputdir $(BIN)/e2e
 
 .PHONY: all build imgcopy containerd deps test unit e2e fuzz bench lint demo proto clean
 
@@ -43,7 +43,9 @@ test: deps unit e2e
 unit:
 	$(GO) test -count=1 ./...
 
+# Test artifacts (the dashboard's screenshots) are kept in bin/e2e.
 e2e: deps build imgcopy containerd
+	mkdir -p $(BIN)/e2e
 	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) CONTAINERD_BIN=$(CONTAINERD) CTD_DECODER_BIN=$(BIN)/ctd-decoder \
 		CRIPULL_BIN=$(BIN)/cripull $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
 
