@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -57,4 +58,19 @@ func TestAttestUnderAnotherNameIsRefused(t *testing.T) {
 func TestPlainErrorDropsRPCFraming(t *testing.T) {
 	assert.Equal(t, "attest: node \"x\" is revoked",
 		plainError(errors.New(`attest: rpc error: code = PermissionDenied desc = node "x" is revoked`)))
+}
+
+// Operator polish: examples/node.yaml shows every setting (set, or
+// commented out with its meaning).
+func TestExampleNodeConfigShowsEverySetting(t *testing.T) {
+	data, err := os.ReadFile("../../examples/node.yaml")
+	require.NoError(t, err)
+	typ := reflect.TypeOf(config{})
+	for i := range typ.NumField() {
+		tag := strings.Split(typ.Field(i).Tag.Get("yaml"), ",")[0]
+		if tag == "" || tag == "-" {
+			continue
+		}
+		assert.Regexp(t, `(?m)^(# )?`+tag+`: `, string(data), "examples/node.yaml does not show %q", tag)
+	}
 }
