@@ -46,7 +46,7 @@ $(IMGCOPY): FORCE
 deps:
 	./scripts/deps.sh
 
-test: deps unit e2e
+test: deps unit kube-test e2e
 
 unit:
 	$(GO) test -count=1 ./...
@@ -56,7 +56,8 @@ kube-test: kube-apiserver
 	KUBE_APISERVER_BIN=$(BIN)/kube-apiserver ETCD_BIN=$(BIN)/etcd $(GO) test -count=1 -run APIServer ./broker/labeler/
 
 e2e: deps build imgcopy
-	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
+	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) KUBE_APISERVER_BIN=$(wildcard $(BIN)/kube-apiserver) ETCD_BIN=$(wildcard $(BIN)/etcd) \
+		$(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
 
 # Short fuzzing runs of every parser; the seed corpora also run in 'unit'.
 FUZZTIME ?= 10s
