@@ -4,10 +4,13 @@ BIN       := $(CURDIR)/bin
 ATTESTED  := $(BIN)/attested
 LABELER   := $(BIN)/attested-labeler
 IMGCOPY   := $(BIN)/imgcopy
+# containerd for the end-to-end tests (keep in step with test/e2e/containerd_test.go).
+CONTAINERD_VERSION ?= v2.4.2
+CONTAINERD := $(BIN)/containerd-$(CONTAINERD_VERSION)
 GOBIN     := $(shell $(GO) env GOPATH)/bin
 E2E_FLAGS ?= -count=1 -timeout 25m
 
-.PHONY: all build imgcopy deps test unit e2e fuzz bench lint demo proto clean image kube-apiserver kube-test
+.PHONY: all build imgcopy containerd deps test unit e2e fuzz bench lint demo proto clean image kube-apiserver kube-test
 
 all: build
 
@@ -43,6 +46,16 @@ imgcopy: $(IMGCOPY)
 $(IMGCOPY): FORCE
 	cd test/imgcopy && CGO_ENABLED=0 $(GO) build -tags containers_image_openpgp -o $@ .
 
+# containerd from the Go module proxy, built once per version (its name
+# carries it); ctd-decoder (its ocicrypt stream processor, from the imgcrypt
+# library) and cripull (the kubelet's CRI image calls) from test/containerd,
+# its own module like test/imgcopy.
+containerd: $(CONTAINERD) FORCE
+	cd test/containerd && $(GO) build -o $(BIN)/ ./ctd-decoder ./cripull
+$(CONTAINERD):
+	GOBIN=$@.tmp GOFLAGS= $(GO) install github.com/containerd/containerd/v2/cmd/containerd@$(CONTAINERD_VERSION)
+	mv $@.tmp/containerd $@ && rmdir $@.tmp
+
 deps:
 	./scripts/deps.sh
 
@@ -55,9 +68,10 @@ unit:
 kube-test: kube-apiserver
 	KUBE_APISERVER_BIN=$(BIN)/kube-apiserver ETCD_BIN=$(BIN)/etcd $(GO) test -count=1 -run APIServer ./broker/labeler/
 
-e2e: deps build imgcopy
-	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) KUBE_APISERVER_BIN=$(wildcard $(BIN)/kube-apiserver) ETCD_BIN=$(wildcard $(BIN)/etcd) \
-		$(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
+e2e: deps build imgcopy containerd
+	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) CONTAINERD_BIN=$(CONTAINERD) CTD_DECODER_BIN=$(BIN)/ctd-decoder \
+		CRIPULL_BIN=$(BIN)/cripull KUBE_APISERVER_BIN=$(wildcard $(BIN)/kube-apiserver) \
+		ETCD_BIN=$(wildcard $(BIN)/etcd) $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
 
 # Short fuzzing runs of every parser; the seed corpora also run in 'unit'.
 FUZZTIME ?= 10s
@@ -69,6 +83,8 @@ fuzz:
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzReplayIMA -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzParseCmdline -fuzztime $(FUZZTIME)
 	$(GO) test ./broker/evidence -run '^$$' -fuzz FuzzVerifyTagCertification -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/ear -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME)
+	$(GO) test ./broker/ear -run '^$$' -fuzz FuzzVerify -fuzztime $(FUZZTIME)
 
 bench: deps build imgcopy
 	$(GO) test -run '^$$' -bench . -benchtime 300x ./keyprovider/
@@ -82,6 +98,7 @@ lint:
 	$(GOBIN)/staticcheck ./...
 	$(GOBIN)/staticcheck -tags e2e ./test/...
 	cd test/imgcopy && $(GO) vet -tags containers_image_openpgp ./...
+	cd test/containerd && $(GO) vet ./...
 
 demo: deps build imgcopy
 	./scripts/demo.sh

@@ -41,6 +41,10 @@ type Session struct {
 	Expires      time.Time  `json:"expires"`
 	ResetCount   uint32     `json:"resetCount"`
 	RestartCount uint32     `json:"restartCount"`
+	// EAR is the broker's signed attestation result for the appraisal that
+	// opened the session (draft-ietf-rats-ear JWT); empty when the broker
+	// issues none.
+	EAR string `json:"ear,omitempty"`
 }
 
 // Appraiser is the broker's attestation API as the node needs it.
@@ -205,7 +209,7 @@ func (e *Evidence) Session(resp *apiv1.AttestResponse) *Session {
 	return &Session{
 		Broker: e.broker, Node: e.Request.GetNode(), Token: resp.GetSessionToken(), Suite: suite.SessionName,
 		Seed: e.ev.seed, Key: *e.ev.key, PublicKey: e.ev.public, Expires: time.Unix(resp.GetExpiresUnix(), 0),
-		ResetCount: resp.GetResetCount(), RestartCount: resp.GetRestartCount(),
+		ResetCount: resp.GetResetCount(), RestartCount: resp.GetRestartCount(), EAR: resp.GetEar(),
 	}
 }
 

@@ -32,6 +32,9 @@ type Sessions struct {
 	// Logs are sent with every quote.
 	Logs Logs
 	Now  func() time.Time
+	// Observe, when set, is told of every attestation: the new session's
+	// expiry, or why it failed (metrics).
+	Observe func(expires time.Time, err error)
 
 	// turn admits one caller at a time; a channel rather than a mutex so a
 	// caller gives up when its context ends instead of queueing forever
@@ -114,6 +117,13 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 	s, err := NewSession(ctx, m.Broker, t, m.State, m.Logs)
 	if m.Store != nil {
 		m.Store.recordFailure(err)
+	}
+	if m.Observe != nil {
+		var expires time.Time
+		if s != nil {
+			expires = s.Expires
+		}
+		m.Observe(expires, err)
 	}
 	if err != nil {
 		return nil, err

@@ -2,7 +2,6 @@ package broker_test
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
@@ -18,13 +17,17 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	nodeattest "github.com/attested-dev/attested/attest"
 	"github.com/attested-dev/attested/attest/binding"
 	"github.com/attested-dev/attested/attest/eventlogtest"
 	"github.com/attested-dev/attested/attest/simtpm"
+	"github.com/attested-dev/attested/broker"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/brokertest"
+	"github.com/attested-dev/attested/broker/enrolltest"
 	"github.com/attested-dev/attested/broker/suite"
 )
 
@@ -254,7 +257,9 @@ func TestNonRestrictedKeyCannotBecomeAK(t *testing.T) {
 	require.NoError(t, err)
 	tok, err := b.Admin.CreateJoinToken(context.Background(), &apiv1.CreateJoinTokenRequest{})
 	require.NoError(t, err)
-	_, err = b.Node.EnrollStart(context.Background(), &apiv1.EnrollStartRequest{Name: "forger", EkPublic: ekDER, JoinToken: tok.GetToken(),
+	area, err := enrolltest.RSAPublicArea(ek.(*rsa.PublicKey))
+	require.NoError(t, err)
+	_, err = b.Node.EnrollStart(context.Background(), &apiv1.EnrollStartRequest{Name: "forger", EkPublic: ekDER, EkPublicArea: area, JoinToken: tok.GetToken(),
 		Ak: &apiv1.AKParameters{Public: pub, CreateData: cdata, CreateAttestation: att, CreateSignature: sig}})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "attestation key refused: provided key is not limited to attestation")
@@ -277,26 +282,23 @@ func TestAKWithoutCredentialActivationIsRefused(t *testing.T) {
 	assert.Empty(t, nodes.GetNodes(), "nothing enrolled")
 }
 
-type otherEK struct {
-	apiv1.BrokerClient
-	der []byte
-}
-
-func (o otherEK) EnrollStart(ctx context.Context, in *apiv1.EnrollStartRequest, opts ...grpc.CallOption) (*apiv1.EnrollStartResponse, error) {
-	in.EkPublic = o.der
-	return o.BrokerClient.EnrollStart(ctx, in, opts...)
-}
-
+// TestReenrollingANameWithAnotherEKIsRefused: a name belongs to one TPM;
+// another TPM (here one in software) is refused once credential activation
+// proved it holds its EK, and its join token is not spent.
 func TestReenrollingANameWithAnotherEKIsRefused(t *testing.T) {
-	b := brokertest.Start(t)
+	b := brokertest.Start(t, func(c *broker.Config) { c.RequireEKCertificate = false })
 	enroll(t, b, "node1")
-	k, err := rsa.GenerateKey(rand.Reader, 2048)
+	other, err := enrolltest.NewRSA(2048)
 	require.NoError(t, err)
-	der, err := x509.MarshalPKIXPublicKey(&k.PublicKey)
+	tok, err := b.Admin.CreateJoinToken(context.Background(), &apiv1.CreateJoinTokenRequest{})
 	require.NoError(t, err)
-	_, err = enrollWith(t, b, otherEK{b.Node, der})
+	_, err = other.Enroll(context.Background(), b.Node, "node1", tok.GetToken())
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), `node name "node1" is enrolled with another EK`)
+	assert.Equal(t, codes.AlreadyExists, status.Code(err))
+	assert.Contains(t, err.Error(), `node name "node1" is enrolled with another TPM`)
+	n, err := other.Enroll(context.Background(), b.Node, "node2", tok.GetToken())
+	require.NoError(t, err, "the refused enrollment did not spend the token")
+	assert.Equal(t, apiv1.NodeState_NODE_STATE_ACTIVE, n.GetState())
 }
 
 func TestLearnPolicyDraftsFromEvidence(t *testing.T) {

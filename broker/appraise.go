@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/google/go-attestation/attest"
 	"github.com/google/go-tpm/legacy/tpm2"
@@ -58,6 +59,21 @@ func (s *Server) stateError(n store.Node) error {
 // session's, ends those sessions at once. Policy is evaluated per key at
 // Unwrap.
 func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.AttestResponse, error) {
+	start := time.Now()
+	resp, err := s.attest(ctx, req)
+	result := "accepted"
+	switch status.Code(err) {
+	case codes.OK:
+	case codes.PermissionDenied, codes.DeadlineExceeded, codes.InvalidArgument:
+		result = "refused"
+	default:
+		result = "error"
+	}
+	s.ops.appraisal.WithLabelValues(result).Observe(time.Since(start).Seconds())
+	return resp, err
+}
+
+func (s *Server) attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.AttestResponse, error) {
 	// Until the quote verifies nothing is authenticated: every refusal up
 	// to there gives the same answer whatever the broker knows of the node
 	// (the precise reason goes to the audit), and changes nothing.
@@ -96,17 +112,30 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		PCRs: pcrs, ResetCount: clock.ResetCount, RestartCount: clock.RestartCount,
 		Created: now, Expires: now.Add(s.cfg.SessionTTL),
 	}
+	var trust, trustReason string
+	var rec claimsRecord
+	var verdicts []policyVerdict
 	if failure == "" {
-		rec := claimsRecord{Facts: facts}
-		if rec.IMAVerdicts, err = s.imaVerdicts(ctx, policy.Claims{Node: n.Name, PCRs: pcrs, Facts: facts, Tags: n.Tags}); err != nil {
+		claims := policy.Claims{Node: n.Name, PCRs: pcrs, Facts: facts, Tags: n.Tags}
+		rec = claimsRecord{Facts: facts}
+		if rec.IMAVerdicts, err = s.imaVerdicts(ctx, claims); err != nil {
 			return nil, storeErr("policies", err)
 		}
 		if sess.Facts, err = json.Marshal(rec); err != nil {
 			return nil, status.Errorf(codes.Internal, "facts: %v", err)
 		}
+		if verdicts, err = s.evaluatePolicies(ctx, n, pcrs, rec); err != nil {
+			return nil, storeErr("policies", err)
+		}
+		keys, err := s.store.ListKeys(ctx)
+		if err != nil {
+			return nil, storeErr("keys", err)
+		}
+		trust, trustReason = trustFromVerdicts(verdicts, keys)
 	}
 	var ended int
 	var reboot bool
+	var change *statusChange
 	_, err = s.store.Appraise(ctx, n.Name, store.SpentNonce{Nonce: req.GetNonce(), Expires: nonceExpires.Add(spentMargin)}, now,
 		func(cur *store.Node, live []store.Session) (store.Outcome, error) {
 			if cur.EKFingerprint != n.EKFingerprint {
@@ -123,22 +152,22 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 			if failure == "" && cur.ClockSeen && (clock.ResetCount < cur.ResetCount || (clock.ResetCount == cur.ResetCount && clock.RestartCount < cur.RestartCount)) {
 				failure = fmt.Sprintf("TPM reset/restart counters went backwards (%d/%d, last seen %d/%d)", clock.ResetCount, clock.RestartCount, cur.ResetCount, cur.RestartCount)
 			}
+			cur.LastSeen = now
 			if failure != "" {
-				cur.Trust, cur.TrustReason = "untrusted", evidenceRefused+failure
+				cur.Trust, cur.TrustReason = StatusUntrusted, evidenceRefused+failure
+				change = s.recordStatus(cur, now)
 				ended = len(live)
 				return store.Outcome{EndAll: true}, nil
 			}
 			reboot = cur.ClockSeen && (clock.ResetCount != cur.ResetCount || clock.RestartCount != cur.RestartCount)
 			cur.ResetCount, cur.RestartCount, cur.ClockSeen = clock.ResetCount, clock.RestartCount, true
-			cur.LastAttested, cur.LastPCRs = now, pcrs
+			cur.LastAttested, cur.LastPCRs, cur.CertifiedTagDigest = now, pcrs, facts.CertifiedTagDigest
+			var err error
 			if cur.LastFacts, err = json.Marshal(facts); err != nil {
 				return store.Outcome{}, err
 			}
-			if cur.Trust != "untrusted" || strings.HasPrefix(cur.TrustReason, evidenceRefused) {
-				// Good evidence clears a refusal of evidence; a policy
-				// refusal stands until the next release or refusal decides.
-				cur.Trust, cur.TrustReason = "trusted", "evidence verified"
-			}
+			cur.Trust, cur.TrustReason = trust, trustReason
+			change = s.recordStatus(cur, now)
 			out := store.Outcome{Open: &sess}
 			for _, l := range live {
 				if l.ResetCount != clock.ResetCount || l.RestartCount != clock.RestartCount || !samePCRs(l.PCRs, pcrs) {
@@ -159,7 +188,9 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 		}
 		return nil, storeErr("node", err)
 	}
+	s.announce(ctx, change)
 	if failure != "" {
+		s.ops.refusals.WithLabelValues(RefusalEvidence).Inc()
 		reason := evidenceRefused + failure
 		if ended > 0 {
 			reason += fmt.Sprintf(" (%d live session(s) ended)", ended)
@@ -176,10 +207,11 @@ func (s *Server) Attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	}
 	s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Allowed: true, Reason: reason})
 	return &apiv1.AttestResponse{SessionToken: token, ExpiresUnix: sess.Expires.Unix(),
-		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount}, nil
+		ResetCount: clock.ResetCount, RestartCount: clock.RestartCount,
+		Ear: s.attestationResult(earInput{node: n, rec: rec, pcrs: pcrs, nonce: req.GetNonce(), issued: now, expires: sess.Expires, evaluate: verdicts})}, nil
 }
 
-// evidenceRefused prefixes the trust reason of a node whose signed
+// evidenceRefused prefixes the status reason of a node whose signed
 // evidence was refused.
 const evidenceRefused = "evidence refused: "
 

@@ -48,12 +48,12 @@ const (
 // of them means a broker, or what is left of one, is there. CAKeyFile is
 // listed for brokers initialised before it moved out.
 var brokerFiles = []string{ConfigFile, DatabaseFile, MasterKeyFile, AdminTokenFile, CACertFile, CAKeyFile,
-	ServerCertFile, ServerKeyFile, SignerCertFile, SignerKeyFile}
+	ServerCertFile, ServerKeyFile, SignerCertFile, SignerKeyFile, EARKeyFile}
 
 // secretFiles may be read by the broker's user only; the others must not
 // be writable by anyone else.
 var secretFiles = map[string]bool{MasterKeyFile: true, AdminTokenFile: true, CAKeyFile: true,
-	ServerKeyFile: true, SignerKeyFile: true, DatabaseFile: true}
+	ServerKeyFile: true, SignerKeyFile: true, DatabaseFile: true, EARKeyFile: true}
 
 // DefaultCADir is where init writes the CA private key when not told:
 // beside the data directory, e.g. /var/lib/attested-broker-ca.
@@ -72,6 +72,12 @@ type Config struct {
 	SessionTTL time.Duration `yaml:"sessionTTL"`
 	// NonceTTL bounds how long a node has to answer a challenge.
 	NonceTTL time.Duration `yaml:"nonceTTL"`
+	// StaleAfter is how long a node may go without sending evidence before
+	// its status is stale (default three times the agent's reattest).
+	StaleAfter time.Duration `yaml:"staleAfter,omitempty"`
+	// MetricsListen is where Prometheus metrics are served over plain HTTP
+	// (default DefaultMetricsListen, loopback); "off" serves none.
+	MetricsListen string `yaml:"metricsListen,omitempty"`
 	// EKRoots lists PEM files or directories of TPM manufacturer CAs that
 	// EK certificates must chain to. Empty trusts none.
 	EKRoots []string `yaml:"ekRoots,omitempty"`
@@ -81,13 +87,53 @@ type Config struct {
 	// Limits bound what callers can make the broker hold (limits.go);
 	// unset fields take DefaultLimits.
 	Limits Limits `yaml:"limits,omitempty"`
+	// ApproveCertifiedEKs admits a TPM whose EK certificate chains to
+	// EKRoots without a join token or an approval. Set it only when
+	// EKRoots names a CA that certifies your own machines alone (your
+	// provisioning CA): a TPM manufacturer's CA certifies every TPM it
+	// made, including those of strangers.
+	ApproveCertifiedEKs bool `yaml:"approveCertifiedEKs,omitempty"`
+	// PendingTTL is how long an enrollment without a join token waits for
+	// admin approval before it is dropped.
+	PendingTTL time.Duration `yaml:"pendingTTL,omitempty"`
+	// MaxPending caps the enrollments waiting for approval; beyond it,
+	// enrollment needs a join token.
+	MaxPending int `yaml:"maxPending,omitempty"`
+	// MaxPendingPerName caps the enrollments waiting for approval under
+	// one node name.
+	MaxPendingPerName int `yaml:"maxPendingPerName,omitempty"`
+	// MaxEnrollmentsInFlight caps the credential activation challenges
+	// issued and not yet answered (each lives EnrollmentTTL).
+	MaxEnrollmentsInFlight int `yaml:"maxEnrollmentsInFlight,omitempty"`
 }
+
+// DefaultMetricsListen serves metrics on loopback only: expose them with
+// metricsListen where a Prometheus elsewhere scrapes.
+const DefaultMetricsListen = "127.0.0.1:9464"
 
 // Defaults for a new broker.
 const (
 	DefaultListen     = "127.0.0.1:8443"
 	DefaultSessionTTL = 5 * time.Minute
 	DefaultNonceTTL   = 30 * time.Second
+)
+
+// Defaults bounding what enrollment without credentials can create.
+//
+// An approval is an admin checking, while someone waits, that a fingerprint
+// a node printed is the one listed: four hours covers that and a hand-over,
+// and bounds how long a squatter's entry clutters the list (it never blocks
+// anything). One hundred pending enrollments is far more than admins
+// approve by hand at once; fleets enroll with join tokens, which no cap
+// touches. A legitimate name has one pending enrollment (a TPM's newer one
+// replaces its older); five leaves room for retries from re-imaged
+// machines. A challenge is answered within seconds; 256 unanswered ones at
+// a time is more than any bring-up needs and bounds the store.
+const (
+	DefaultPendingTTL             = 4 * time.Hour
+	DefaultMaxPending             = 100
+	DefaultMaxPendingPerName      = 5
+	DefaultMaxEnrollmentsInFlight = 256
 )
 
 // InitOptions configures Init.
@@ -114,12 +160,12 @@ var initHook func(path string) error
 
 // Init creates a broker: in the data directory the master key, the CA
 // certificate, the TLS server certificate and key, the wrapping-key signing
-// certificate and key, the admin credential and broker.yaml; in the CA
-// directory the CA private key. It refuses when either directory holds any
-// broker file, creates every file exclusively (a file that appears
-// meanwhile is never overwritten), and writes broker.yaml last, so an init
-// that stops half way leaves nothing serve accepts and a second init
-// refuses rather than destroying keys.
+// certificate and key, the attestation-result (EAR) signing key, the admin
+// credential and broker.yaml; in the CA directory the CA private key. It
+// refuses when either directory holds any broker file, creates every file
+// exclusively (a file that appears meanwhile is never overwritten), and
+// writes broker.yaml last, so an init that stops half way leaves nothing
+// serve accepts and a second init refuses rather than destroying keys.
 func Init(o InitOptions) (*Config, error) {
 	if o.DataDir == "" {
 		return nil, errors.New("broker: init: no data directory given")
@@ -198,6 +244,10 @@ func Init(o InitOptions) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
+	earKeyPEM, err := newEARKey()
+	if err != nil {
+		return nil, err
+	}
 	caPEM := pemBlock("CERTIFICATE", caCert.Raw)
 	files := []struct {
 		dir, name string
@@ -212,6 +262,7 @@ func Init(o InitOptions) (*Config, error) {
 		{o.DataDir, ServerCertFile, pemBlock("CERTIFICATE", srvCert), 0o644},
 		{o.DataDir, SignerKeyFile, signerKeyPEM, 0o600},
 		{o.DataDir, SignerCertFile, pemBlock("CERTIFICATE", signerCert), 0o644},
+		{o.DataDir, EARKeyFile, earKeyPEM, 0o600},
 		{o.DataDir, AdminTokenFile, []byte(token + "\n"), 0o600},
 		// The config goes last: its presence marks a complete init.
 		{o.DataDir, ConfigFile, cfgYAML, 0o600},
@@ -577,6 +628,21 @@ func LoadConfig(dataDir string) (*Config, error) {
 	}
 	if cfg.Limits, err = cfg.Limits.resolved(); err != nil {
 		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
+	}
+	if cfg.MetricsListen == "" {
+		cfg.MetricsListen = DefaultMetricsListen
+	}
+	if cfg.PendingTTL <= 0 {
+		cfg.PendingTTL = DefaultPendingTTL
+	}
+	if cfg.MaxPending <= 0 {
+		cfg.MaxPending = DefaultMaxPending
+	}
+	if cfg.MaxPendingPerName <= 0 {
+		cfg.MaxPendingPerName = DefaultMaxPendingPerName
+	}
+	if cfg.MaxEnrollmentsInFlight <= 0 {
+		cfg.MaxEnrollmentsInFlight = DefaultMaxEnrollmentsInFlight
 	}
 	return &cfg, nil
 }

@@ -308,9 +308,9 @@ func TestEnrollWithoutTokenWaitsForApproval(t *testing.T) {
 	assert.Equal(t, apiv1.NodeState_NODE_STATE_PENDING, n.GetState())
 	pending := &node{b: b, state: st}
 	_, err = pending.session(t)
-	require.Error(t, err)
-	assert.Contains(t, err.Error(), "not approved")
-	_, err = b.Admin.ApproveNode(context.Background(), &apiv1.NodeRequest{Name: "n2"})
+	require.Error(t, err, "a pending enrollment is not a node")
+	assertUnverified(t, b, err, "n2", "node is not enrolled")
+	_, err = b.Admin.ApproveNode(context.Background(), &apiv1.NodeRequest{Name: "n2", EkFingerprint: "SHA256:" + st.EKFingerprint})
 	require.NoError(t, err)
 	_, err = pending.session(t)
 	require.NoError(t, err)

@@ -24,7 +24,7 @@ var learnPCRs = []int{0, 1, 2, 3, 4, 5, 6, 7}
 func (a adminServer) LearnPolicy(ctx context.Context, req *apiv1.LearnPolicyRequest) (*apiv1.LearnPolicyResponse, error) {
 	n, err := a.s.store.GetNode(ctx, req.GetNode())
 	if err != nil {
-		return nil, storeErr("node "+req.GetNode(), err)
+		return nil, storeErr(fmt.Sprintf("node %q", req.GetNode()), err)
 	}
 	if len(n.LastPCRs) == 0 {
 		return nil, status.Errorf(codes.FailedPrecondition, "node %s has no accepted evidence yet; run 'attested node attest' on it first", n.Name)

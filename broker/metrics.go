@@ -35,6 +35,8 @@ type metrics struct {
 	requests     *prometheus.CounterVec
 	connsRefused *prometheus.CounterVec
 	suppressed   *prometheus.CounterVec
+	// statusChanges counts node status changes by the new status.
+	statusChanges *prometheus.CounterVec
 }
 
 func newMetrics(g *guard) *metrics {
@@ -57,10 +59,14 @@ func newMetrics(g *guard) *metrics {
 			Help: "Refusals of unauthenticated callers not written to the audit log one by one (folded into a sampled record's count), by method and reason.",
 		}, []string{"method", "reason"}),
 	}
+	m.statusChanges = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "attested_broker_node_status_changes_total",
+		Help: "Node status changes, by the status entered.",
+	}, []string{"status"})
 	gauge := func(name, help string, f func() float64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
 	}
-	m.reg.MustRegister(m.refusals, m.requests, m.connsRefused, m.suppressed,
+	m.reg.MustRegister(m.refusals, m.requests, m.connsRefused, m.suppressed, m.statusChanges,
 		gauge("attested_broker_open_connections", "Client connections open.", func() float64 { return float64(g.stats().conns) }),
 		gauge("attested_broker_requests_in_flight", "Requests in flight from callers without the admin credential.", func() float64 { return float64(g.stats().requests) }),
 		gauge("attested_broker_request_bytes_in_flight", "Memory held by request bodies of callers without the admin credential (received bytes plus the decoded message).", func() float64 { return float64(g.stats().bytes) }),

@@ -50,6 +50,29 @@ func (s *Server) GetWrappingKey(ctx context.Context, req *apiv1.GetWrappingKeyRe
 
 // Unwrap implements apiv1.BrokerServer.
 func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.UnwrapResponse, error) {
+	start := time.Now()
+	resp, err := s.unwrap(ctx, req)
+	result := "released"
+	switch status.Code(err) {
+	case codes.OK:
+		s.ops.releases.Inc()
+	case codes.Unauthenticated:
+		result = "refused"
+		s.ops.refusals.WithLabelValues(RefusalSession).Inc()
+	case codes.PermissionDenied:
+		result = "refused"
+		s.ops.refusals.WithLabelValues(RefusalPolicy).Inc()
+	case codes.InvalidArgument, codes.FailedPrecondition, codes.NotFound:
+		result = "refused"
+		s.ops.refusals.WithLabelValues(RefusalKey).Inc()
+	default:
+		result = "error"
+	}
+	s.ops.release.WithLabelValues(result).Observe(time.Since(start).Seconds())
+	return resp, err
+}
+
+func (s *Server) unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.UnwrapResponse, error) {
 	sess, n, err := s.liveSession(ctx, req.GetSessionToken())
 	if err != nil {
 		if sess.Node != "" {
@@ -89,7 +112,6 @@ func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 		}
 		s.audit(ctx, store.AuditEvent{Kind: "release", Node: n.Name, Key: r.Key, Allowed: true,
 			Reason: fmt.Sprintf("policy satisfied (key %s v%d)", r.Key, r.KeyVersion)})
-		s.setTrust(ctx, n, "trusted", "released key "+r.Key)
 		return &apiv1.UnwrapResponse{Sealed: sealed, Key: r.Key, KeyVersion: r.KeyVersion}, nil
 	}
 	reason := strings.Join(reasons, "; ")
@@ -99,7 +121,6 @@ func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 		// evidence decides; nothing is concluded about the node.
 		return nil, status.Errorf(codes.Unauthenticated, "broker %s: %s; attest again", s.cfg.ID, reason)
 	}
-	s.setTrust(ctx, n, "untrusted", reason)
 	s.notify(ctx, Event{Kind: "refusal", Time: s.now(), Node: n.Name, Key: a.Recipients[0].Key, Reason: reason})
 	return nil, status.Errorf(codes.PermissionDenied, "broker %s refused node %s: %s", s.cfg.ID, n.Name, reason)
 }
@@ -107,20 +128,6 @@ func (s *Server) Unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 // errStaleClaims marks a refusal the session's kept claims could not
 // decide.
 var errStaleClaims = errors.New("the session's appraisal predates the policy")
-
-// setTrust records the node's trust status when it changes, so the hot
-// path writes nothing while a node keeps passing.
-func (s *Server) setTrust(ctx context.Context, n store.Node, trust, reason string) {
-	if n.Trust == trust && (trust == "trusted" || n.TrustReason == reason) {
-		return
-	}
-	if _, err := s.store.UpdateNode(ctx, n.Name, func(n *store.Node) error {
-		n.Trust, n.TrustReason = trust, reason
-		return nil
-	}); err != nil {
-		s.log.Warn("recording trust status failed", "node", n.Name, "err", err)
-	}
-}
 
 // liveSession returns the session behind a token and its node, if the
 // session has not expired, was opened for the identity the node still
@@ -318,27 +325,21 @@ func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotat
 
 // policy returns the parsed policy, reparsing only when its revision moved.
 func (s *Server) policy(ctx context.Context, name string) (*policy.Policy, error) {
+	_, p, err := s.policyRecord(ctx, name)
+	return p, err
+}
+
+// policyRecord is policy with its stored record.
+func (s *Server) policyRecord(ctx context.Context, name string) (store.Policy, *policy.Policy, error) {
 	rec, err := s.store.GetPolicy(ctx, name)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, fmt.Errorf("policy %s does not exist, so nothing is released", name)
+		return rec, nil, fmt.Errorf("policy %s does not exist, so nothing is released", name)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("policy %s: store: %v", name, err)
+		return rec, nil, fmt.Errorf("policy %s: store: %v", name, err)
 	}
-	s.mu.Lock()
-	c, ok := s.policies[name]
-	s.mu.Unlock()
-	if ok && c.revision == rec.Revision {
-		return c.p, nil
-	}
-	p, err := policy.Parse([]byte(rec.YAML))
-	if err != nil {
-		return nil, fmt.Errorf("stored policy %s no longer parses: %v", name, err)
-	}
-	s.mu.Lock()
-	s.policies[name] = cachedPolicy{revision: rec.Revision, p: p}
-	s.mu.Unlock()
-	return p, nil
+	p, err := s.policyAt(rec)
+	return rec, p, err
 }
 
 // privateKey opens a key version's private part; versions are immutable,

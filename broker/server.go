@@ -32,10 +32,6 @@ import (
 // Version is reported by Info.
 const Version = "0.1.0"
 
-// PendingTTL is how long an enrollment waits for admin approval before it
-// is dropped.
-const PendingTTL = 7 * 24 * time.Hour
-
 // HandlerTimeout bounds every RPC, whatever deadline the caller sent: the
 // default of limits.requestTimeout.
 const HandlerTimeout = 30 * time.Second
@@ -78,6 +74,7 @@ type Server struct {
 	adminHash []byte
 	ekRoots   *EKRoots
 	signer    *keysig.Signer // nil on a broker initialised before signed wrapping keys
+	ear       *earIssuer     // nil on a broker initialised before attestation results
 
 	limits  Limits                // resolved: no zero fields
 	methods map[string]methodSpec // by full gRPC method name
@@ -89,6 +86,7 @@ type Server struct {
 	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
 	policies map[string]cachedPolicy    // name -> parsed at revision
 	claims   map[string]claimsRecord    // session token hash -> decoded claims
+	ops      *opsMetrics
 }
 
 type cachedPolicy struct {
@@ -139,9 +137,11 @@ func New(o Options) (*Server, error) {
 		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
 	}
 	g := newGuard(limits)
-	return &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
+	s := &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
 		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{},
-		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}, nil
+		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}
+	s.registerOpsMetrics()
+	return s, nil
 }
 
 // Open opens the broker in dataDir with its embedded store; override, if
@@ -248,15 +248,23 @@ func (s *Server) Run(ctx context.Context) {
 	defer t.Stop()
 	sample := time.NewTicker(s.limits.AuditSampleInterval)
 	defer sample.Stop()
+	// Nodes go stale by the clock alone; check often enough that a stale
+	// node is announced within a small part of the window.
+	check := time.NewTicker(max(s.staleAfter()/12, time.Second))
+	defer check.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-sample.C:
 			s.flushSampledAudit(ctx, false)
+		case <-check.C:
+			if err := s.CheckStatus(ctx); err != nil && ctx.Err() == nil {
+				s.log.Warn("checking node status failed", "err", err)
+			}
 		case <-t.C:
 			now := s.now()
-			if err := s.store.Expire(ctx, now, now.Add(-PendingTTL)); err != nil && ctx.Err() == nil {
+			if err := s.store.Expire(ctx, now, now.Add(-s.pendingTTL())); err != nil && ctx.Err() == nil {
 				s.log.Warn("expiring stale records failed", "err", err)
 			}
 		}

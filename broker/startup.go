@@ -27,6 +27,9 @@ func checkEKPolicy(cfg *Config) error {
 // startup loads the wrapping-key signer and states at start what weakens
 // the broker, so an operator reads it in the log rather than in a review.
 func (s *Server) startup(dataDir string) error {
+	if err := s.loadEAR(dataDir); err != nil {
+		return err
+	}
 	if !s.cfg.RequireEKCertificate {
 		s.log.Warn("SECURITY: requireEKCertificate is false: TPMs without a manufacturer-certified EK are admitted through a join token or an admin approval. " +
 			"A leaked join token or a careless approval admits a software TPM, which can report any PCR values and receive every key its tags allow. " +

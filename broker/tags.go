@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -23,8 +25,8 @@ const MaxTags = 64
 // identity; every change is audited with its before and after.
 func (a adminServer) TagNode(ctx context.Context, req *apiv1.TagNodeRequest) (*apiv1.Node, error) {
 	for k, v := range req.GetSet() {
-		if !annotation.ValidTagName(k) || v == "" || len(v) > 256 || strings.ContainsAny(v, ",\n") {
-			return nil, status.Errorf(codes.InvalidArgument, "tag %s=%s: names are 1-63 letters, digits, '.', '_', '/' or '-'; values are 1-256 characters without ',' or newline", k, v)
+		if !annotation.ValidTagName(k) || !validTagValue(v) {
+			return nil, status.Errorf(codes.InvalidArgument, "tag %q=%q: names are 1-63 letters, digits, '.', '_', '/' or '-'; values are 1-256 printable characters without ','", k, v)
 		}
 	}
 	var before string
@@ -49,11 +51,11 @@ func (a adminServer) TagNode(ctx context.Context, req *apiv1.TagNodeRequest) (*a
 		if _, ok := status.FromError(err); ok && !errors.Is(err, store.ErrNotFound) {
 			return nil, err
 		}
-		return nil, storeErr("node "+req.GetName(), err)
+		return nil, storeErr(fmt.Sprintf("node %q", req.GetName()), err)
 	}
 	a.s.audit(ctx, store.AuditEvent{Kind: "tag", Node: n.Name, Allowed: true, Actor: "admin",
 		Reason: fmt.Sprintf("tags version %d: %s -> %s", n.TagsVersion, dashIfEmpty(before), dashIfEmpty(tagString(n.Tags)))})
-	return nodeToAPI(n), nil
+	return a.s.nodeToAPI(n), nil
 }
 
 func tagString(m map[string]string) string {
@@ -86,4 +88,19 @@ func (s *Server) NodeTags(ctx context.Context, req *apiv1.NodeTagsRequest) (*api
 		return nil, err
 	}
 	return &apiv1.NodeTagsResponse{Sealed: sealed}, nil
+}
+
+// validTagValue admits printable text only: tag values are shown in lists,
+// dashboards and Kubernetes labels, where control characters would break
+// lines or drive a terminal.
+func validTagValue(v string) bool {
+	if v == "" || len(v) > 256 || !utf8.ValidString(v) || strings.Contains(v, ",") {
+		return false
+	}
+	for _, r := range v {
+		if !unicode.IsPrint(r) {
+			return false
+		}
+	}
+	return true
 }

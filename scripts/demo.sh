@@ -36,9 +36,26 @@ for p in "$BROKER_PORT" "$REG_PORT" "$TPM_PORT" "$((TPM_PORT + 1))"; do
 	fi
 done
 
-say "A node with a TPM. Here the TPM is swtpm, with an EK certificate like a real one."
-mkdir -p "$WORK/tpm"
-swtpm_setup --tpm2 --tpmstate "$WORK/tpm" --create-ek-cert --overwrite >/dev/null 2>&1
+say "A node with a TPM. Here the TPM is swtpm, with an EK certificate from its maker's CA, like a real one."
+# swtpm's own CA plays the TPM manufacturer: swtpm_localca creates it in
+# $WORK/ekca and signs the EK certificate swtpm_setup stores in the TPM.
+mkdir -p "$WORK/tpm" "$WORK/ekca/ca"
+cat >"$WORK/ekca/swtpm-localca.conf" <<CONF
+statedir = $WORK/ekca/ca
+signingkey = $WORK/ekca/ca/signkey.pem
+issuercert = $WORK/ekca/ca/issuercert.pem
+certserial = $WORK/ekca/ca/certserial
+CONF
+printf '%s\n' --platform-manufacturer attested-demo --platform-version 2.1 --platform-model swtpm >"$WORK/ekca/swtpm-localca.options"
+cat >"$WORK/ekca/swtpm_setup.conf" <<CONF
+create_certs_tool = $(command -v swtpm_localca)
+create_certs_tool_config = $WORK/ekca/swtpm-localca.conf
+create_certs_tool_options = $WORK/ekca/swtpm-localca.options
+active_pcr_banks = sha256
+CONF
+swtpm_setup --tpm2 --tpmstate "$WORK/tpm" --create-ek-cert --overwrite --config "$WORK/ekca/swtpm_setup.conf" >"$WORK/swtpm_setup.log" 2>&1 ||
+	{ cat "$WORK/swtpm_setup.log" >&2; exit 1; }
+EK_ROOTS="$WORK/ekca/ca/swtpm-localca-rootca-cert.pem,$WORK/ekca/ca/issuercert.pem"
 swtpm socket --tpm2 --tpmstate dir="$WORK/tpm" --flags not-need-init,startup-clear \
 	--server type=tcp,port="$TPM_PORT",bindaddr=127.0.0.1 --ctrl type=tcp,port=$((TPM_PORT + 1)),bindaddr=127.0.0.1 &
 pids+=($!)
@@ -46,7 +63,9 @@ wait_port "$TPM_PORT"
 
 say "The security admin creates the key broker: master key, TLS CA, admin credential."
 run "$A" broker init --data-dir "$WORK/broker" --id demo-broker --listen "127.0.0.1:$BROKER_PORT"
-"$A" broker serve --data-dir "$WORK/broker" 2>"$WORK/broker.log" &
+echo "The broker admits only TPMs whose EK certificate chains to a trusted TPM maker (here swtpm's CA):"
+printf '$ %s\n' "$A broker serve --data-dir $WORK/broker --ek-roots $EK_ROOTS --require-ek-certificate &"
+"$A" broker serve --data-dir "$WORK/broker" --ek-roots "$EK_ROOTS" --require-ek-certificate 2>"$WORK/broker.log" &
 pids+=($!)
 wait_port "$BROKER_PORT"
 
@@ -64,9 +83,10 @@ YAML
 export ATTESTED_CONFIG="$WORK/attested.yaml"
 echo "(node, pipeline and admin settings: $ATTESTED_CONFIG)"
 
-say "The admin issues a single-use join token; the node enrolls its TPM (EK + attestation key, credential activation)."
-TOKEN=$("$A" node token create --ttl 10m)
-run "$A" node enroll --join-token "$TOKEN"
+say "The admin issues a single-use join token; the node enrolls its TPM (EK certificate checked, attestation key, credential activation)."
+echo "(The token travels in a file no other user can read, never on a command line, where every local user sees it.)"
+run "$A" node token create --ttl 10m --output "$WORK/join.token"
+run "$A" node enroll --join-token-file "$WORK/join.token"
 run "$A" node list
 
 say "The admin writes a policy: the node must have booted exactly what it booted now (PCRs 0-7 and 16)."

@@ -7,6 +7,8 @@
 # Upstream skopeo cannot be used from Debian (its ocicrypt predates
 # keyprovider support); the tests build test/imgcopy, which runs the same
 # containers/image copy engine, from the Go module proxy instead.
+# containerd (2.x) and its ctd-decoder are not Debian's either: `make
+# containerd` builds them from the Go module proxy into bin/ (see Makefile).
 set -euo pipefail
 
 packages=(swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 docker-registry libssl-dev gcc make python3)

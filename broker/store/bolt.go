@@ -93,19 +93,7 @@ func (s *Bolt) view(ctx context.Context, fn func(tx *bolt.Tx) error) error {
 
 // CreateNode implements Store.
 func (s *Bolt) CreateNode(ctx context.Context, n Node) error {
-	return s.update(ctx, func(tx *bolt.Tx) error {
-		nodes, eks := tx.Bucket(bucketNodes), tx.Bucket(bucketEKs)
-		if nodes.Get([]byte(n.Name)) != nil {
-			return fmt.Errorf("node %q: %w", n.Name, ErrExists)
-		}
-		if owner := eks.Get([]byte(n.EKFingerprint)); owner != nil {
-			return fmt.Errorf("EK %s is enrolled as node %q: %w", short(n.EKFingerprint), owner, ErrExists)
-		}
-		if err := eks.Put([]byte(n.EKFingerprint), []byte(n.Name)); err != nil {
-			return err
-		}
-		return put(nodes, []byte(n.Name), n)
-	})
+	return s.update(ctx, func(tx *bolt.Tx) error { return createNode(tx, n) })
 }
 
 // GetNode implements Store.
@@ -176,13 +164,6 @@ func (s *Bolt) DeleteNode(ctx context.Context, name string) error {
 			return err
 		}
 		return tx.Bucket(bucketNodes).Delete([]byte(name))
-	})
-}
-
-// PutEnrollment implements Store.
-func (s *Bolt) PutEnrollment(ctx context.Context, e Enrollment) error {
-	return s.update(ctx, func(tx *bolt.Tx) error {
-		return put(tx.Bucket(bucketEnroll), []byte(e.ID), e)
 	})
 }
 
@@ -292,6 +273,35 @@ func (s *Bolt) Appraise(ctx context.Context, node string, nonce SpentNonce, now 
 	return n, err
 }
 
+// NodeSessions implements Store.
+func (s *Bolt) NodeSessions(ctx context.Context, node string, now time.Time) ([]Session, error) {
+	var out []Session
+	err := s.view(ctx, func(tx *bolt.Tx) error {
+		var err error
+		out, err = nodeSessions(tx, node, now)
+		return err
+	})
+	return out, err
+}
+
+// Stats implements Store.
+func (s *Bolt) Stats(ctx context.Context, now time.Time) (Stats, error) {
+	var st Stats
+	err := s.view(ctx, func(tx *bolt.Tx) error {
+		st.Bytes = tx.Size()
+		return tx.Bucket(bucketSessions).ForEach(func(_, v []byte) error {
+			var sess struct {
+				Expires time.Time `json:"expires"`
+			}
+			if json.Unmarshal(v, &sess) == nil && now.Before(sess.Expires) {
+				st.LiveSessions++
+			}
+			return nil
+		})
+	})
+	return st, err
+}
+
 // nodeSessions returns a node's sessions that have not expired.
 func nodeSessions(tx *bolt.Tx, node string, now time.Time) ([]Session, error) {
 	idx, sessions := tx.Bucket(bucketNodeSess), tx.Bucket(bucketSessions)
@@ -386,7 +396,7 @@ func (s *Bolt) Expire(ctx context.Context, now, pendingBefore time.Time) error {
 				return err
 			}
 		}
-		return nil
+		return expirePending(tx, now)
 	})
 }
 
@@ -615,11 +625,4 @@ func (s *Bolt) ListAudit(ctx context.Context, f AuditFilter) ([]AuditEvent, erro
 		out[i], out[j] = out[j], out[i]
 	}
 	return out, err
-}
-
-func short(hexs string) string {
-	if len(hexs) > 12 {
-		return hexs[:12] + ".."
-	}
-	return hexs
 }

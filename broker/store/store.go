@@ -19,6 +19,10 @@ var (
 	ErrExists   = errors.New("already exists")
 	// ErrNonceSpent means a challenge was already answered.
 	ErrNonceSpent = errors.New("nonce already used")
+	// ErrLimit is a bound on records an unauthenticated caller can create.
+	ErrLimit = errors.New("limit reached")
+	// ErrJoinToken is a join token that is unknown, used or expired.
+	ErrJoinToken = errors.New("join token invalid, expired or already used")
 )
 
 // NodeState mirrors the API's node states.
@@ -30,7 +34,9 @@ const (
 	NodeRevoked NodeState = "revoked"
 )
 
-// Node is an enrolled (or pending) node. Its identity is its EK.
+// Node is an enrolled node. Its identity is its EK. (State pending is
+// only found in databases written before pending enrollments were kept
+// apart, see PendingEnrollment.)
 type Node struct {
 	Name          string `json:"name"`
 	EKFingerprint string `json:"ekFingerprint"`
@@ -56,6 +62,44 @@ type Node struct {
 	// LastFacts are the facts of the last accepted evidence (JSON), for
 	// drafting policies from a known-good node.
 	LastFacts json.RawMessage `json:"lastFacts,omitempty"`
+	// LastSeen is when the broker last appraised evidence the node's AK
+	// signed, accepted or not.
+	LastSeen time.Time `json:"lastSeen,omitzero"`
+	// CertifiedTagDigest is the tag digest the node's TPM certified in its
+	// last accepted evidence.
+	CertifiedTagDigest []byte `json:"certifiedTagDigest,omitempty"`
+	// Status is what was last recorded as true of the node (trusted,
+	// untrusted, stale, revoked, pending), why, and since when; History
+	// keeps the latest changes, oldest first.
+	Status       string         `json:"status,omitempty"`
+	StatusReason string         `json:"statusReason,omitempty"`
+	StatusSince  time.Time      `json:"statusSince,omitzero"`
+	History      []StatusChange `json:"history,omitempty"`
+}
+
+// StatusChange is one entry of a node's status history.
+type StatusChange struct {
+	Time   time.Time `json:"time"`
+	Status string    `json:"status"`
+	Reason string    `json:"reason,omitempty"`
+}
+
+// PendingEnrollment is an enrollment whose credential activation
+// succeeded but that nothing admitted yet (no join token): it waits for an
+// admin to approve its EK. It is not a node: it holds no name and no EK, so
+// a token-backed enrollment of either supersedes it, and several may name
+// the same node.
+type PendingEnrollment struct {
+	// Node is the node it would become (State pending, EnrolledAt the
+	// time credential activation succeeded).
+	Node    Node      `json:"node"`
+	Expires time.Time `json:"expires"`
+}
+
+// PendingLimits bound pending enrollments; zero means unbounded.
+type PendingLimits struct {
+	Total   int
+	PerName int
 }
 
 // Enrollment is a credential activation in flight.
@@ -63,7 +107,11 @@ type Enrollment struct {
 	ID         string `json:"id"`
 	Node       Node   `json:"node"`
 	SecretHash []byte `json:"secretHash"`
-	Approved   bool   `json:"approved"`
+	// Approved admits the node without an admin once credential
+	// activation succeeds (a join token, or a certified EK where the broker
+	// is configured to trust certificates alone); otherwise it becomes a
+	// pending enrollment.
+	Approved bool `json:"approved"`
 	// JoinTokenHash is the join token that will admit the node once
 	// credential activation succeeds; it is spent only then.
 	JoinTokenHash []byte    `json:"joinTokenHash,omitempty"`
@@ -107,6 +155,14 @@ type Session struct {
 	Facts   json.RawMessage `json:"facts,omitempty"`
 	Created time.Time       `json:"created"`
 	Expires time.Time       `json:"expires"`
+}
+
+// Stats are counts for metrics.
+type Stats struct {
+	// LiveSessions counts unexpired sessions.
+	LiveSessions int
+	// Bytes is the size of the store.
+	Bytes int64
 }
 
 // Key is one version of a wrapping key. The private part is sealed under
@@ -162,9 +218,34 @@ type Store interface {
 	// can enroll again.
 	DeleteNode(ctx context.Context, name string) error
 
-	PutEnrollment(ctx context.Context, e Enrollment) error
+	// PutEnrollment records a credential activation in flight; ErrLimit
+	// when limit (> 0) enrollments not yet expired at now are in flight.
+	PutEnrollment(ctx context.Context, e Enrollment, limit int, now time.Time) error
 	// TakeEnrollment returns and deletes it, so a challenge answers once.
 	TakeEnrollment(ctx context.Context, id string) (Enrollment, error)
+
+	// EnrollNode creates an active node, spending the join token
+	// joinTokenHash (when not nil) in the same transaction, and drops every
+	// pending enrollment of that name or EK. ErrExists if the name or the
+	// EK is a node, ErrJoinToken if the token is unknown or expired at now;
+	// either way nothing changes.
+	EnrollNode(ctx context.Context, n Node, joinTokenHash []byte, now time.Time) error
+	// AddPending records an enrollment waiting for admin approval,
+	// replacing a pending one of the same EK. ErrExists if the name or the
+	// EK is a node; ErrLimit if lim would be exceeded (entries expired at
+	// now do not count).
+	AddPending(ctx context.Context, p PendingEnrollment, lim PendingLimits, now time.Time) error
+	// ListPending returns the pending enrollments not expired at now,
+	// oldest first.
+	ListPending(ctx context.Context, now time.Time) ([]PendingEnrollment, error)
+	// ApprovePending makes the pending enrollment of name with EK
+	// fingerprint fp an active node and drops every other pending
+	// enrollment of that name or EK. ErrNotFound if no such enrollment is
+	// pending at now; ErrExists if the name or EK became a node meanwhile.
+	ApprovePending(ctx context.Context, name, fp string, now time.Time) (Node, error)
+	// DeletePending drops the pending enrollment of name with EK
+	// fingerprint fp; ErrNotFound if there is none.
+	DeletePending(ctx context.Context, name, fp string) error
 
 	PutJoinToken(ctx context.Context, hash []byte, expires time.Time) error
 	// ConsumeJoinToken deletes the token and reports whether it was valid.
@@ -181,11 +262,15 @@ type Store interface {
 	Appraise(ctx context.Context, node string, nonce SpentNonce, now time.Time, fn func(n *Node, live []Session) (Outcome, error)) (Node, error)
 
 	GetSession(ctx context.Context, tokenHash []byte) (Session, error)
+	// NodeSessions returns a node's sessions that have not expired at now.
+	NodeSessions(ctx context.Context, node string, now time.Time) ([]Session, error)
+	// Stats counts what the store holds, for metrics.
+	Stats(ctx context.Context, now time.Time) (Stats, error)
 	// DeleteNodeSessions ends every session of a node.
 	DeleteNodeSessions(ctx context.Context, node string) error
-	// Expire drops spent nonces, sessions, enrollments and join tokens past their
-	// expiry, and pending nodes enrolled before pendingBefore, so an
-	// unapproved enrollment cannot hold a name or an EK forever.
+	// Expire drops spent nonces, sessions, enrollments, pending enrollments
+	// and join tokens past their expiry, and pending nodes (from databases
+	// older than PendingEnrollment) enrolled before pendingBefore.
 	Expire(ctx context.Context, now, pendingBefore time.Time) error
 
 	// CreateKey fails with ErrExists if that name and version exist.

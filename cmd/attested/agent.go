@@ -14,9 +14,11 @@ import (
 	"time"
 
 	keyproviderpb "github.com/containers/ocicrypt/utils/keyprovider"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 
+	"github.com/attested-dev/attested/attest"
 	"github.com/attested-dev/attested/attest/localfile"
 	"github.com/attested-dev/attested/keyprovider"
 )
@@ -66,10 +68,23 @@ func runAgent(c *config, listen string) error {
 	if err != nil {
 		return fmt.Errorf("agent: listen: %w", err)
 	}
-	g := grpc.NewServer(grpc.MaxRecvMsgSize(keyprovider.MaxRequest))
-	keyproviderpb.RegisterKeyProviderServiceServer(g, &keyprovider.Service{Handler: h, Timeout: c.Timeout})
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	opts := []grpc.ServerOption{grpc.MaxRecvMsgSize(keyprovider.MaxRequest)}
+	if c.MetricsListen != "" {
+		reg := prometheus.NewRegistry()
+		m := keyprovider.NewMetrics(reg)
+		opts = append(opts, grpc.UnaryInterceptor(m.Interceptor()))
+		attest.QuoteHook = m.Quoted
+		if nu, ok := h.Unwrapper.(*keyprovider.NodeUnwrapper); ok {
+			nu.Sessions.Observe = m.Attested
+		}
+		if _, err := serveMetrics(ctx, c.MetricsListen, reg, log); err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+	}
+	g := grpc.NewServer(opts...)
+	keyproviderpb.RegisterKeyProviderServiceServer(g, &keyprovider.Service{Handler: h, Timeout: c.Timeout})
 	if nu, ok := h.Unwrapper.(*keyprovider.NodeUnwrapper); ok {
 		go reattest(ctx, log, nu, c.Reattest, c.Timeout)
 	} else {

@@ -108,7 +108,10 @@ directory. Restart 'broker serve' afterwards, then move ca-key.pem offline.`,
 
 	var ekRoots []string
 	var requireEK bool
-	var sessionTTL, nonceTTL time.Duration
+	var sessionTTL, nonceTTL, staleAfter, pendingTTL time.Duration
+	var maxPending, maxPendingPerName, maxInFlight int
+	var metricsListen string
+	var approveCertified bool
 	var applyLimits func(*broker.Config)
 	serveCmd := &cobra.Command{
 		Use:   "serve",
@@ -138,6 +141,27 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 				if fl.Changed("nonce-ttl") {
 					c.NonceTTL = nonceTTL
 				}
+				if fl.Changed("metrics-listen") {
+					c.MetricsListen = metricsListen
+				}
+				if fl.Changed("stale-after") {
+					c.StaleAfter = staleAfter
+				}
+				if fl.Changed("pending-ttl") {
+					c.PendingTTL = pendingTTL
+				}
+				if fl.Changed("max-pending") {
+					c.MaxPending = maxPending
+				}
+				if fl.Changed("max-pending-per-name") {
+					c.MaxPendingPerName = maxPendingPerName
+				}
+				if fl.Changed("max-enrollments-in-flight") {
+					c.MaxEnrollmentsInFlight = maxInFlight
+				}
+				if fl.Changed("approve-certified-eks") {
+					c.ApproveCertifiedEKs = approveCertified
+				}
 				applyLimits(c)
 			})
 		},
@@ -146,6 +170,13 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 	serveCmd.Flags().BoolVar(&requireEK, "require-ek-certificate", false, "refuse TPMs without an EK certificate chaining to --ek-roots (broker.yaml: requireEKCertificate, which init sets to true); when false, serve warns of the risk at start")
 	serveCmd.Flags().DurationVar(&sessionTTL, "session-ttl", broker.DefaultSessionTTL, "how long one appraisal serves unwraps (broker.yaml: sessionTTL)")
 	serveCmd.Flags().DurationVar(&nonceTTL, "nonce-ttl", broker.DefaultNonceTTL, "how long a node has to answer a challenge (broker.yaml: nonceTTL)")
+	serveCmd.Flags().StringVar(&metricsListen, "metrics-listen", broker.DefaultMetricsListen, "serve Prometheus metrics over HTTP on this address; 'off' to serve none (broker.yaml: metricsListen)")
+	serveCmd.Flags().DurationVar(&staleAfter, "stale-after", broker.DefaultStaleAfter, "a node without evidence for this long is stale (broker.yaml: staleAfter)")
+	serveCmd.Flags().DurationVar(&pendingTTL, "pending-ttl", broker.DefaultPendingTTL, "how long an enrollment waits for approval (broker.yaml: pendingTTL)")
+	serveCmd.Flags().IntVar(&maxPending, "max-pending", broker.DefaultMaxPending, "enrollments waiting for approval, at most (broker.yaml: maxPending)")
+	serveCmd.Flags().IntVar(&maxPendingPerName, "max-pending-per-name", broker.DefaultMaxPendingPerName, "enrollments waiting for approval under one name, at most (broker.yaml: maxPendingPerName)")
+	serveCmd.Flags().IntVar(&maxInFlight, "max-enrollments-in-flight", broker.DefaultMaxEnrollmentsInFlight, "credential activation challenges open at once, at most (broker.yaml: maxEnrollmentsInFlight)")
+	serveCmd.Flags().BoolVar(&approveCertified, "approve-certified-eks", false, "admit TPMs whose EK certificate chains to ekRoots without approval; only when ekRoots is your own provisioning CA (broker.yaml: approveCertifiedEKs)")
 	applyLimits = limitFlags(serveCmd.Flags())
 	for _, c := range []*cobra.Command{initCmd, serveCmd, issueSignerCmd} {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/attested-broker", "broker data directory")
@@ -153,7 +184,7 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 	for _, c := range []*cobra.Command{initCmd, serveCmd} {
 		c.Flags().StringVar(&listen, "listen", "", "TLS gRPC listen address (default from broker.yaml, "+broker.DefaultListen+")")
 	}
-	cmd.AddCommand(initCmd, serveCmd, issueSignerCmd)
+	cmd.AddCommand(initCmd, serveCmd, issueSignerCmd, issueEARKeyCmd())
 	return cmd
 }
 
@@ -176,6 +207,11 @@ func serveBroker(dataDir string, flags func(*broker.Config)) error {
 	defer stop()
 	g := srv.GRPCServer(cert)
 	lis = srv.LimitListener(lis)
+	if addr := srv.Config().MetricsListen; addr != "off" {
+		if _, err := serveMetrics(ctx, addr, srv.Metrics(), log); err != nil {
+			return fmt.Errorf("broker: %w", err)
+		}
+	}
 	go srv.Run(ctx)
 	go func() {
 		<-ctx.Done()

@@ -36,6 +36,7 @@ type config struct {
 	Reattest       time.Duration `yaml:"reattest"`
 	EventLog       string        `yaml:"eventLog"`
 	IMALog         string        `yaml:"imaLog"`
+	MetricsListen  string        `yaml:"metricsListen"`
 }
 
 // Kernel locations of the logs a device TPM's node sends by default.
@@ -91,6 +92,7 @@ func configFlags(fs *pflag.FlagSet, c *config) {
 	fs.DurationVar(&c.Timeout, "timeout", c.Timeout, "bound on one keyprovider request, TPM and broker calls included")
 	fs.DurationVar(&c.Reattest, "reattest", c.Reattest, "agent re-attestation period")
 	fs.StringVar(&c.EventLog, "event-log", c.EventLog, "firmware event log sent with quotes (default for /dev TPMs: "+kernelEventLog+"; 'none' to send none)")
+	fs.StringVar(&c.MetricsListen, "metrics-listen", c.MetricsListen, "agent: serve Prometheus metrics on this address (e.g. 127.0.0.1:9465); off when empty")
 	fs.StringVar(&c.IMALog, "ima-log", c.IMALog, "IMA measurement list sent with quotes (default for /dev TPMs: "+kernelIMALog+"; 'none' to send none)")
 }
 

@@ -100,10 +100,7 @@ func TestExampleOcicryptConfigs(t *testing.T) {
 // pendingFlags are flags that other changes of the same hardening issue add
 // in parallel; the examples are written for them. They are tolerated only
 // while this tree lacks them: delete an entry once its change is merged.
-var pendingFlags = map[string][]string{
-	"attested node enroll":       {"join-token-file"},
-	"attested node token create": {"output"},
-}
+var pendingFlags = map[string][]string{}
 
 // secretFlags would put a secret on a command line, where every local user
 // reads it (/proc/PID/cmdline).
@@ -1357,14 +1354,7 @@ func TestExampleKubernetesAgentEnrolls(t *testing.T) {
 
 	// The token: a file in an optional Secret (deleted once the nodes are
 	// enrolled), read-only, for root only, mounted in this step alone.
-	// (Read from the command line: while --join-token-file is pending,
-	// the parsed command does not hold it.)
-	var tokenFile string
-	for i, a := range cmds[0] {
-		if a == "--join-token-file" && i+1 < len(cmds[0]) {
-			tokenFile = cmds[0][i+1]
-		}
-	}
+	tokenFile, _ := cmd.Flags().GetString("join-token-file")
 	require.True(t, strings.HasSuffix(tokenFile, "/$NODE_NAME"), "enroll: the token is the Secret's key named for the node: %s", tokenFile)
 	m, ok = mountOf(enroll, tokenFile)
 	require.True(t, ok, "enroll: %s is on no volume", tokenFile)

@@ -43,6 +43,7 @@ func newRootConfig() (*cobra.Command, *config) {
 		keyCmd(&cfg),
 		policyCmd(&cfg),
 		auditCmd(&cfg),
+		earCmd(&cfg),
 		labelerCmd(),
 	)
 	return root, &cfg

@@ -2,47 +2,78 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/attested-dev/attested/attest"
+	"github.com/attested-dev/attested/broker"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 )
 
 func nodeCmd(c *config) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "Enroll and attest this node; manage nodes (admin)"}
-	var joinToken string
+	var joinTokenFile, argvToken string
 	enroll := &cobra.Command{
 		Use:   "enroll",
 		Short: "Enroll this node's TPM (EK and a new attestation key) with the broker",
-		Args:  cobra.NoArgs,
+		Long: `Enroll this node's TPM: its EK (and EK certificate, when the TPM has one) and a
+new attestation key, proven to live in the same TPM by credential activation.
+
+With a join token ('attested node token create') the node is active at once.
+Give the token in a file (--join-token-file PATH, '-' for stdin; the file must
+not be readable by other users) or in the environment (` + joinTokenEnv + `),
+never on the command line, where every local user can read it.
+
+Without a token the enrollment waits for an admin: it prints this TPM's EK
+fingerprint, which the admin compares with what 'attested node list --pending'
+shows before running 'attested node approve NAME --ek SHA256:...'.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cmd.Flags().Changed("join-token") {
+				return errArgvToken
+			}
+			tok, err := joinToken(joinTokenFile, cmd.InOrStdin())
+			if err != nil {
+				return err
+			}
 			return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error {
 				info, err := b.Info(ctx, &apiv1.InfoRequest{})
 				if err != nil {
 					return err
 				}
-				st, n, err := attest.Enroll(ctx, b, t, attest.EnrollOptions{Name: c.Name, JoinToken: joinToken, BrokerID: info.GetBrokerId()})
+				st, n, err := attest.Enroll(ctx, b, t, attest.EnrollOptions{Name: c.Name, JoinToken: tok, BrokerID: info.GetBrokerId()})
 				if err != nil {
 					return err
 				}
 				if err := st.Save(c.StateDir); err != nil {
 					return err
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "node %s enrolled with broker %s (EK %s)\n", n.GetName(), info.GetBrokerId(), short(n.GetEkFingerprint()))
+				w := cmd.OutOrStdout()
+				fp := fingerprint(n.GetEkFingerprint())
 				if n.GetState() == apiv1.NodeState_NODE_STATE_PENDING {
-					fmt.Fprintf(cmd.OutOrStdout(), "waiting for approval (EK certificate: %s): an admin runs 'attested node approve %s'\n", ekTrust(n.GetEkIssuer()), n.GetName())
+					fmt.Fprintf(w, "node %s enrolled with broker %s: waiting for approval until %s\n", n.GetName(), info.GetBrokerId(), unixTime(n.GetPendingExpiresUnix()))
+				} else {
+					fmt.Fprintf(w, "node %s enrolled with broker %s: %s\n", n.GetName(), info.GetBrokerId(), stateName(n.GetState()))
+				}
+				fmt.Fprintf(w, "  EK:             %s\n", fp)
+				fmt.Fprintf(w, "  EK certificate: %s\n", ekTrust(n.GetEkIssuer()))
+				if n.GetState() == apiv1.NodeState_NODE_STATE_PENDING {
+					fmt.Fprintf(w, "An admin checks that this EK fingerprint is this machine's and approves it:\n  attested node approve %s --ek %s\n", n.GetName(), fp)
 				}
 				return nil
 			})
 		},
 	}
-	enroll.Flags().StringVar(&joinToken, "join-token", "", "single-use join token from 'attested node token create' (else admin approval is needed)")
-	var explain bool
+	enroll.Flags().StringVar(&joinTokenFile, "join-token-file", "", "file holding a single-use join token from 'attested node token create' ('-' for stdin; env "+joinTokenEnv+"); without one, an admin approves the EK")
+	enroll.Flags().StringVar(&argvToken, "join-token", "", "refused: use --join-token-file or "+joinTokenEnv)
+	enroll.Flags().MarkHidden("join-token")
+	var explain, earOut bool
 	attestNow := &cobra.Command{
 		Use:   "attest",
 		Short: "Attest once: quote the PCRs and have the broker appraise them",
@@ -57,6 +88,12 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 					return err
 				}
 				w := cmd.OutOrStdout()
+				if earOut { // stdout carries the EAR alone, for a pipe or a file
+					if err := nodeEAR(ctx, w, cmd.ErrOrStderr(), b, st.Broker, s.EAR); err != nil {
+						return err
+					}
+					w = cmd.ErrOrStderr()
+				}
 				fmt.Fprintf(w, "node %s attested: quote verified by broker %s; session valid until %s (TPM reset %d, restart %d)\n",
 					st.Name, st.Broker, s.Expires.UTC().Format(time.RFC3339), s.ResetCount, s.RestartCount)
 				if !explain {
@@ -76,7 +113,9 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 		},
 	}
 	attestNow.Flags().BoolVar(&explain, "explain", false, "show the full appraisal, clause by clause")
+	attestNow.Flags().BoolVar(&earOut, "ear", false, "print the broker's signed attestation result (EAR JWT), checked with the broker's JWK Set, alone on standard output (the rest goes to standard error)")
 	var ttl time.Duration
+	var tokenOut string
 	token := &cobra.Command{Use: "token", Short: "Join tokens (admin)"}
 	tokenCreate := &cobra.Command{
 		Use: "create", Short: "Create a single-use join token", Args: cobra.NoArgs,
@@ -86,12 +125,21 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 				if err != nil {
 					return err
 				}
-				fmt.Fprintln(cmd.OutOrStdout(), r.GetToken())
+				if tokenOut == "" {
+					fmt.Fprintln(cmd.OutOrStdout(), r.GetToken())
+					return nil
+				}
+				if err := writeSecretFile(tokenOut, r.GetToken()+"\n"); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "join token written to %s (mode 0600), valid until %s; on the node: attested node enroll --join-token-file FILE\n",
+					tokenOut, unixTime(r.GetExpiresUnix()))
 				return nil
 			})
 		},
 	}
 	tokenCreate.Flags().DurationVar(&ttl, "ttl", time.Hour, "token lifetime")
+	tokenCreate.Flags().StringVarP(&tokenOut, "output", "o", "", "write the token to this new file (mode 0600) instead of stdout")
 	token.AddCommand(tokenCreate)
 	stateChange := func(use, short string, call func(context.Context, apiv1.AdminClient, string) (*apiv1.Node, error)) *cobra.Command {
 		return &cobra.Command{
@@ -108,39 +156,100 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 			},
 		}
 	}
-	approve := stateChange("approve", "Approve an enrolled node (admin)", func(ctx context.Context, a apiv1.AdminClient, n string) (*apiv1.Node, error) {
-		return a.ApproveNode(ctx, &apiv1.NodeRequest{Name: n})
-	})
-	removeNode := &cobra.Command{
-		Use: "remove NAME", Short: "Remove a node, so its TPM (EK) can enroll again (admin)", Args: cobra.ExactArgs(1),
+	var approveEK string
+	approve := &cobra.Command{
+		Use:   "approve NAME --ek SHA256:...",
+		Short: "Approve a pending enrollment, naming its TPM by EK fingerprint (admin)",
+		Long: `Approve the enrollment waiting under NAME whose EK fingerprint is the one given:
+the fingerprint 'attested node enroll' printed on the machine. Anyone can make
+an enrollment wait under any name, so compare the fingerprint with the one the
+machine showed you before approving; 'attested node list --pending' shows what
+waits. Other enrollments waiting under NAME are dropped.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
-				n, err := a.RemoveNode(ctx, &apiv1.NodeRequest{Name: args[0]})
+				n, err := a.ApproveNode(ctx, &apiv1.NodeRequest{Name: args[0], EkFingerprint: approveEK})
 				if err != nil {
 					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s is now %s (EK %s, EK certificate %s)\n", n.GetName(), stateName(n.GetState()),
+					fingerprint(n.GetEkFingerprint()), ekTrust(n.GetEkIssuer()))
+				return nil
+			})
+		},
+	}
+	approve.Flags().StringVar(&approveEK, "ek", "", "EK fingerprint (SHA256:...) the node printed at enrollment (required)")
+	var removeEK string
+	removeNode := &cobra.Command{
+		Use:   "remove NAME [--ek SHA256:...]",
+		Short: "Remove a node, so its TPM (EK) can enroll again, or reject a pending enrollment (admin)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
+				n, err := a.RemoveNode(ctx, &apiv1.NodeRequest{Name: args[0], EkFingerprint: removeEK})
+				if err != nil {
+					return err
+				}
+				if n.GetState() == apiv1.NodeState_NODE_STATE_PENDING {
+					fmt.Fprintf(cmd.OutOrStdout(), "pending enrollment of node %s with EK %s rejected\n", n.GetName(), fingerprint(n.GetEkFingerprint()))
+					return nil
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "node %s removed; its EK may enroll again\n", n.GetName())
 				return nil
 			})
 		},
 	}
+	removeNode.Flags().StringVar(&removeEK, "ek", "", "EK fingerprint: reject the enrollment of NAME waiting with this EK (or remove node NAME only if it has this EK)")
 	revoke := stateChange("revoke", "Revoke a node at once: its sessions end (admin)", func(ctx context.Context, a apiv1.AdminClient, n string) (*apiv1.Node, error) {
 		return a.RevokeNode(ctx, &apiv1.NodeRequest{Name: n})
 	})
+	var onlyPending bool
 	list := &cobra.Command{
-		Use: "list", Short: "List nodes and their trust status (admin)", Args: cobra.NoArgs,
+		Use: "list", Short: "List nodes and their trust status, and enrollments waiting for approval (admin)", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
 				r, err := a.ListNodes(ctx, &apiv1.ListNodesRequest{})
 				if err != nil {
 					return err
 				}
-				var rows [][]string
-				for _, n := range r.GetNodes() {
-					rows = append(rows, []string{n.GetName(), stateName(n.GetState()), dash(n.GetTrust()), unixTime(n.GetLastAttestedUnix()),
-						sortedTags(n.GetTags()), short(n.GetEkFingerprint()), ekTrust(n.GetEkIssuer()), dash(n.GetTrustReason())})
+				w := cmd.OutOrStdout()
+				if !onlyPending {
+					var rows [][]string
+					for _, n := range r.GetNodes() {
+						rows = append(rows, []string{n.GetName(), dash(n.GetStatus()), unixTime(n.GetStatusSinceUnix()), unixTime(n.GetLastAttestedUnix()),
+							sortedTags(n.GetTags()), short(n.GetEkFingerprint()), ekTrust(n.GetEkIssuer()), dash(n.GetStatusReason())})
+					}
+					table(w, "NAME\tSTATUS\tSINCE\tLAST ATTESTED\tTAGS\tEK\tEK CERTIFICATE\tREASON", rows)
+					if len(r.GetPending()) == 0 {
+						return nil
+					}
+					fmt.Fprintln(w)
 				}
-				table(cmd.OutOrStdout(), "NAME\tSTATE\tTRUST\tLAST ATTESTED\tTAGS\tEK\tEK CERTIFICATE\tREASON", rows)
+				if len(r.GetPending()) == 0 {
+					fmt.Fprintln(w, "no enrollment is waiting for approval")
+					return nil
+				}
+				fmt.Fprintln(w, "Waiting for approval ('attested node approve NAME --ek EK' once the EK is the machine's):")
+				var rows [][]string
+				for _, n := range r.GetPending() {
+					rows = append(rows, []string{n.GetName(), fingerprint(n.GetEkFingerprint()), ekTrust(n.GetEkIssuer()),
+						unixTime(n.GetEnrolledUnix()), unixTime(n.GetPendingExpiresUnix())})
+				}
+				table(w, "NAME\tEK\tEK CERTIFICATE\tENROLLED\tEXPIRES", rows)
+				return nil
+			})
+		},
+	}
+	list.Flags().BoolVar(&onlyPending, "pending", false, "list only enrollments waiting for approval")
+	show := &cobra.Command{
+		Use: "show NAME", Short: "Show a node: status, last evidence, sessions, status history (admin)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
+				d, err := a.GetNode(ctx, &apiv1.NodeRequest{Name: args[0]})
+				if err != nil {
+					return err
+				}
+				printNode(cmd.OutOrStdout(), d)
 				return nil
 			})
 		},
@@ -206,8 +315,34 @@ certifiedTags: true accepts tags only as this TPM attests them.`,
 			})
 		},
 	})
-	cmd.AddCommand(enroll, attestNow, token, approve, revoke, removeNode, list, tag, tags)
+	cmd.AddCommand(enroll, attestNow, token, approve, revoke, removeNode, list, show, tag, tags)
 	return cmd
+}
+
+// printNode prints what node show shows.
+func printNode(w io.Writer, d *apiv1.NodeDetail) {
+	n := d.GetNode()
+	fmt.Fprintf(w, "node %s\n", n.GetName())
+	fmt.Fprintf(w, "  status:        %s since %s\n", dash(n.GetStatus()), unixTime(n.GetStatusSinceUnix()))
+	fmt.Fprintf(w, "  reason:        %s\n", dash(n.GetStatusReason()))
+	fmt.Fprintf(w, "  enrolled:      %s (state %s)\n", unixTime(n.GetEnrolledUnix()), stateName(n.GetState()))
+	fmt.Fprintf(w, "  EK:            %s (EK certificate %s)\n", fingerprint(n.GetEkFingerprint()), ekTrust(n.GetEkIssuer()))
+	fmt.Fprintf(w, "  tags:          %s (version %d)\n", sortedTags(n.GetTags()), n.GetTagsVersion())
+	fmt.Fprintf(w, "  TPM-certified: %s\n", sortedTags(n.GetCertifiedTags()))
+	fmt.Fprintf(w, "\nlast accepted evidence: %s\n", unixTime(d.GetLastEvidenceUnix()))
+	for _, l := range d.GetEvidence() {
+		fmt.Fprintf(w, "  %s\n", l)
+	}
+	fmt.Fprintf(w, "\nlive sessions: %d\n", len(d.GetSessions()))
+	for _, s := range d.GetSessions() {
+		fmt.Fprintf(w, "  opened %s, expires %s\n", unixTime(s.GetCreatedUnix()), unixTime(s.GetExpiresUnix()))
+	}
+	fmt.Fprintln(w, "\nstatus history:")
+	var rows [][]string
+	for _, h := range d.GetHistory() {
+		rows = append(rows, []string{"  " + unixTime(h.GetTimeUnix()), h.GetStatus(), h.GetReason()})
+	}
+	table(w, "  TIME\tSTATUS\tREASON", rows)
 }
 
 func stateName(s apiv1.NodeState) string {
@@ -287,5 +422,84 @@ func ekTrust(issuer string) string {
 	if issuer == "" {
 		return "unverified"
 	}
-	return "verified (" + issuer + ")"
+	return "verified (issuer " + issuer + ")"
+}
+
+// fingerprint is an EK fingerprint in full, as approvals name it.
+func fingerprint(hex string) string { return broker.DisplayFingerprint(hex) }
+
+// joinTokenEnv carries a join token for 'node enroll'.
+const joinTokenEnv = "ATTESTED_JOIN_TOKEN"
+
+var errArgvToken = errors.New("--join-token is no longer accepted: a secret on the command line is readable by every local user (/proc/PID/cmdline); give the token with --join-token-file PATH ('-' for stdin) or in " + joinTokenEnv)
+
+// maxJoinToken bounds what is read as a join token (tokens are ~52 bytes).
+const maxJoinToken = 4 << 10
+
+// joinToken reads the join token from file ('-' is stdin) or the
+// environment; "" when neither is given (enrollment then waits for
+// approval).
+func joinToken(file string, stdin io.Reader) (string, error) {
+	env, inEnv := os.LookupEnv(joinTokenEnv)
+	var raw []byte
+	switch {
+	case file != "" && inEnv:
+		return "", fmt.Errorf("join token given twice: --join-token-file and %s; give one", joinTokenEnv)
+	case file == "-":
+		b, err := io.ReadAll(io.LimitReader(stdin, maxJoinToken+1))
+		if err != nil {
+			return "", fmt.Errorf("join token from stdin: %w", err)
+		}
+		raw = b
+	case file != "":
+		b, err := readPrivateFile(file, maxJoinToken+1)
+		if err != nil {
+			return "", fmt.Errorf("join token: %w", err)
+		}
+		raw = b
+	case inEnv:
+		raw = []byte(env)
+	default:
+		return "", nil
+	}
+	if len(raw) > maxJoinToken {
+		return "", fmt.Errorf("join token: more than %d bytes; is that the token file?", maxJoinToken)
+	}
+	tok := strings.TrimSpace(string(raw))
+	if tok == "" || strings.ContainsAny(tok, " \t\r\n") {
+		return "", errors.New("join token: want the one line 'attested node token create' printed")
+	}
+	return tok, nil
+}
+
+// readPrivateFile reads up to limit bytes of a file that no other user
+// may read: a secret in a group- or world-readable file is not one.
+func readPrivateFile(path string, limit int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if fi.Mode().IsRegular() && fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("%s is accessible to other users (mode %04o); chmod 600 it (or pass the token on stdin)", path, fi.Mode().Perm())
+	}
+	return io.ReadAll(io.LimitReader(f, limit))
+}
+
+// writeSecretFile creates path (it must not exist) with mode 0600.
+func writeSecretFile(path, data string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(data); err != nil {
+		f.Close()
+		os.Remove(path)
+		return err
+	}
+	return f.Close()
 }

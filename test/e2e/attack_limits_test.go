@@ -30,7 +30,10 @@ func brokerOnly(t *testing.T, brokerConfig string) *world {
 	t.Helper()
 	dir, err := os.MkdirTemp(shared.dir, "w")
 	require.NoError(t, err)
-	w := &world{t: t, dir: dir, brokerExtra: withSwtpmRoots(t, dir, brokerConfig)}
+	w := &world{t: t, dir: dir, brokerExtra: ekTrust(t, true)}
+	if brokerConfig != "" {
+		w.brokerExtra += "---\n" + brokerConfig
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			w.dumpLogs()

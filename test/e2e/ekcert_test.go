@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -15,21 +14,12 @@ import (
 	"github.com/attested-dev/attested/test/swtpm"
 )
 
-// trustSwtpmCA is broker configuration trusting the suite's swtpm CA (never
-// trusted by default); broker init already requires EK certificates.
-func trustSwtpmCA() string {
-	return fmt.Sprintf("ekRoots:\n  - %s\n  - %s\n",
-		filepath.Join(shared.ca.Dir, "swtpm-localca-rootca-cert.pem"), filepath.Join(shared.ca.Dir, "issuercert.pem"))
-}
-
 // TestEKCertificateChainsToSwtpmCA: swtpm_setup --create-ek-cert gives the
 // TPM an EK certificate from the suite's CA; a broker configured with that
 // CA enrolls it and says so; a TPM whose certificate another CA issued is
 // refused.
 func TestEKCertificateChainsToSwtpmCA(t *testing.T) {
-	// swtpm_localca creates the CA when it first signs; make sure it has.
-	swtpm.Start(t, shared.ca, filepath.Join(t.TempDir(), "tpm")).Stop()
-	w := newWorld(t, worldOptions{noImage: true, brokerConfig: trustSwtpmCA()})
+	w := newWorld(t, worldOptions{noImage: true, brokerConfig: ekTrust(t, true)})
 	var reasons []string
 	for _, e := range w.audit("--kind", "enroll") {
 		reasons = append(reasons, e.Reason)
@@ -39,8 +29,7 @@ func TestEKCertificateChainsToSwtpmCA(t *testing.T) {
 	other, err := swtpm.NewCA(filepath.Join(w.dir, "other-ca"))
 	require.NoError(t, err)
 	rogue := w.newNodeWithCA("rogue", other)
-	tok := strings.TrimSpace(w.admin("node", "token", "create"))
-	r := w.attested(rogue, "node", "enroll", "--join-token", tok)
+	r := rogue.enrollWithToken(w.tokenFile())
 	require.Error(t, r.err)
 	assert.Contains(t, r.msg(), "does not chain to a trusted TPM manufacturer root")
 	assert.NotContains(t, w.admin("node", "list"), "rogue")

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -24,6 +25,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"gopkg.in/yaml.v3"
 
 	"github.com/attested-dev/attested/test/swtpm"
 )
@@ -55,8 +57,10 @@ type world struct {
 	brokerDir  string
 	brokerAddr string
 	brokerID   string
-	broker     *proc
-	node1      *node
+	// metricsAddr is where the broker serves Prometheus metrics.
+	metricsAddr string
+	broker      *proc
+	node1       *node
 	// image is the encrypted image in the registry.
 	image       string
 	brokerExtra string
@@ -75,30 +79,26 @@ type worldOptions struct {
 	encryptMode mode
 	// noImage skips encrypting the image.
 	noImage bool
-	// brokerConfig is appended to broker.yaml before the broker starts.
+	// brokerConfig is YAML whose settings override broker.yaml's before
+	// the broker starts.
 	brokerConfig string
+	// uncertified admits TPMs without EK certificates (join token or
+	// approval only). By default the broker trusts the suite's swtpm EK CA
+	// and requires certificates, as 'broker init' sets up a broker.
+	uncertified bool
 }
 
 // newWorld starts a registry and a broker, enrolls node1 on its own swtpm,
 // applies policy "prod" (PCRs 0 and 16 at their current values), creates
 // key "app" under it and pushes an image encrypted for it.
-// withSwtpmRoots adds the suite's swtpm EK CA (made on first use) to a
-// broker configuration, unless it brings its own roots: broker init
-// requires certified EKs.
-func withSwtpmRoots(t testing.TB, dir, brokerConfig string) string {
-	if strings.Contains(brokerConfig, "ekRoots") {
-		return brokerConfig
-	}
-	swtpm.Start(t, shared.ca, filepath.Join(dir, "ca-warmup")).Stop()
-	return brokerConfig + fmt.Sprintf("ekRoots:\n  - %s\n  - %s\n",
-		filepath.Join(shared.ca.Dir, "swtpm-localca-rootca-cert.pem"), filepath.Join(shared.ca.Dir, "issuercert.pem"))
-}
-
 func newWorld(t testing.TB, o worldOptions) *world {
 	t.Helper()
 	dir, err := os.MkdirTemp(shared.dir, "w")
 	require.NoError(t, err)
-	w := &world{t: t, dir: dir, brokerExtra: withSwtpmRoots(t, dir, o.brokerConfig)}
+	w := &world{t: t, dir: dir, brokerExtra: ekTrust(t, !o.uncertified)}
+	if o.brokerConfig != "" {
+		w.brokerExtra += "---\n" + o.brokerConfig
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			w.dumpLogs()
@@ -136,13 +136,19 @@ type proc struct {
 
 func (w *world) start(name string, bin string, args ...string) *proc {
 	w.t.Helper()
+	return w.startEnv(name, nil, bin, args...)
+}
+
+// startEnv is start with variables added to the child's environment.
+func (w *world) startEnv(name string, env []string, bin string, args ...string) *proc {
+	w.t.Helper()
 	logPath := filepath.Join(w.dir, name+".log")
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	require.NoError(w.t, err)
 	defer f.Close()
 	cmd := exec.Command(bin, args...)
 	cmd.Dir = w.dir
-	cmd.Env = childEnv()
+	cmd.Env = childEnv(env...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	require.NoError(w.t, cmd.Start(), "start %s", name)
@@ -375,6 +381,12 @@ http:
 var brokerIDRe = regexp.MustCompile(`broker (\S+) initialised`)
 
 func (w *world) startBroker() {
+	require.NoError(w.t, w.tryStartBroker())
+}
+
+// tryStartBroker initialises and starts the world's broker, saying why it
+// did not start.
+func (w *world) tryStartBroker() error {
 	t := w.t
 	w.brokerDir = filepath.Join(w.dir, "broker")
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -386,23 +398,59 @@ func (w *world) startBroker() {
 	for _, f := range []string{"ca.pem", "admin.token"} {
 		require.FileExists(t, filepath.Join(w.brokerDir, f))
 	}
-	if w.brokerExtra != "" {
-		f, err := os.OpenFile(filepath.Join(w.brokerDir, "broker.yaml"), os.O_APPEND|os.O_WRONLY, 0)
-		require.NoError(t, err)
-		_, err = f.WriteString(w.brokerExtra)
-		require.NoError(t, err)
-		require.NoError(t, f.Close())
-	}
+	// Each world's broker serves its metrics on a port of its own.
+	w.metricsAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	extra := "metricsListen: " + w.metricsAddr + "\n---\n" + w.brokerExtra
+	require.NoError(t, overrideYAML(filepath.Join(w.brokerDir, "broker.yaml"), extra))
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
 		if attempt > 0 {
 			addr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
 		}
 		if err = w.serveBroker(addr); err == nil {
-			return
+			return nil
 		}
 	}
-	require.NoError(t, err)
+	return err
+}
+
+// ekTrust is broker configuration trusting the suite's swtpm EK CA, with
+// EK certificates required or not.
+func ekTrust(t testing.TB, required bool) string {
+	roots, err := shared.ca.Roots()
+	if err != nil {
+		t.Fatalf("swtpm CA: %v", err)
+	}
+	return fmt.Sprintf("ekRoots:\n  - %s\n  - %s\nrequireEKCertificate: %v\n", roots[0], roots[1], required)
+}
+
+// overrideYAML sets the top-level settings of the YAML documents in extra
+// (separated by "---"; later ones win) in the YAML file path, whatever it already holds:
+// appending would repeat keys, which the broker refuses.
+func overrideYAML(path, extra string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	cfg := map[string]any{}
+	if err := yaml.Unmarshal(data, &cfg); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	dec := yaml.NewDecoder(strings.NewReader(extra))
+	for {
+		over := map[string]any{}
+		if err := dec.Decode(&over); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return fmt.Errorf("broker settings %q: %w", extra, err)
+		}
+		maps.Copy(cfg, over)
+	}
+	out, err := yaml.Marshal(cfg)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, out, 0o600)
 }
 
 // serveBroker starts 'attested broker serve' on addr (the broker's data
@@ -528,12 +576,28 @@ reattest: 1h
 // enroll enrolls the node with a single-use join token.
 func (n *node) enroll() {
 	w := n.w
-	tok := strings.TrimSpace(w.admin("node", "token", "create"))
-	require.NotEmpty(w.t, tok)
-	r := w.attested(n, "node", "enroll", "--join-token", tok)
+	r := n.enrollWithToken(w.tokenFile())
 	require.NoError(w.t, r.err, "enroll %s: %s", n.name, r.stderr)
 	require.Contains(w.t, string(r.stdout), "node "+n.name+" enrolled")
 	require.NotContains(w.t, string(r.stdout), "waiting for approval")
+}
+
+// tokenFile has the admin create a join token into a new private file and
+// returns its path.
+func (w *world) tokenFile() string {
+	w.t.Helper()
+	f, err := os.CreateTemp(w.dir, "join-*.token")
+	require.NoError(w.t, err)
+	require.NoError(w.t, f.Close())
+	require.NoError(w.t, os.Remove(f.Name()))
+	out := w.admin("node", "token", "create", "--output", f.Name())
+	require.Contains(w.t, out, "join token written to")
+	return f.Name()
+}
+
+// enrollWithToken runs 'attested node enroll --join-token-file file'.
+func (n *node) enrollWithToken(file string) result {
+	return n.w.attested(n, "node", "enroll", "--join-token-file", file)
 }
 
 // ocicryptConfig writes the ocicrypt keyprovider configuration for mode m

@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -35,6 +36,8 @@ type CA struct {
 	// SetupConfig is the swtpm_setup --config file that points at this CA.
 	SetupConfig string
 	Dir         string
+
+	mu sync.Mutex
 }
 
 // Tools are the programs this package runs.
@@ -81,6 +84,39 @@ func NewCA(dir string) (*CA, error) {
 		return nil, err
 	}
 	return &CA{SetupConfig: setup, Dir: caDir}, nil
+}
+
+// Roots returns the CA's certificates (its root and the issuer that signs
+// EK certificates), PEM files a broker trusts as ekRoots. swtpm_localca
+// creates them when it first signs; if nothing was signed yet, Roots
+// manufactures a throwaway TPM so that it does.
+func (ca *CA) Roots() ([]string, error) {
+	ca.mu.Lock()
+	defer ca.mu.Unlock()
+	roots := []string{filepath.Join(ca.Dir, "swtpm-localca-rootca-cert.pem"), filepath.Join(ca.Dir, "issuercert.pem")}
+	missing := func() bool {
+		for _, r := range roots {
+			if _, err := os.Stat(r); err != nil {
+				return true
+			}
+		}
+		return false
+	}
+	if missing() {
+		state, err := os.MkdirTemp(filepath.Dir(ca.Dir), "first-tpm")
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(state)
+		out, err := exec.Command("swtpm_setup", "--tpm2", "--tpmstate", state, "--create-ek-cert", "--overwrite", "--config", ca.SetupConfig).CombinedOutput()
+		if err != nil {
+			return nil, fmt.Errorf("swtpm_setup (to create the CA): %v\n%s", err, out)
+		}
+		if missing() {
+			return nil, fmt.Errorf("swtpm_localca did not create %v", roots)
+		}
+	}
+	return roots, nil
 }
 
 // TPM is a running swtpm.

@@ -183,12 +183,14 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 
 	t.Run("EnrollmentTakenOnce", func(t *testing.T) {
 		s := open(t)
-		require.NoError(t, s.PutEnrollment(ctx, store.Enrollment{ID: "e", Expires: now.Add(time.Minute)}))
+		require.NoError(t, s.PutEnrollment(ctx, store.Enrollment{ID: "e", Expires: now.Add(time.Minute)}, 0, now))
 		_, err := s.TakeEnrollment(ctx, "e")
 		require.NoError(t, err)
 		_, err = s.TakeEnrollment(ctx, "e")
 		assert.ErrorIs(t, err, store.ErrNotFound)
 	})
+
+	runEnrollment(t, open)
 
 	t.Run("SessionsEndPerNodeAndExpire", func(t *testing.T) {
 		s := open(t)
