@@ -143,7 +143,9 @@ echo "  refused, as it must be. What the client says:"
 grep -o 'attested: .*' "$WORK/refusal.txt" | head -1 | sed 's/^/    /'
 
 say "On the node, the operator asks why: the whole appraisal, clause by clause."
-run "$A" node attest --explain
+if ! run "$A" node attest --explain; then
+	echo "  (exit status 1: the node would be refused a key, as the clauses above say)"
+fi
 
 say "The audit trail shows every release and refusal."
 run "$A" audit list

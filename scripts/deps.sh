@@ -2,7 +2,8 @@
 # Installs what building and testing attested needs on Debian: swtpm (the
 # node TPM in end-to-end tests), docker-registry (a local registry),
 # tpm2-tools with its swtpm TCTI (the demo reads and extends PCRs like an
-# operator would), libssl-dev (the go-tpm-tools simulator is cgo), and
+# operator would), libssl-dev (the go-tpm-tools simulator is cgo),
+# chromium (the dashboard's end-to-end test drives it headless), and
 # staticcheck.
 # Upstream skopeo cannot be used from Debian (its ocicrypt predates
 # keyprovider support); the tests build test/imgcopy, which runs the same
@@ -11,7 +12,7 @@
 # containerd` builds them from the Go module proxy into bin/ (see Makefile).
 set -euo pipefail
 
-packages=(swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 docker-registry libssl-dev gcc make python3)
+packages=(swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 docker-registry libssl-dev gcc make python3 chromium)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/attested-dev/attested/broker"
+	"github.com/attested-dev/attested/broker/dashboard"
 )
 
 func brokerCmd() *cobra.Command {
@@ -107,7 +109,7 @@ directory. Restart 'broker serve' afterwards, then move ca-key.pem offline.`,
 	issueSignerCmd.Flags().StringVar(&signerCADir, "ca-dir", "", "directory holding the CA private key "+broker.CAKeyFile)
 
 	var ekRoots []string
-	var requireEK bool
+	var requireEK, serveDashboard bool
 	var sessionTTL, nonceTTL, staleAfter, pendingTTL time.Duration
 	var maxPending, maxPendingPerName, maxInFlight int
 	var metricsListen string
@@ -140,6 +142,9 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 				}
 				if fl.Changed("nonce-ttl") {
 					c.NonceTTL = nonceTTL
+				}
+				if fl.Changed("dashboard") {
+					c.DisableDashboard = !serveDashboard
 				}
 				if fl.Changed("metrics-listen") {
 					c.MetricsListen = metricsListen
@@ -177,6 +182,7 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 	serveCmd.Flags().IntVar(&maxPendingPerName, "max-pending-per-name", broker.DefaultMaxPendingPerName, "enrollments waiting for approval under one name, at most (broker.yaml: maxPendingPerName)")
 	serveCmd.Flags().IntVar(&maxInFlight, "max-enrollments-in-flight", broker.DefaultMaxEnrollmentsInFlight, "credential activation challenges open at once, at most (broker.yaml: maxEnrollmentsInFlight)")
 	serveCmd.Flags().BoolVar(&approveCertified, "approve-certified-eks", false, "admit TPMs whose EK certificate chains to ekRoots without approval; only when ekRoots is your own provisioning CA (broker.yaml: approveCertifiedEKs)")
+	serveCmd.Flags().BoolVar(&serveDashboard, "dashboard", true, "serve the admin dashboard to browsers on the TLS port (broker.yaml: disableDashboard)")
 	applyLimits = limitFlags(serveCmd.Flags())
 	for _, c := range []*cobra.Command{initCmd, serveCmd, issueSignerCmd} {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/attested-broker", "broker data directory")
@@ -205,29 +211,52 @@ func serveBroker(dataDir string, flags func(*broker.Config)) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	g := srv.GRPCServer(cert)
-	lis = srv.LimitListener(lis)
 	if addr := srv.Config().MetricsListen; addr != "off" {
 		if _, err := serveMetrics(ctx, addr, srv.Metrics(), log); err != nil {
 			return fmt.Errorf("broker: %w", err)
 		}
 	}
+	// The dashboard shares the TLS port: browsers reach it, gRPC clients
+	// the API (broker.Frontend tells them apart by ALPN).
+	var dash http.Handler
+	if !srv.Config().DisableDashboard {
+		d, err := dashboard.New(dashboard.Options{Broker: srv, BrokerID: srv.Config().ID, Log: log, Metrics: srv.Metrics()})
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		dash = d
+	}
+	front := srv.Frontend(cert, dash)
 	go srv.Run(ctx)
 	go func() {
 		<-ctx.Done()
-		done := make(chan struct{})
-		go func() { g.GracefulStop(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			g.Stop()
-		}
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		front.Shutdown(sctx)
 	}()
 	log.Info("broker serving", "id", srv.Config().ID, "listen", lis.Addr().String())
-	if err := g.Serve(lis); err != nil && !errors.Is(err, net.ErrClosed) {
+	if dash != nil {
+		log.Info("dashboard: open it in a browser and log in with the admin credential (admin.token)", "url", dashboardURL(lis.Addr().String()))
+	}
+	if err := front.Serve(lis); err != nil && !errors.Is(err, net.ErrClosed) {
 		return fmt.Errorf("broker: serve: %w", err)
 	}
 	return nil
+}
+
+// dashboardURL is the dashboard's address for a listen address; a wildcard
+// listener is named by localhost (use a name of the broker certificate
+// from elsewhere).
+func dashboardURL(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "https://" + listen + "/"
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "localhost"
+	}
+	return "https://" + net.JoinHostPort(host, port) + "/"
 }
 
 func fileExists(path string) bool {

@@ -108,6 +108,17 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 					return err
 				}
 				printExplanation(w, ex)
+				var refused []string
+				for _, k := range ex.GetKeys() {
+					if !k.GetAllowed() {
+						refused = append(refused, k.GetKey())
+					}
+				}
+				if len(refused) > 0 {
+					// Scripts and operators read the exit status: a node
+					// that would be refused a key is not fine.
+					return fmt.Errorf("node %s would be refused key %s (clauses above)", st.Name, strings.Join(refused, ", "))
+				}
 				return nil
 			})
 		},
@@ -120,6 +131,9 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 	tokenCreate := &cobra.Command{
 		Use: "create", Short: "Create a single-use join token", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if ttl < time.Second {
+				return fmt.Errorf("--ttl %s: a join token lives at least 1s (and at most %s)", ttl, broker.MaxJoinTokenTTL)
+			}
 			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
 				r, err := a.CreateJoinToken(ctx, &apiv1.CreateJoinTokenRequest{TtlSeconds: int64(ttl / time.Second)})
 				if err != nil {
@@ -404,6 +418,9 @@ func withEnrolledNode(c *config, fn func(ctx context.Context, b apiv1.BrokerClie
 	st, err := attest.LoadState(c.StateDir)
 	if err != nil {
 		return err
+	}
+	if c.nameSet && c.Name != st.Name {
+		return fmt.Errorf("this node is enrolled as %q (state in %s), not %q: drop --name, or enroll under the new name", st.Name, c.StateDir, c.Name)
 	}
 	return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error { return fn(ctx, b, t, st) })
 }
