@@ -91,6 +91,7 @@ func newRootConfig() (*cobra.Command, *config) {
 			PersistentPreRunE: func(*cobra.Command, []string) error { return nil },
 			Run:               func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), version()) },
 		},
+		labelerCmd(),
 	)
 	return root, &cfg
 }
