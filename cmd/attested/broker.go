@@ -26,8 +26,9 @@ func brokerCmd() *cobra.Command {
 	var sans, initEKRoots []string
 	var initRequireEK bool
 	initCmd := &cobra.Command{
-		Use:   "init",
-		Short: "Create a broker: master key, TLS CA and certificates, wrapping-key signer, admin credential",
+		Use:     "init",
+		Example: `  attested broker init --data-dir /var/lib/attested-broker --listen 0.0.0.0:8443 --san broker.example.internal --ek-roots /etc/attested/ek-roots/`,
+		Short:   "Create a broker: master key, TLS CA and certificates, wrapping-key signer, admin credential",
 		Long: `Create a broker in --data-dir: master key, TLS CA certificate, server certificate,
 wrapping-key signing certificate, admin credential and broker.yaml. The CA private key
 goes to --ca-dir, outside the data directory: serve never reads it, so move it offline.
@@ -80,8 +81,9 @@ ekRoots in broker.yaml before 'broker serve'.`,
 
 	var signerCADir string
 	issueSignerCmd := &cobra.Command{
-		Use:   "issue-signer",
-		Short: "Give a broker initialised before signed wrapping keys its signing certificate",
+		Use:     "issue-signer",
+		Example: `  attested broker issue-signer --data-dir /var/lib/attested-broker --ca-dir /var/lib/attested-broker`,
+		Short:   "Give a broker initialised before signed wrapping keys its signing certificate",
 		Long: `Issue the wrapping-key signing certificate (signer.pem, signer-key.pem) of a broker
 initialised before wrapping keys were signed. Pipelines refuse unsigned wrapping keys,
 so such a broker cannot have images encrypted for it until this has run. --ca-dir names
@@ -116,7 +118,9 @@ directory. Restart 'broker serve' afterwards, then move ca-key.pem offline.`,
 	var approveCertified bool
 	var applyLimits func(*broker.Config)
 	serveCmd := &cobra.Command{
-		Use:   "serve",
+		Use: "serve",
+		Example: `  attested broker serve --data-dir /var/lib/attested-broker
+  attested broker serve --data-dir /var/lib/attested-broker --metrics-listen 0.0.0.0:9464 --stale-after 10m`,
 		Short: "Serve the broker API over TLS",
 		Long: `Serve the broker API over TLS. Settings come from DATA-DIR/broker.yaml; a flag
 given on the command line wins over the file.

@@ -87,6 +87,7 @@ func newRootConfig() (*cobra.Command, *config) {
 		webhookCmd(&cfg),
 		&cobra.Command{
 			Use: "version", Short: "Print the version", Args: cobra.NoArgs,
+			Example: "  attested version\n  attested --version",
 			// No configuration is read: the version prints anywhere.
 			PersistentPreRunE: func(*cobra.Command, []string) error { return nil },
 			Run:               func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), version()) },
