@@ -2,22 +2,43 @@
 GO        ?= go
 BIN       := $(CURDIR)/bin
 ATTESTED  := $(BIN)/attested
+LABELER   := $(BIN)/attested-labeler
 IMGCOPY   := $(BIN)/imgcopy
 # containerd for the end-to-end tests (keep in step with test/e2e/containerd_test.go).
 CONTAINERD_VERSION ?= v2.4.2
 CONTAINERD := $(BIN)/containerd-$(CONTAINERD_VERSION)
 GOBIN     := $(shell $(GO) env GOPATH)/bin
-E2E_FLAGS ?= -count=1 -timeout 25m
+E2E_FLAGS ?= -count=1 -timeout 25m -artifacts -outputdir $(BIN)/e2e
 
-.PHONY: all build imgcopy containerd deps test unit e2e fuzz bench lint demo proto clean
+.PHONY: all build imgcopy containerd deps test unit e2e fuzz bench lint demo proto clean image kube-apiserver kube-test
 
 all: build
 
-build: $(ATTESTED)
+build: $(ATTESTED) $(LABELER)
 
 # Go tracks the sources; always ask it, it rebuilds only what changed.
+# The Dockerfile builds with the same command (a test checks it).
 $(ATTESTED): FORCE
 	$(GO) build -o $@ ./cmd/attested
+
+# The Kubernetes labeler is a binary of its own: client-go stays out of
+# attested, which runs once per image layer in exec mode.
+$(LABELER): FORCE
+	$(GO) build -o $@ ./cmd/attested-labeler
+
+# The container image (Dockerfile): attested and attested-labeler on a
+# distroless base, with the few busybox tools the Kubernetes examples' init
+# steps run. Push it and pin its digest in examples/kubernetes.
+IMAGE  ?= registry.example.internal/attested/attested:dev
+ENGINE ?= docker
+image:
+	$(ENGINE) build -t $(IMAGE) .
+
+# A real kube-apiserver and etcd for the labeler's API server test
+# (broker/labeler: KUBE_APISERVER_BIN, ETCD_BIN); built from the Go module
+# proxy in its own module, a few minutes the first time.
+kube-apiserver:
+	cd test/kubeapiserver && $(GO) build -o $(BIN)/kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver && $(GO) build -o $(BIN)/etcd ./etcd
 
 # The image-copy driver is its own module so containers/image stays out of
 # the product's dependencies.
@@ -38,14 +59,21 @@ $(CONTAINERD):
 deps:
 	./scripts/deps.sh
 
-test: deps unit e2e
+test: deps unit kube-test e2e
 
 unit:
 	$(GO) test -count=1 ./...
 
+# The labeler against a real API server (RBAC, admission policy, watch).
+kube-test: kube-apiserver
+	KUBE_APISERVER_BIN=$(BIN)/kube-apiserver ETCD_BIN=$(BIN)/etcd $(GO) test -count=1 -run APIServer ./broker/labeler/
+
+# Test artifacts (the dashboard's screenshots) are kept in bin/e2e.
 e2e: deps build imgcopy containerd
+	mkdir -p $(BIN)/e2e
 	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) CONTAINERD_BIN=$(CONTAINERD) CTD_DECODER_BIN=$(BIN)/ctd-decoder \
-		CRIPULL_BIN=$(BIN)/cripull $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
+		CRIPULL_BIN=$(BIN)/cripull KUBE_APISERVER_BIN=$(wildcard $(BIN)/kube-apiserver) \
+		ETCD_BIN=$(wildcard $(BIN)/etcd) $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
 
 # Short fuzzing runs of every parser; the seed corpora also run in 'unit'.
 FUZZTIME ?= 10s

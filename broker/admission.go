@@ -418,6 +418,11 @@ func (s *Server) adminCredential(md metadata.MD) bool {
 	if v := md.Get("authorization"); len(v) == 1 {
 		token, _ = strings.CutPrefix(v[0], "Bearer ")
 	}
+	return s.isAdminToken(token)
+}
+
+// isAdminToken checks a token against the admin hash in constant time.
+func (s *Server) isAdminToken(token string) bool {
 	sum := sha256.Sum256([]byte(token))
 	return token != "" && subtle.ConstantTimeCompare(sum[:], s.adminHash) == 1
 }

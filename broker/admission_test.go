@@ -453,9 +453,9 @@ func limitedServe(t *testing.T, b *brokertest.Broker) string {
 	require.NoError(t, err)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	g := b.Server.GRPCServer(cert)
-	go g.Serve(b.Server.LimitListener(lis))
-	t.Cleanup(g.Stop)
+	f := b.Server.Frontend(cert, nil)
+	go f.Serve(lis)
+	t.Cleanup(f.Stop)
 	return lis.Addr().String()
 }
 

@@ -101,6 +101,9 @@ func (s *Server) attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 	// The node's TPM signed this evidence for this challenge: from here on
 	// the node is told the precise reason, and a failure is its state.
 	if err := s.stateError(n); err != nil {
+		if n.State == store.NodeRevoked {
+			s.notify(ctx, Event{Kind: EventRefusal, Time: now, Node: n.Name, Reason: "attestation refused: node is revoked"})
+		}
 		return nil, err
 	}
 	facts, failure := s.appraiseEvidence(req, n, pcrs, qd)
@@ -196,6 +199,7 @@ func (s *Server) attest(ctx context.Context, req *apiv1.AttestRequest) (*apiv1.A
 			reason += fmt.Sprintf(" (%d live session(s) ended)", ended)
 		}
 		s.audit(ctx, store.AuditEvent{Kind: "attest", Node: n.Name, Reason: reason})
+		s.notify(ctx, Event{Kind: EventRefusal, Time: now, Node: n.Name, Reason: reason})
 		return nil, status.Error(codes.PermissionDenied, reason)
 	}
 	reason := "evidence verified; session opened"

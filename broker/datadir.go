@@ -22,6 +22,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/attested-dev/attested/broker/fsperm"
+	"github.com/attested-dev/attested/broker/settings"
 	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
@@ -105,6 +106,11 @@ type Config struct {
 	// MaxEnrollmentsInFlight caps the credential activation challenges
 	// issued and not yet answered (each lives EnrollmentTTL).
 	MaxEnrollmentsInFlight int `yaml:"maxEnrollmentsInFlight,omitempty"`
+	// Webhooks configures webhook delivery (webhook.go).
+	Webhooks WebhookConfig `yaml:"webhooks,omitempty"`
+	// DisableDashboard stops serving the admin dashboard to browsers on
+	// the TLS port (see Frontend); gRPC is served either way.
+	DisableDashboard bool `yaml:"disableDashboard,omitempty"`
 	// Store is a PostgreSQL URL (postgres://...) shared by broker replicas;
 	// empty keeps the embedded store, DatabaseFile (see storeopen.go).
 	Store string `yaml:"store,omitempty"`
@@ -612,10 +618,8 @@ func LoadConfig(dataDir string) (*Config, error) {
 		return nil, fmt.Errorf("broker: %w", err)
 	}
 	var cfg Config
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&cfg); err != nil {
-		return nil, fmt.Errorf("broker: %s: %w", ConfigFile, err)
+	if err := settings.Decode(filepath.Join(dataDir, ConfigFile), data, &cfg); err != nil {
+		return nil, fmt.Errorf("broker: %w", err)
 	}
 	if cfg.ID == "" || cfg.AdminTokenSHA256 == "" {
 		return nil, fmt.Errorf("broker: %s: id and adminTokenSHA256 are required", ConfigFile)

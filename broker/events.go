@@ -22,8 +22,12 @@ type Event struct {
 }
 
 // notify hands an event to whoever listens. It never fails the operation
-// that caused it: delivery is the outbox's business.
+// that caused it: delivery is the outbox's business. When it returns, the
+// event is committed to the outbox of every subscribed webhook (see
+// webhook.go); with no webhook subscribed it costs one read transaction.
+// Call it after the store transaction that made the change, never inside
+// one: the embedded store has one writer, and the outbox write would wait
+// for the transaction it is called from.
 func (s *Server) notify(ctx context.Context, ev Event) {
-	_ = ctx
-	_ = ev
+	s.hooks.enqueue(ctx, ev)
 }

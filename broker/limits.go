@@ -68,7 +68,8 @@ type Limits struct {
 	// NodeTags), unwrap (Unwrap, Explain). Unwrap and Explain carry a
 	// session token and draw from their bucket only when refused, so a
 	// node's releases are never rate-limited, guessing at tokens is. The
-	// class connect limits new connections (each costs a TLS handshake).
+	// class connect limits new connections (each costs a TLS handshake);
+	// login limits failed dashboard logins (only failures draw).
 	Rates map[string]Rate `yaml:"rates,omitempty"`
 	// MaxSources bounds the table of sources the broker keeps rate and
 	// connection state for; the least recently idle entries go first.
@@ -103,6 +104,7 @@ const (
 	rateAttest  = "attest"
 	rateUnwrap  = "unwrap"
 	rateConnect = "connect"
+	rateLogin   = "login"
 )
 
 // MaxHeaderListSize bounds the request headers of one call; gRPC's own
@@ -141,6 +143,7 @@ func DefaultLimits() Limits {
 			rateAttest:  {PerSecond: 20, Burst: 100},
 			rateUnwrap:  {PerSecond: 500, Burst: 2000},
 			rateConnect: {PerSecond: 50, Burst: 200},
+			rateLogin:   {PerSecond: 0.1, Burst: 10},
 		},
 		MaxSources:          16384,
 		SourcePrefixIPv4:    32,

@@ -81,6 +81,7 @@ type Server struct {
 	guard   *guard
 	metrics *metrics
 	sampler *auditSampler
+	hooks   *hooks // webhooks and their delivery (webhook.go)
 
 	mu       sync.Mutex
 	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
@@ -141,6 +142,9 @@ func New(o Options) (*Server, error) {
 		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{},
 		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}
 	s.registerOpsMetrics()
+	if err := s.initWebhooks(); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -179,6 +183,7 @@ func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server,
 // Close writes the sampled audit records still pending and releases the
 // store.
 func (s *Server) Close() error {
+	s.stopWebhooks()
 	s.flushSampledAudit(context.Background(), true)
 	return s.store.Close()
 }
@@ -189,8 +194,22 @@ func (s *Server) Config() *Config { return s.cfg }
 // GRPCServer returns a gRPC server with both services registered, serving
 // TLS with the given certificate (nil for tests that bring their own).
 // Serve it on LimitListener(listener) for the connection caps; everything
-// else (see admission.go) is in the server itself.
+// else (see admission.go) is in the server itself. 'broker serve' uses
+// Frontend instead, which also serves the dashboard on the same port.
 func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
+	var creds credentials.TransportCredentials
+	if cert != nil {
+		creds = credentials.NewTLS(&tls.Config{
+			Certificates: []tls.Certificate{*cert},
+			MinVersion:   tls.VersionTLS13,
+		})
+	}
+	return s.grpcServer(creds)
+}
+
+// grpcServer returns the gRPC server with the given transport credentials
+// (none: the tests' own).
+func (s *Server) grpcServer(creds credentials.TransportCredentials) *grpc.Server {
 	l := s.limits
 	opts := []grpc.ServerOption{
 		// The per-method limits apply before this server-wide one (see
@@ -216,11 +235,8 @@ func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: l.KeepaliveMinInterval}),
 		grpc.ChainUnaryInterceptor(s.deadline, s.authorize),
 	}
-	if cert != nil {
-		opts = append(opts, grpc.Creds(credentials.NewTLS(&tls.Config{
-			Certificates: []tls.Certificate{*cert},
-			MinVersion:   tls.VersionTLS13,
-		})))
+	if creds != nil {
+		opts = append(opts, grpc.Creds(creds))
 	}
 	s.log.Info("limits on callers", "maxConnections", l.MaxConnections, "maxConnectionsPerSource", l.MaxConnectionsPerSource,
 		"idleTimeout", l.IdleTimeout, "handshakeTimeout", l.HandshakeTimeout, "requestTimeout", l.RequestTimeout,
@@ -242,9 +258,10 @@ func LoadServerCertificate(dataDir string) (*tls.Certificate, error) {
 	return &c, nil
 }
 
-// Run expires stale nonces and sessions, and writes the sampled audit
-// records of refusals, until ctx ends.
+// Run expires stale nonces and sessions, writes the sampled audit
+// records of refusals, and delivers webhook events, until ctx ends.
 func (s *Server) Run(ctx context.Context) {
+	s.startWebhooks(ctx)
 	t := time.NewTicker(time.Minute)
 	defer t.Stop()
 	sample := time.NewTicker(s.limits.AuditSampleInterval)
@@ -302,6 +319,7 @@ func (s *Server) authorize(ctx context.Context, req any, info *grpc.UnaryServerI
 // decision itself was already made fail-closed.
 func (s *Server) audit(ctx context.Context, ev store.AuditEvent) {
 	ev.Time = s.now()
+	ev.Actor = actorOf(ctx, ev.Actor)
 	if err := s.store.AppendAudit(context.WithoutCancel(ctx), ev); err != nil {
 		s.log.Error("audit append failed", "kind", ev.Kind, "node", ev.Node, "err", err)
 	}

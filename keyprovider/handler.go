@@ -5,6 +5,7 @@
 package keyprovider
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -57,6 +58,9 @@ func errInput(err error) error { return inputError{err} }
 func (h *Handler) Handle(ctx context.Context, in []byte) ([]byte, error) {
 	if len(in) > MaxRequest {
 		return nil, errInput(fmt.Errorf("request is %d bytes, limit %d", len(in), MaxRequest))
+	}
+	if len(bytes.TrimSpace(in)) == 0 {
+		return nil, errInput(errors.New("the request is empty: ocicrypt sends one JSON keyprovider request on standard input"))
 	}
 	var req ocikp.KeyProviderKeyWrapProtocolInput
 	if err := json.Unmarshal(in, &req); err != nil {

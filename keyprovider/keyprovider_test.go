@@ -183,6 +183,8 @@ func TestMalformedRequests(t *testing.T) {
 		{`{"op":"rewrap"}`, `unknown operation "rewrap"`},
 		{`{"op":"keyunwrap","keyunwrapparams":{"dc":null,"annotation":"` + b64(`{"kid":"demo-kid","wrapped":"eyJ"}`) + `"}}`, "not an attested annotation"},
 		{`{"op":"keyunwrap","keyunwrapparams":{"dc":null,"annotation":null}}`, "carries no annotation"},
+		{"", "the request is empty"},
+		{" \n", "the request is empty"},
 	} {
 		_, err := h.Handle(context.Background(), []byte(tc.req))
 		require.Error(t, err, tc.req)

@@ -19,6 +19,7 @@ import (
 	"github.com/attested-dev/attested/broker"
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/conn"
+	"github.com/attested-dev/attested/broker/dashboard"
 )
 
 // Broker is a running broker and clients for it.
@@ -34,7 +35,9 @@ type Broker struct {
 	Admin apiv1.AdminClient
 	// NoCred is an Admin client without credential.
 	NoCred apiv1.AdminClient
-	grpc   *grpc.Server
+	// Dashboard is the dashboard served on Addr to browsers (ALPN
+	// http/1.1), as 'broker serve' serves it.
+	Dashboard *dashboard.Dashboard
 }
 
 // Start runs a broker until the test ends; configure adjusts broker.yaml
@@ -78,12 +81,14 @@ func serve(t testing.TB, dir string, lis net.Listener, log *slog.Logger) *Broker
 	require.NoError(t, err)
 	cert, err := broker.LoadServerCertificate(dir)
 	require.NoError(t, err)
-	g := srv.GRPCServer(cert)
-	go g.Serve(srv.LimitListener(lis))
+	dash, err := dashboard.New(dashboard.Options{Broker: srv, BrokerID: srv.Config().ID, Log: log, Metrics: srv.Metrics()})
+	require.NoError(t, err)
+	front := srv.Frontend(cert, dash)
+	go front.Serve(lis)
 	ca, err := conn.CAPool(filepath.Join(dir, broker.CACertFile))
 	require.NoError(t, err)
-	b := &Broker{Server: srv, DataDir: dir, Addr: lis.Addr().String(), CA: ca, grpc: g}
-	t.Cleanup(func() { g.Stop(); srv.Close() })
+	b := &Broker{Server: srv, DataDir: dir, Addr: lis.Addr().String(), CA: ca, Dashboard: dash}
+	t.Cleanup(func() { front.Stop(); srv.Close() })
 
 	dial := func(admin bool) *grpc.ClientConn {
 		o := conn.Options{Addr: b.Addr, CAFile: filepath.Join(dir, broker.CACertFile)}

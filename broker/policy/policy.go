@@ -23,6 +23,7 @@ import (
 
 	"github.com/attested-dev/attested/attest/binding"
 	"github.com/attested-dev/attested/broker/evidence"
+	"github.com/attested-dev/attested/broker/settings"
 	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
@@ -99,15 +100,13 @@ func Parse(data []byte) (*Policy, error) {
 	}
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, fmt.Errorf("policy: %w", err)
+		return nil, fmt.Errorf("policy: %w", settings.Explain("the policy", err))
 	}
 	if len(root.Content) == 0 {
 		return nil, errors.New("policy: empty document")
 	}
 	var doc document
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&doc); err != nil {
+	if err := settings.Decode("the policy", data, &doc); err != nil {
 		return nil, fmt.Errorf("policy: %w", err)
 	}
 	lines := fieldLines(root.Content[0])

@@ -40,9 +40,9 @@ func TestParseRefusesWithLineAndReason(t *testing.T) {
 		{"name: p\npcrs:\n  24: [\"" + zero + "\"]\n", "line 3: PCR index \"24\""},
 		{"name: p\npcrs:\n  x: [\"" + zero + "\"]\n", "line 3: PCR index \"x\""},
 		{"name: p\npcrs:\n  7: [\"abcd\"]\n", "line 3: PCR 7 value \"abcd\" is not a SHA-256 digest"},
-		{"name: p\npcrs:\n  7: [\"" + zero + "\"]\nsecureboot: true\n", "line 4: field secureboot not found"},
+		{"name: p\npcrs:\n  7: [\"" + zero + "\"]\nsecureboot: true\n", `unknown setting "secureboot" in the policy line 4`},
 		{"name: 'bad name'\npcrs:\n  7: [\"" + zero + "\"]\n", "line 1: name \"bad name\""},
-		{"name: [\n", "yaml"},
+		{"name: [\n", "line 1: not valid YAML"},
 	} {
 		_, err := Parse([]byte(tc.doc))
 		require.Error(t, err, tc.doc)

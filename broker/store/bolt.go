@@ -5,11 +5,13 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 )
 
 var (
@@ -40,6 +42,10 @@ type Bolt struct {
 // OpenBolt opens (creating if needed) the database at path with mode 0600.
 func OpenBolt(path string) (*Bolt, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: openLockTimeout})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		// bbolt holds an exclusive lock on the file while open.
+		return nil, fmt.Errorf("store: %s is in use: another broker serves this data directory (a second one cannot share its embedded store; use a PostgreSQL store for replicas)", path)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("store: open %s: %w", path, err)
 	}

@@ -288,5 +288,34 @@ type Store interface {
 	// ListAudit returns matching events, newest last.
 	ListAudit(ctx context.Context, f AuditFilter) ([]AuditEvent, error)
 
+	// Webhooks and their durable outbox (webhook.go). An event is queued
+	// once per subscribed webhook; each webhook's deliveries go out in
+	// order, one at a time, so a receiver sees events in the order they
+	// happened.
+	//
+	// CreateWebhook fails with ErrExists if the ID is taken.
+	CreateWebhook(ctx context.Context, w Webhook) error
+	GetWebhook(ctx context.Context, id string) (Webhook, error)
+	ListWebhooks(ctx context.Context) ([]Webhook, error)
+	// DeleteWebhook removes a webhook and its pending deliveries and
+	// returns it as it was.
+	DeleteWebhook(ctx context.Context, id string) (Webhook, error)
+	// EnqueueEvent adds a delivery of ev to the outbox of every webhook
+	// subscribed to ev.Kind, committed durably before it returns. A webhook
+	// with maxPending deliveries pending first loses its oldest ones,
+	// counted as failed and reported in Enqueued.Dropped.
+	EnqueueEvent(ctx context.Context, ev OutboxEvent, maxPending int) (Enqueued, error)
+	// NextDeliveries returns the oldest pending delivery of each webhook
+	// that has one.
+	NextDeliveries(ctx context.Context) ([]Delivery, error)
+	// RecordAttempt records the result of an attempt at d and updates the
+	// webhook's counters; ErrNotFound if the delivery is gone (its webhook
+	// was removed, or it expired).
+	RecordAttempt(ctx context.Context, d Delivery, a Attempt) error
+	// ExpireDeliveries gives up every pending delivery queued before
+	// before, counting it as failed with reason as the webhook's last error
+	// (at now), and returns how many each webhook lost.
+	ExpireDeliveries(ctx context.Context, before, now time.Time, reason string) (map[string]uint64, error)
+
 	Close() error
 }

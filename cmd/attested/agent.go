@@ -26,8 +26,9 @@ import (
 func agentCmd(c *config) *cobra.Command {
 	var listen string
 	cmd := &cobra.Command{
-		Use:   "agent",
-		Short: "Node daemon: ocicrypt gRPC keyprovider on a unix socket, with a warm attestation session",
+		Use:     "agent",
+		Example: `  attested agent --config /etc/attested/node.yaml --listen unix:///run/attested/keyprovider.sock`,
+		Short:   "Node daemon: ocicrypt gRPC keyprovider on a unix socket, with a warm attestation session",
 		Long: `Node daemon. Serves ocicrypt's KeyProviderService on a unix socket (0600), keeps an
 attestation session warm in memory and re-attests every --reattest so the broker
 always knows this node's state. Point OCICRYPT_KEYPROVIDER_CONFIG at

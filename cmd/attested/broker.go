@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/attested-dev/attested/broker"
+	"github.com/attested-dev/attested/broker/dashboard"
 )
 
 func brokerCmd() *cobra.Command {
@@ -24,8 +26,9 @@ func brokerCmd() *cobra.Command {
 	var sans, initEKRoots []string
 	var initRequireEK bool
 	initCmd := &cobra.Command{
-		Use:   "init",
-		Short: "Create a broker: master key, TLS CA and certificates, wrapping-key signer, admin credential",
+		Use:     "init",
+		Example: `  attested broker init --data-dir /var/lib/attested-broker --listen 0.0.0.0:8443 --san broker.example.internal --ek-roots /etc/attested/ek-roots/`,
+		Short:   "Create a broker: master key, TLS CA and certificates, wrapping-key signer, admin credential",
 		Long: `Create a broker in --data-dir: master key, TLS CA certificate, server certificate,
 wrapping-key signing certificate, admin credential and broker.yaml. The CA private key
 goes to --ca-dir, outside the data directory: serve never reads it, so move it offline.
@@ -78,8 +81,9 @@ ekRoots in broker.yaml before 'broker serve'.`,
 
 	var signerCADir string
 	issueSignerCmd := &cobra.Command{
-		Use:   "issue-signer",
-		Short: "Give a broker initialised before signed wrapping keys its signing certificate",
+		Use:     "issue-signer",
+		Example: `  attested broker issue-signer --data-dir /var/lib/attested-broker --ca-dir /var/lib/attested-broker`,
+		Short:   "Give a broker initialised before signed wrapping keys its signing certificate",
 		Long: `Issue the wrapping-key signing certificate (signer.pem, signer-key.pem) of a broker
 initialised before wrapping keys were signed. Pipelines refuse unsigned wrapping keys,
 so such a broker cannot have images encrypted for it until this has run. --ca-dir names
@@ -107,14 +111,18 @@ directory. Restart 'broker serve' afterwards, then move ca-key.pem offline.`,
 	issueSignerCmd.Flags().StringVar(&signerCADir, "ca-dir", "", "directory holding the CA private key "+broker.CAKeyFile)
 
 	var ekRoots []string
-	var requireEK bool
+	var requireEK, serveDashboard bool
 	var sessionTTL, nonceTTL, staleAfter, pendingTTL time.Duration
 	var maxPending, maxPendingPerName, maxInFlight int
 	var metricsListen, storeURL string
 	var approveCertified bool
 	var applyLimits func(*broker.Config)
 	serveCmd := &cobra.Command{
-		Use:   "serve",
+		Use: "serve",
+		Example: `  attested broker serve --data-dir /var/lib/attested-broker
+  attested broker serve --data-dir /var/lib/attested-broker --metrics-listen 0.0.0.0:9464 --stale-after 10m
+  PGPASSFILE=/etc/attested/pgpass attested broker serve --data-dir /var/lib/attested-broker \
+    --store 'postgres://attested@db.internal/attested?sslmode=verify-full&sslrootcert=/etc/attested/db-ca.pem'`,
 		Short: "Serve the broker API over TLS",
 		Long: `Serve the broker API over TLS. Settings come from DATA-DIR/broker.yaml; a flag
 given on the command line wins over the file.
@@ -144,6 +152,9 @@ directory, so that all hold the same master key, certificates and admin credenti
 				}
 				if fl.Changed("nonce-ttl") {
 					c.NonceTTL = nonceTTL
+				}
+				if fl.Changed("dashboard") {
+					c.DisableDashboard = !serveDashboard
 				}
 				if fl.Changed("metrics-listen") {
 					c.MetricsListen = metricsListen
@@ -186,6 +197,7 @@ directory, so that all hold the same master key, certificates and admin credenti
 	serveCmd.Flags().BoolVar(&approveCertified, "approve-certified-eks", false, "admit TPMs whose EK certificate chains to ekRoots without approval; only when ekRoots is your own provisioning CA (broker.yaml: approveCertifiedEKs)")
 	serveCmd.Flags().StringVar(&storeURL, "store", "", "PostgreSQL URL shared by broker replicas, e.g. postgres://attested@db/attested?sslmode=verify-full&sslrootcert=/etc/attested/db-ca.pem; "+
 		"no password in it (PGPASSFILE, ?passfile= or PGPASSWORD); empty: the embedded store in DATA-DIR (broker.yaml: store)")
+	serveCmd.Flags().BoolVar(&serveDashboard, "dashboard", true, "serve the admin dashboard to browsers on the TLS port (broker.yaml: disableDashboard)")
 	applyLimits = limitFlags(serveCmd.Flags())
 	for _, c := range []*cobra.Command{initCmd, serveCmd, issueSignerCmd} {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/attested-broker", "broker data directory")
@@ -214,29 +226,52 @@ func serveBroker(dataDir string, flags func(*broker.Config)) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	g := srv.GRPCServer(cert)
-	lis = srv.LimitListener(lis)
 	if addr := srv.Config().MetricsListen; addr != "off" {
 		if _, err := serveMetrics(ctx, addr, srv.Metrics(), log); err != nil {
 			return fmt.Errorf("broker: %w", err)
 		}
 	}
+	// The dashboard shares the TLS port: browsers reach it, gRPC clients
+	// the API (broker.Frontend tells them apart by ALPN).
+	var dash http.Handler
+	if !srv.Config().DisableDashboard {
+		d, err := dashboard.New(dashboard.Options{Broker: srv, BrokerID: srv.Config().ID, Log: log, Metrics: srv.Metrics()})
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		dash = d
+	}
+	front := srv.Frontend(cert, dash)
 	go srv.Run(ctx)
 	go func() {
 		<-ctx.Done()
-		done := make(chan struct{})
-		go func() { g.GracefulStop(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			g.Stop()
-		}
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		front.Shutdown(sctx)
 	}()
 	log.Info("broker serving", "id", srv.Config().ID, "listen", lis.Addr().String())
-	if err := g.Serve(lis); err != nil && !errors.Is(err, net.ErrClosed) {
+	if dash != nil {
+		log.Info("dashboard: open it in a browser and log in with the admin credential (admin.token)", "url", dashboardURL(lis.Addr().String()))
+	}
+	if err := front.Serve(lis); err != nil && !errors.Is(err, net.ErrClosed) {
 		return fmt.Errorf("broker: serve: %w", err)
 	}
 	return nil
+}
+
+// dashboardURL is the dashboard's address for a listen address; a wildcard
+// listener is named by localhost (use a name of the broker certificate
+// from elsewhere).
+func dashboardURL(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "https://" + listen + "/"
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "localhost"
+	}
+	return "https://" + net.JoinHostPort(host, port) + "/"
 }
 
 func fileExists(path string) bool {

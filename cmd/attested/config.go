@@ -1,19 +1,17 @@
 package main
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
-	"gopkg.in/yaml.v3"
 
 	"github.com/attested-dev/attested/attest"
+	"github.com/attested-dev/attested/broker/settings"
 )
 
 // defaultConfig is read when --config is not given and the file exists.
@@ -37,6 +35,10 @@ type config struct {
 	EventLog       string        `yaml:"eventLog"`
 	IMALog         string        `yaml:"imaLog"`
 	MetricsListen  string        `yaml:"metricsListen"`
+
+	// nameSet is whether the name was given (flag or file), rather than
+	// taken from the host name.
+	nameSet bool
 }
 
 // Kernel locations of the logs a device TPM's node sends by default.
@@ -99,6 +101,7 @@ func configFlags(fs *pflag.FlagSet, c *config) {
 // loadConfig fills c from the config file, then re-applies flags that were
 // set explicitly so they win.
 func loadConfig(cmd *cobra.Command, c *config) error {
+	c.nameSet = cmd.Flags().Changed("name")
 	path, _ := cmd.Flags().GetString("config")
 	explicit := path != ""
 	if !explicit {
@@ -116,14 +119,29 @@ func loadConfig(cmd *cobra.Command, c *config) error {
 		return fmt.Errorf("config: %w", err)
 	}
 	changed := map[string]string{}
-	cmd.Flags().Visit(func(f *pflag.Flag) { changed[f.Name] = f.Value.String() })
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
-		return fmt.Errorf("config %s: %w", path, err)
+	slices := map[pflag.SliceValue][]string{}
+	cmd.Flags().Visit(func(f *pflag.Flag) {
+		// A list flag's String() is "[a,b]", which Set would read as the
+		// items "[a" and "b]": keep its items instead.
+		if sv, ok := f.Value.(pflag.SliceValue); ok {
+			slices[sv] = append([]string(nil), sv.GetSlice()...)
+			return
+		}
+		changed[f.Name] = f.Value.String()
+	})
+	if err := settings.Decode(path, data, c); err != nil && !errors.Is(err, settings.ErrEmpty) {
+		return fmt.Errorf("config: %w", err)
 	}
 	for name, v := range changed {
 		if err := cmd.Flags().Set(name, v); err != nil {
+			return err
+		}
+	}
+	// A name in the file counts as given (one equal to the host name
+	// changes nothing either way).
+	c.nameSet = c.nameSet || c.Name != defaults().Name
+	for sv, items := range slices {
+		if err := sv.Replace(items); err != nil {
 			return err
 		}
 	}

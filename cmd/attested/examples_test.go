@@ -22,7 +22,9 @@ import (
 	"github.com/stretchr/testify/require"
 	"gopkg.in/yaml.v3"
 
+	"github.com/attested-dev/attested/attest"
 	"github.com/attested-dev/attested/broker/policy"
+	"github.com/attested-dev/attested/cmd/internal/labelercmd"
 )
 
 const examples = "../../examples"
@@ -61,7 +63,8 @@ func TestUnknownConfigFieldIsAnError(t *testing.T) {
 	root.SetOut(io.Discard)
 	err := root.Execute()
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "field brokr not found")
+	assert.Contains(t, err.Error(), `unknown setting "brokr" in `)
+	assert.NotContains(t, err.Error(), "main.config", "no Go type names")
 }
 
 func TestExamplePoliciesParse(t *testing.T) {
@@ -98,9 +101,7 @@ func TestExampleOcicryptConfigs(t *testing.T) {
 // pendingFlags are flags that other changes of the same hardening issue add
 // in parallel; the examples are written for them. They are tolerated only
 // while this tree lacks them: delete an entry once its change is merged.
-var pendingFlags = map[string][]string{
-	"attested node enroll": {"join-token-file"},
-}
+var pendingFlags = map[string][]string{}
 
 // secretFlags would put a secret on a command line, where every local user
 // reads it (/proc/PID/cmdline).
@@ -120,12 +121,27 @@ func parseAttested(t *testing.T, where string, args []string) *cobra.Command {
 	cmd, rest, err := root.Find(args)
 	require.NoError(t, err, where)
 	require.NotSame(t, root, cmd, "%s: %q names no attested command", where, args)
+	if cmd.CommandPath() == "attested labeler" {
+		// It runs attested-labeler with its arguments.
+		return parseLabeler(t, where, rest)
+	}
 	require.True(t, cmd.Runnable(), "%s: %q is not a runnable command", where, args)
 	rest = dropPendingFlags(t, where, cmd, rest)
 	require.NoError(t, cmd.ParseFlags(rest), "%s: %q", where, args)
 	if cmd.Args != nil {
 		require.NoError(t, cmd.Args(cmd, cmd.Flags().Args()), "%s: %q", where, args)
 	}
+	return cmd
+}
+
+// parseLabeler parses an attested-labeler command line (without the
+// program name) with its real flags.
+func parseLabeler(t *testing.T, where string, args []string) *cobra.Command {
+	t.Helper()
+	cmd := labelercmd.New()
+	require.NoError(t, cmd.ParseFlags(args), "%s: %q", where, args)
+	require.NoError(t, cmd.ValidateRequiredFlags(), "%s: %q", where, args)
+	require.NoError(t, cmd.Args(cmd, cmd.Flags().Args()), "%s: %q", where, args)
 	return cmd
 }
 
@@ -227,6 +243,30 @@ type kubeObject struct {
 	} `yaml:"metadata"`
 	Data map[string]string `yaml:"data"`
 	Spec yaml.Node         `yaml:"spec"`
+	// RBAC objects and service accounts.
+	Rules                        []rbacRule    `yaml:"rules"`
+	RoleRef                      rbacRoleRef   `yaml:"roleRef"`
+	Subjects                     []rbacSubject `yaml:"subjects"`
+	AutomountServiceAccountToken *bool         `yaml:"automountServiceAccountToken"`
+}
+
+type rbacRule struct {
+	APIGroups       []string `yaml:"apiGroups"`
+	Resources       []string `yaml:"resources"`
+	ResourceNames   []string `yaml:"resourceNames"`
+	NonResourceURLs []string `yaml:"nonResourceURLs"`
+	Verbs           []string `yaml:"verbs"`
+}
+
+type rbacRoleRef struct {
+	Kind string `yaml:"kind"`
+	Name string `yaml:"name"`
+}
+
+type rbacSubject struct {
+	Kind      string `yaml:"kind"`
+	Name      string `yaml:"name"`
+	Namespace string `yaml:"namespace"`
 }
 
 func (o kubeObject) String() string {
@@ -262,7 +302,12 @@ type container struct {
 	Command []string `yaml:"command"`
 	Args    []string `yaml:"args"`
 	Env     []struct {
-		Name string `yaml:"name"`
+		Name      string `yaml:"name"`
+		ValueFrom *struct {
+			FieldRef *struct {
+				FieldPath string `yaml:"fieldPath"`
+			} `yaml:"fieldRef"`
+		} `yaml:"valueFrom"`
 	} `yaml:"env"`
 	Resources struct {
 		Limits map[string]any `yaml:"limits"`
@@ -288,13 +333,15 @@ type volume struct {
 		} `yaml:"sources"`
 	} `yaml:"projected"`
 	Secret *struct {
-		SecretName string `yaml:"secretName"`
-		Optional   bool   `yaml:"optional"`
+		SecretName  string `yaml:"secretName"`
+		Optional    bool   `yaml:"optional"`
+		DefaultMode *int   `yaml:"defaultMode"`
 	} `yaml:"secret"`
 }
 
 type podSpec struct {
 	AutomountServiceAccountToken *bool           `yaml:"automountServiceAccountToken"`
+	ServiceAccountName           string          `yaml:"serviceAccountName"`
 	HostNetwork                  bool            `yaml:"hostNetwork"`
 	HostPID                      bool            `yaml:"hostPID"`
 	HostIPC                      bool            `yaml:"hostIPC"`
@@ -367,7 +414,9 @@ func mountOf(c container, path string) (volumeMount, bool) {
 // Kinds the examples may hold; a new kind must be taught to the tests.
 var (
 	workloadKinds = map[string]bool{"Deployment": true, "StatefulSet": true, "DaemonSet": true, "ReplicaSet": true, "Job": true, "CronJob": true, "Pod": true}
-	otherKinds    = map[string]bool{"Namespace": true, "ConfigMap": true, "Service": true, "NetworkPolicy": true}
+	otherKinds    = map[string]bool{"Namespace": true, "ConfigMap": true, "Service": true, "NetworkPolicy": true,
+		"ServiceAccount": true, "ClusterRole": true, "ClusterRoleBinding": true, "Role": true, "RoleBinding": true,
+		"ValidatingAdmissionPolicy": true, "ValidatingAdmissionPolicyBinding": true}
 )
 
 func kubeObjects(t *testing.T) []kubeObject {
@@ -496,8 +545,18 @@ func TestExampleKubernetesImagesPinnedByDigest(t *testing.T) {
 var mayRunAsRoot = map[string]string{
 	"attested-agent/agent":     "the kernel's event logs in securityfs are readable by root only, and the host's exec-mode keyprovider (root) shares its directories",
 	"attested-agent/dirs":      "it makes the agent's (root's) host directories 0700",
+	"attested-agent/enroll":    "it writes the agent's (root's) state directory",
 	"tpm-device-plugin/plugin": "it registers in the kubelet's root-owned socket directory",
 }
+
+// mayCallAPIServer lists the workloads that get a service account token,
+// and why; every other pod runs without one.
+var mayCallAPIServer = map[string]string{
+	"attested-labeler": "it labels Nodes",
+}
+
+// labelerRules are all the labeler may do: read nodes and patch their labels.
+var labelerRules = []rbacRule{{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "list", "watch", "patch"}}}
 
 // allowedHostPaths lists, per workload, the host paths it may mount and
 // whether they must be read-only. Nothing else of the host is reachable.
@@ -511,7 +570,12 @@ func TestExampleKubernetesPodSecurity(t *testing.T) {
 	require.NotEmpty(t, ws)
 	for _, w := range ws {
 		p := w.pod
-		assert.True(t, p.AutomountServiceAccountToken != nil && !*p.AutomountServiceAccountToken, "%s: automountServiceAccountToken: false (nothing here calls the API server)", w)
+		if _, ok := mayCallAPIServer[w.Metadata.Name]; ok {
+			assert.True(t, p.AutomountServiceAccountToken != nil && *p.AutomountServiceAccountToken, "%s: says it needs its token (automountServiceAccountToken: true)", w)
+			assert.NotContains(t, []string{"", "default"}, p.ServiceAccountName, "%s: a service account of its own", w)
+		} else {
+			assert.True(t, p.AutomountServiceAccountToken != nil && !*p.AutomountServiceAccountToken, "%s: automountServiceAccountToken: false (it does not call the API server)", w)
+		}
 		assert.False(t, p.HostNetwork || p.HostPID || p.HostIPC, "%s: no host network, PID or IPC namespace", w)
 		for _, v := range p.Volumes {
 			if v.HostPath == nil {
@@ -557,6 +621,66 @@ func TestExampleKubernetesPodSecurity(t *testing.T) {
 	}
 }
 
+// labelerArgs returns the attested-labeler command line a container runs,
+// if any.
+func labelerArgs(c container) ([]string, bool) {
+	cmd := append(append([]string{}, c.Command...), c.Args...)
+	if len(cmd) == 0 || !strings.HasSuffix(cmd[0], "/"+labelercmd.Name) {
+		return nil, false
+	}
+	return cmd[1:], true
+}
+
+// shellScript returns the script a container runs with /bin/sh -c.
+func shellScript(c container) (string, bool) {
+	cmd := append(append([]string{}, c.Command...), c.Args...)
+	if len(cmd) != 3 || cmd[0] != "/bin/sh" || cmd[1] != "-c" {
+		return "", false
+	}
+	return cmd[2], true
+}
+
+// scriptCommands returns the attested command lines in a container's shell
+// script, with the script's own variables (NAME="VALUE" lines) and the
+// container's environment (as $NAME) put in.
+func scriptCommands(t *testing.T, c container) [][]string {
+	t.Helper()
+	script, ok := shellScript(c)
+	if !ok {
+		return nil
+	}
+	vars := map[string]string{}
+	for _, e := range c.Env {
+		vars[e.Name] = "$" + e.Name
+	}
+	assign := regexp.MustCompile(`^([A-Za-z_][A-Za-z0-9_]*)="([^"$]*(\$[A-Za-z_][A-Za-z0-9_]*)?[^"$]*)"$`)
+	expand := func(s string) string {
+		return os.Expand(s, func(name string) string {
+			v, ok := vars[name]
+			require.True(t, ok, "container %s: script uses $%s, which it does not set", c.Name, name)
+			return v
+		})
+	}
+	var cmds [][]string
+	for _, line := range strings.Split(script, "\n") {
+		line = strings.TrimSpace(line)
+		if m := assign.FindStringSubmatch(line); m != nil {
+			vars[m[1]] = expand(m[2])
+			continue
+		}
+		words := strings.Fields(strings.TrimPrefix(line, "exec "))
+		if len(words) == 0 || (words[0] != "attested" && !strings.HasSuffix(words[0], "/attested")) {
+			continue
+		}
+		var args []string
+		for _, w := range words[1:] {
+			args = append(args, expand(strings.Trim(w, `"`)))
+		}
+		cmds = append(cmds, args)
+	}
+	return cmds
+}
+
 // attestedArgs returns the attested command line a container runs, if any.
 func attestedArgs(c container) ([]string, bool) {
 	cmd := append(append([]string{}, c.Command...), c.Args...)
@@ -571,14 +695,23 @@ func TestExampleKubernetesCommandsUseRealFlags(t *testing.T) {
 	n := 0
 	for _, w := range workloads(t, objs) {
 		for _, c := range w.containers() {
+			where := fmt.Sprintf("%s: container %s", w, c.Name)
 			if args, ok := attestedArgs(c); ok {
-				parseAttested(t, fmt.Sprintf("%s: container %s", w, c.Name), args)
+				parseAttested(t, where, args)
+				n++
+			}
+			if args, ok := labelerArgs(c); ok {
+				parseLabeler(t, where, args)
+				n++
+			}
+			for _, args := range scriptCommands(t, c) {
+				parseAttested(t, where+" (script)", args)
 				n++
 			}
 		}
 	}
-	assert.GreaterOrEqual(t, n, 2, "the broker and the agent run attested")
-	for _, f := range []string{"broker.yaml", "node-daemonset.yaml"} {
+	assert.GreaterOrEqual(t, n, 4, "the broker, the agent, its enroll step and the labeler run attested")
+	for _, f := range []string{"broker.yaml", "node-daemonset.yaml", "labeler.yaml"} {
 		path := filepath.Join(examples, "kubernetes", f)
 		cmds := commentCommands(t, path)
 		assert.NotEmpty(t, cmds, "%s: its instructions name attested commands", f)
@@ -803,17 +936,24 @@ func TestExampleKubernetesNetworkPolicies(t *testing.T) {
 	ws := workloads(t, objs)
 	broker := findWorkload(t, ws, "StatefulSet", "attested-broker")
 	agent := findWorkload(t, ws, "DaemonSet", "attested-agent")
-	isAgent := func(p netPeer) bool {
-		return p.IPBlock == nil && p.NamespaceSelector != nil && p.PodSelector != nil &&
-			p.NamespaceSelector.MatchLabels["kubernetes.io/metadata.name"] == agent.Metadata.Namespace &&
-			p.PodSelector.MatchLabels["app"] == agent.labels["app"]
+	labeler := findWorkload(t, ws, "Deployment", "attested-labeler")
+	// isPod: the peer is exactly workload w's pods, seen from namespace ns.
+	isPod := func(p netPeer, ns string, w workload) bool {
+		if p.IPBlock != nil || p.PodSelector == nil || p.PodSelector.MatchLabels["app"] != w.labels["app"] {
+			return false
+		}
+		if p.NamespaceSelector == nil {
+			return ns == w.Metadata.Namespace
+		}
+		return p.NamespaceSelector.MatchLabels["kubernetes.io/metadata.name"] == w.Metadata.Namespace
 	}
-	// Only the agents reach the broker, only on its port; the broker
-	// reaches nothing.
+	// Only the agents and the labeler reach the broker, only on its port;
+	// the broker reaches nothing.
 	for _, p := range selecting(broker.Metadata.Namespace, broker.labels) {
 		for _, r := range p.Ingress {
 			for _, peer := range r.From {
-				assert.True(t, isAgent(peer), "broker: ingress from something other than the agents")
+				assert.True(t, isPod(peer, broker.Metadata.Namespace, agent) || isPod(peer, broker.Metadata.Namespace, labeler),
+					"broker: ingress from something other than the agents and the labeler")
 			}
 			assert.NotEmpty(t, r.From, "broker: ingress from anywhere")
 			for _, port := range r.Ports {
@@ -822,6 +962,32 @@ func TestExampleKubernetesNetworkPolicies(t *testing.T) {
 			assert.NotEmpty(t, r.Ports, "broker: ingress on every port")
 		}
 		assert.Empty(t, p.Egress, "broker: calls out to nothing")
+	}
+	// The labeler serves nothing and reaches the broker, DNS and, by
+	// address, the API server.
+	lp := selecting(labeler.Metadata.Namespace, labeler.labels)
+	assert.NotEmpty(t, lp)
+	for _, p := range lp {
+		assert.Empty(t, p.Ingress, "labeler: serves nothing")
+		for _, r := range p.Egress {
+			require.NotEmpty(t, r.To, "labeler: egress to anywhere")
+			require.NotEmpty(t, r.Ports, "labeler: egress on every port")
+			var ports []int
+			for _, port := range r.Ports {
+				ports = append(ports, port.Port)
+			}
+			for _, peer := range r.To {
+				switch {
+				case isPod(peer, labeler.Metadata.Namespace, broker):
+					assert.Equal(t, []int{8443}, ports, "labeler: the broker's port only")
+				case peer.IPBlock != nil:
+					assert.Subset(t, []int{443, 6443}, ports, "labeler: by address, the API server's port only")
+					assert.NotEqual(t, "0.0.0.0/0", peer.IPBlock.CIDR, "labeler: the API server by address, not everywhere")
+				default:
+					assert.Subset(t, []int{53}, ports, "labeler: egress beyond the broker, DNS and the API server")
+				}
+			}
+		}
 	}
 	// The agent serves no network port and reaches only the broker and DNS.
 	for _, p := range selecting(agent.Metadata.Namespace, agent.labels) {
@@ -1021,4 +1187,197 @@ func TestExampleSystemdAgentUnit(t *testing.T) {
 		parseAttested(t, u.path+" (comment)", args)
 	}
 	assert.NotEmpty(t, commentCommands(t, u.path), "the unit says how to enroll")
+}
+
+// RBAC: the service accounts that may call the API server are bound to
+// what they need and nothing else; nothing else is bound.
+func TestExampleKubernetesRBAC(t *testing.T) {
+	objs := kubeObjects(t)
+	roles := map[string]kubeObject{}
+	for _, o := range objs {
+		if o.Kind == "ClusterRole" || o.Kind == "Role" {
+			roles[o.Kind+"/"+o.Metadata.Namespace+"/"+o.Metadata.Name] = o
+		}
+		if o.Kind == "ServiceAccount" {
+			assert.True(t, o.AutomountServiceAccountToken != nil && !*o.AutomountServiceAccountToken,
+				"%s: no token by default; the one pod that needs it says so", o)
+		}
+	}
+	accounts := map[string]string{} // namespace/name -> workload
+	for _, w := range workloads(t, objs) {
+		if _, ok := mayCallAPIServer[w.Metadata.Name]; ok {
+			accounts[w.Metadata.Namespace+"/"+w.pod.ServiceAccountName] = w.Metadata.Name
+		}
+	}
+	require.Len(t, accounts, len(mayCallAPIServer))
+	bound := map[string]bool{}
+	for _, o := range objs {
+		if o.Kind != "ClusterRoleBinding" && o.Kind != "RoleBinding" {
+			continue
+		}
+		require.NotEmpty(t, o.Subjects, o.String())
+		for _, s := range o.Subjects {
+			require.Equal(t, "ServiceAccount", s.Kind, "%s: binds %s %s; only the service accounts of mayCallAPIServer are bound", o, s.Kind, s.Name)
+			w, ok := accounts[s.Namespace+"/"+s.Name]
+			require.True(t, ok, "%s: binds service account %s/%s of no workload that may call the API server", o, s.Namespace, s.Name)
+			bound[w] = true
+		}
+		ns := ""
+		if o.RoleRef.Kind == "Role" {
+			ns = o.Metadata.Namespace
+		}
+		role, ok := roles[o.RoleRef.Kind+"/"+ns+"/"+o.RoleRef.Name]
+		require.True(t, ok, "%s: its %s %s is not in the examples (a built-in role grants more than the labeler needs)", o, o.RoleRef.Kind, o.RoleRef.Name)
+		assert.Equal(t, labelerRules, role.Rules, "%s: the labeler may get, list, watch and patch nodes, nothing else", role)
+	}
+	for w := range mayCallAPIServer {
+		assert.True(t, bound[w], "%s: gets a token but no role", w)
+	}
+}
+
+// admissionPolicy is the part of a ValidatingAdmissionPolicy the tests read.
+type admissionPolicy struct {
+	FailurePolicy    string `yaml:"failurePolicy"`
+	MatchConstraints struct {
+		ResourceRules []struct {
+			APIGroups  []string `yaml:"apiGroups"`
+			Operations []string `yaml:"operations"`
+			Resources  []string `yaml:"resources"`
+		} `yaml:"resourceRules"`
+	} `yaml:"matchConstraints"`
+	MatchConditions []struct {
+		Expression string `yaml:"expression"`
+	} `yaml:"matchConditions"`
+	Validations []struct {
+		Expression string `yaml:"expression"`
+	} `yaml:"validations"`
+	// Binding.
+	PolicyName        string   `yaml:"policyName"`
+	ValidationActions []string `yaml:"validationActions"`
+}
+
+func TestExampleKubernetesLabeler(t *testing.T) {
+	objs := kubeObjects(t)
+	ws := workloads(t, objs)
+	labeler := findWorkload(t, ws, "Deployment", "attested-labeler")
+	var spec struct {
+		Replicas *int `yaml:"replicas"`
+	}
+	require.NoError(t, labeler.Spec.Decode(&spec))
+	assert.True(t, spec.Replicas != nil && *spec.Replicas == 1, "labeler: one replica (it has no leader election)")
+	c := labeler.container(t, "labeler")
+	args, ok := labelerArgs(c)
+	require.True(t, ok, "labeler: runs %s", labelercmd.Name)
+	cmd := parseLabeler(t, "labeler", args)
+
+	// It reaches the broker through the broker's Service.
+	svc := findObject(t, objs, "Service", "attested", "attested-broker")
+	broker, _ := cmd.Flags().GetString("broker")
+	assert.Equal(t, svc.Metadata.Name+"."+svc.Metadata.Namespace+".svc:8443", broker)
+	// The admin credential from a Secret, read-only, for its owner only;
+	// the CA from a ConfigMap.
+	tokenFile, _ := cmd.Flags().GetString("admin-token-file")
+	m, ok := mountOf(c, tokenFile)
+	require.True(t, ok, "labeler: --admin-token-file %s is on no volume", tokenFile)
+	v := labeler.volume(t, m.Name)
+	require.NotNil(t, v.Secret, "labeler: the admin credential comes from a Secret")
+	assert.True(t, m.ReadOnly, "labeler: the Secret is mounted read-only")
+	assert.True(t, v.Secret.DefaultMode != nil && *v.Secret.DefaultMode == 0o400, "labeler: the admin credential is readable by its owner only")
+	ca, _ := cmd.Flags().GetString("broker-ca")
+	m, ok = mountOf(c, ca)
+	require.True(t, ok, "labeler: --broker-ca %s is on no volume", ca)
+	assert.NotNil(t, labeler.volume(t, m.Name).ConfigMap, "labeler: the broker CA comes from a ConfigMap")
+	interval, _ := cmd.Flags().GetDuration("interval")
+	grace, _ := cmd.Flags().GetDuration("grace")
+	assert.GreaterOrEqual(t, grace, 2*interval, "labeler: a grace period of at least two polls, or one lost poll flaps every node")
+
+	// The admission policy reserves attested.dev/ labels to exactly this
+	// service account, on nodes and their status, and denies.
+	var policy, binding admissionPolicy
+	po := findObject(t, objs, "ValidatingAdmissionPolicy", "", "attested-node-labels")
+	bo := findObject(t, objs, "ValidatingAdmissionPolicyBinding", "", "attested-node-labels")
+	require.NoError(t, po.Spec.Decode(&policy))
+	require.NoError(t, bo.Spec.Decode(&binding))
+	assert.Equal(t, "Fail", policy.FailurePolicy)
+	require.Len(t, policy.MatchConstraints.ResourceRules, 1)
+	rule := policy.MatchConstraints.ResourceRules[0]
+	assert.Equal(t, []string{""}, rule.APIGroups)
+	assert.ElementsMatch(t, []string{"CREATE", "UPDATE"}, rule.Operations)
+	assert.ElementsMatch(t, []string{"nodes", "nodes/status"}, rule.Resources)
+	require.Len(t, policy.MatchConditions, 1)
+	account := "system:serviceaccount:" + labeler.Metadata.Namespace + ":" + labeler.pod.ServiceAccountName
+	assert.Equal(t, "request.userInfo.username != '"+account+"'", policy.MatchConditions[0].Expression)
+	require.Len(t, policy.Validations, 1)
+	assert.Contains(t, policy.Validations[0].Expression, "'attested.dev/'")
+	assert.Equal(t, "attested-node-labels", binding.PolicyName)
+	assert.Equal(t, []string{"Deny"}, binding.ValidationActions)
+}
+
+// The agent's pod enrolls its node once, under spec.nodeName, with the
+// node's join token from a Secret that only the enroll step mounts.
+func TestExampleKubernetesAgentEnrolls(t *testing.T) {
+	objs := kubeObjects(t)
+	agent := findWorkload(t, workloads(t, objs), "DaemonSet", "attested-agent")
+	enroll := agent.container(t, "enroll")
+	var inits []string
+	for _, c := range agent.pod.InitContainers {
+		inits = append(inits, c.Name)
+	}
+	assert.Contains(t, inits, "enroll", "enroll runs before the agent starts")
+	cmds := scriptCommands(t, enroll)
+	require.Len(t, cmds, 1)
+	cmd := parseAttested(t, "enroll", cmds[0])
+	require.Equal(t, "attested node enroll", cmd.CommandPath())
+
+	// Under the Kubernetes node name.
+	name, _ := cmd.Flags().GetString("name")
+	assert.Equal(t, "$NODE_NAME", name)
+	var nodeName bool
+	for _, e := range enroll.Env {
+		nodeName = nodeName || (e.Name == "NODE_NAME" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName")
+	}
+	assert.True(t, nodeName, "enroll: NODE_NAME is spec.nodeName, the name the labeler labels")
+
+	// With the agent's configuration; once: not when the node's
+	// enrollment is on its disk.
+	agentCmd := parseAttested(t, "agent", must(attestedArgs(agent.container(t, "agent"))))
+	config, _ := cmd.Flags().GetString("config")
+	agentConfig, _ := agentCmd.Flags().GetString("config")
+	assert.Equal(t, agentConfig, config)
+	cm := findObject(t, objs, "ConfigMap", agent.Metadata.Namespace, "attested-node")
+	f := filepath.Join(t.TempDir(), "node.yaml")
+	require.NoError(t, os.WriteFile(f, []byte(cm.Data[filepath.Base(config)]), 0o600))
+	cfg := runConfig(t, "--config", f)
+	script, _ := shellScript(enroll)
+	assert.Contains(t, script, "[ -e "+filepath.Join(cfg.StateDir, attest.StateFile)+" ]", "enroll: skips an enrolled node")
+	m, ok := mountOf(enroll, cfg.StateDir)
+	assert.True(t, ok && !m.ReadOnly && agent.volume(t, m.Name).HostPath != nil, "enroll: writes the host's state directory")
+
+	// The token: a file in an optional Secret (deleted once the nodes are
+	// enrolled), read-only, for root only, mounted in this step alone.
+	tokenFile, _ := cmd.Flags().GetString("join-token-file")
+	require.True(t, strings.HasSuffix(tokenFile, "/$NODE_NAME"), "enroll: the token is the Secret's key named for the node: %s", tokenFile)
+	m, ok = mountOf(enroll, tokenFile)
+	require.True(t, ok, "enroll: %s is on no volume", tokenFile)
+	v := agent.volume(t, m.Name)
+	require.NotNil(t, v.Secret, "enroll: the join token comes from a Secret")
+	assert.True(t, m.ReadOnly && v.Secret.Optional, "enroll: the Secret is read-only and optional")
+	assert.True(t, v.Secret.DefaultMode != nil && *v.Secret.DefaultMode == 0o400, "enroll: the token is readable by its owner only")
+	for _, c := range agent.containers() {
+		if c.Name == enroll.Name {
+			continue
+		}
+		for _, cm := range c.VolumeMounts {
+			assert.NotEqual(t, m.Name, cm.Name, "%s: only the enroll step sees the join tokens", c.Name)
+		}
+	}
+	// The TPM.
+	assert.Equal(t, agent.container(t, "agent").Resources.Limits["squat.ai/tpmrm0"], enroll.Resources.Limits["squat.ai/tpmrm0"])
+}
+
+func must[T any](v T, ok bool) T {
+	if !ok {
+		panic("must")
+	}
+	return v
 }

@@ -5,15 +5,53 @@ package main
 import (
 	"fmt"
 	"os"
+	"regexp"
+	"runtime/debug"
 
+	"github.com/attested-dev/attested/broker"
 	"github.com/spf13/cobra"
 )
 
 func main() {
 	if err := newRoot().Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "attested:", err)
+		fmt.Fprintln(os.Stderr, "attested:", plainError(err))
 		os.Exit(1)
 	}
+}
+
+// rpcPrefix is how grpc-go prints a status; operators need its message.
+var rpcPrefix = regexp.MustCompile(`rpc error: code = \w+ desc = `)
+
+// plainError is err's text without gRPC's status framing.
+func plainError(err error) string {
+	return rpcPrefix.ReplaceAllString(err.Error(), "")
+}
+
+// version is the binary's version: the broker's API version, and the VCS
+// revision the binary was built from when Go recorded one.
+func version() string {
+	v := "attested " + broker.Version
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		var rev, dirty string
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				rev = s.Value
+			case "vcs.modified":
+				if s.Value == "true" {
+					dirty = "+dirty"
+				}
+			}
+		}
+		if len(rev) > 12 {
+			rev = rev[:12]
+		}
+		if rev != "" {
+			v += " (" + rev + dirty + ")"
+		}
+		v += " " + bi.GoVersion
+	}
+	return v
 }
 
 func newRoot() *cobra.Command {
@@ -28,12 +66,14 @@ func newRootConfig() (*cobra.Command, *config) {
 	root := &cobra.Command{
 		Use:           "attested",
 		Short:         "Run encrypted container images only on TPM-attested hosts",
+		Version:       version(),
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
 			return loadConfig(cmd, &cfg)
 		},
 	}
+	root.SetVersionTemplate("{{.Version}}\n")
 	configFlags(root.PersistentFlags(), &cfg)
 	root.AddCommand(
 		keyproviderCmd(&cfg),
@@ -44,6 +84,15 @@ func newRootConfig() (*cobra.Command, *config) {
 		policyCmd(&cfg),
 		auditCmd(&cfg),
 		earCmd(&cfg),
+		webhookCmd(&cfg),
+		&cobra.Command{
+			Use: "version", Short: "Print the version", Args: cobra.NoArgs,
+			Example: "  attested version\n  attested --version",
+			// No configuration is read: the version prints anywhere.
+			PersistentPreRunE: func(*cobra.Command, []string) error { return nil },
+			Run:               func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), version()) },
+		},
+		labelerCmd(),
 	)
 	return root, &cfg
 }

@@ -20,7 +20,10 @@ func nodeCmd(c *config) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "Enroll and attest this node; manage nodes (admin)"}
 	var joinTokenFile, argvToken string
 	enroll := &cobra.Command{
-		Use:   "enroll",
+		Use: "enroll",
+		Example: `  attested node enroll --join-token-file join.token
+  attested node token create --output - | ssh worker-1 attested node enroll --join-token-file -
+  attested node enroll    # no token: prints the EK fingerprint for the admin to approve`,
 		Short: "Enroll this node's TPM (EK and a new attestation key) with the broker",
 		Long: `Enroll this node's TPM: its EK (and EK certificate, when the TPM has one) and a
 new attestation key, proven to live in the same TPM by credential activation.
@@ -75,7 +78,10 @@ shows before running 'attested node approve NAME --ek SHA256:...'.`,
 	enroll.Flags().MarkHidden("join-token")
 	var explain, earOut bool
 	attestNow := &cobra.Command{
-		Use:   "attest",
+		Use: "attest",
+		Example: `  attested node attest
+  attested node attest --explain   # exits 1 when a key would be refused
+  attested node attest --ear > node.ear`,
 		Short: "Attest once: quote the PCRs and have the broker appraise them",
 		Long: `Attest once: quote the PCRs, send them with the event logs, and have the broker
 appraise them. With --explain, show what the broker established and every key's
@@ -108,6 +114,17 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 					return err
 				}
 				printExplanation(w, ex)
+				var refused []string
+				for _, k := range ex.GetKeys() {
+					if !k.GetAllowed() {
+						refused = append(refused, k.GetKey())
+					}
+				}
+				if len(refused) > 0 {
+					// Scripts and operators read the exit status: a node
+					// that would be refused a key is not fine.
+					return fmt.Errorf("node %s would be refused key %s (clauses above)", st.Name, strings.Join(refused, ", "))
+				}
 				return nil
 			})
 		},
@@ -119,7 +136,11 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 	token := &cobra.Command{Use: "token", Short: "Join tokens (admin)"}
 	tokenCreate := &cobra.Command{
 		Use: "create", Short: "Create a single-use join token", Args: cobra.NoArgs,
+		Example: `  attested node token create --ttl 1h --output join.token`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if ttl < time.Second {
+				return fmt.Errorf("--ttl %s: a join token lives at least 1s (and at most %s)", ttl, broker.MaxJoinTokenTTL)
+			}
 			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
 				r, err := a.CreateJoinToken(ctx, &apiv1.CreateJoinTokenRequest{TtlSeconds: int64(ttl / time.Second)})
 				if err != nil {
@@ -144,6 +165,7 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 	stateChange := func(use, short string, call func(context.Context, apiv1.AdminClient, string) (*apiv1.Node, error)) *cobra.Command {
 		return &cobra.Command{
 			Use: use + " NAME", Short: short, Args: cobra.ExactArgs(1),
+			Example: "  attested node " + use + " worker-1",
 			RunE: func(cmd *cobra.Command, args []string) error {
 				return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
 					n, err := call(ctx, a, args[0])
@@ -158,7 +180,9 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 	}
 	var approveEK string
 	approve := &cobra.Command{
-		Use:   "approve NAME --ek SHA256:...",
+		Use: "approve NAME --ek SHA256:...",
+		Example: `  attested node list --pending
+  attested node approve worker-1 --ek SHA256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08`,
 		Short: "Approve a pending enrollment, naming its TPM by EK fingerprint (admin)",
 		Long: `Approve the enrollment waiting under NAME whose EK fingerprint is the one given:
 the fingerprint 'attested node enroll' printed on the machine. Anyone can make
@@ -181,7 +205,9 @@ waits. Other enrollments waiting under NAME are dropped.`,
 	approve.Flags().StringVar(&approveEK, "ek", "", "EK fingerprint (SHA256:...) the node printed at enrollment (required)")
 	var removeEK string
 	removeNode := &cobra.Command{
-		Use:   "remove NAME [--ek SHA256:...]",
+		Use: "remove NAME [--ek SHA256:...]",
+		Example: `  attested node remove worker-1
+  attested node remove worker-1 --ek SHA256:9f86...   # reject one enrollment waiting for approval`,
 		Short: "Remove a node, so its TPM (EK) can enroll again, or reject a pending enrollment (admin)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -206,6 +232,8 @@ waits. Other enrollments waiting under NAME are dropped.`,
 	var onlyPending bool
 	list := &cobra.Command{
 		Use: "list", Short: "List nodes and their trust status, and enrollments waiting for approval (admin)", Args: cobra.NoArgs,
+		Example: `  attested node list
+  attested node list --pending`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
 				r, err := a.ListNodes(ctx, &apiv1.ListNodesRequest{})
@@ -243,6 +271,7 @@ waits. Other enrollments waiting under NAME are dropped.`,
 	list.Flags().BoolVar(&onlyPending, "pending", false, "list only enrollments waiting for approval")
 	show := &cobra.Command{
 		Use: "show NAME", Short: "Show a node: status, last evidence, sessions, status history (admin)", Args: cobra.ExactArgs(1),
+		Example: `  attested node show worker-1`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return withAdmin(c, func(ctx context.Context, a apiv1.AdminClient) error {
 				d, err := a.GetNode(ctx, &apiv1.NodeRequest{Name: args[0]})
@@ -256,7 +285,9 @@ waits. Other enrollments waiting under NAME are dropped.`,
 	}
 	var remove []string
 	tag := &cobra.Command{
-		Use:   "tag NAME [KEY=VALUE]...",
+		Use: "tag NAME [KEY=VALUE]...",
+		Example: `  attested node tag worker-1 region=EU tier=prod
+  attested node tag worker-1 --remove tier`,
 		Short: "Set or remove asset tags on a node, e.g. region=EU tier=prod (admin)",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -284,8 +315,9 @@ waits. Other enrollments waiting under NAME are dropped.`,
 	tag.Flags().StringSliceVar(&remove, "remove", nil, "tag names to remove")
 	tags := &cobra.Command{Use: "tags", Short: "This node's TPM-certified asset tags"}
 	tags.AddCommand(&cobra.Command{
-		Use:   "sync",
-		Short: "Write the digest of this node's tags (as the broker holds them) into its TPM's tag NV index",
+		Use:     "sync",
+		Example: `  attested node tags sync   # on the node, after an admin tagged it`,
+		Short:   "Write the digest of this node's tags (as the broker holds them) into its TPM's tag NV index",
 		Long: `Write the digest of this node's tags, as the broker holds them, into an NV index of
 its TPM that only the owner can write and that stays write-locked. Every later
 attestation has the AK certify it (TPM2_NV_Certify), so a policy with
@@ -404,6 +436,9 @@ func withEnrolledNode(c *config, fn func(ctx context.Context, b apiv1.BrokerClie
 	st, err := attest.LoadState(c.StateDir)
 	if err != nil {
 		return err
+	}
+	if c.nameSet && c.Name != st.Name {
+		return fmt.Errorf("this node is enrolled as %q (state in %s), not %q: drop --name, or enroll under the new name", st.Name, c.StateDir, c.Name)
 	}
 	return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error { return fn(ctx, b, t, st) })
 }

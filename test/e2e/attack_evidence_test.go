@@ -102,7 +102,8 @@ func TestTamperedEvidenceRefused(t *testing.T) {
 	// The honest parts of the evidence pass: the refusals below are the
 	// tampering's.
 	r := w.attested(n, "node", "attest", "--explain")
-	require.NoError(t, r.err, "%s", r.stderr)
+	require.Error(t, r.err, "a node that would be refused a key exits non-zero")
+	assert.Contains(t, r.msg(), "would be refused key app")
 	assert.Regexp(t, `ok +secureBoot `, string(r.stdout))
 	assert.Regexp(t, `FAIL +bootApplications `, string(r.stdout))
 

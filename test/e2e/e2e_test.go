@@ -260,7 +260,7 @@ var malformed = []struct {
 }{
 	{"bad JSON", []byte(`{"op":"keyunwrap","keyunwrapparams":{"dc":null,"annotation":"c2VjcmV0LWxheWVyLWtleQ=="`),
 		"request is not valid keyprovider JSON", "c2VjcmV0LWxheWVyLWtleQ"},
-	{"empty request", []byte{}, "request is not valid keyprovider JSON", ""},
+	{"empty request", []byte{}, "the request is empty", ""},
 	{"bad base64 in optsdata", []byte(`{"op":"keywrap","keywrapparams":{"ec":{"Parameters":{"attested":["a2V5PWFwcA=="]},"DecryptConfig":{"Parameters":{}}},"optsdata":"c2VjcmV0LWxheWVyLWtleQ==*not*base64*"},"keyunwrapparams":{"dc":null,"annotation":null}}`),
 		"base64", "c2VjcmV0LWxheWVyLWtleQ"},
 	{"bad base64 in annotation", []byte(`{"op":"keyunwrap","keywrapparams":{"ec":null,"optsdata":null},"keyunwrapparams":{"dc":{"Parameters":null},"annotation":"eyJhdHRlc3RlZCI6!!"}}`),

@@ -49,7 +49,8 @@ func TestExplainShowsEveryClause(t *testing.T) {
 
 	n.tpm.ExtendPCR(16, []byte("unexpected"))
 	r = w.attested(n, "node", "attest", "--explain")
-	require.NoError(t, r.err, "%s", r.stderr)
+	require.Error(t, r.err, "a node that would be refused a key exits non-zero")
+	assert.Contains(t, r.msg(), "node node1 would be refused key app")
 	out = string(r.stdout)
 	assert.Contains(t, out, "key app (policy prod): would be REFUSED")
 	assert.Regexp(t, `FAIL +pcr 16 +PCR 16 differs from policy prod: got [0-9a-f]{16}\.\., want one of 0{16}\.\.`, out)

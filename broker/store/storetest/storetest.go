@@ -29,6 +29,7 @@ func openSession(t *testing.T, s store.Store, sess store.Session) {
 func Run(t *testing.T, open func(t *testing.T) store.Store) {
 	ctx := context.Background()
 	now := time.Now()
+	t.Run("Webhooks", func(t *testing.T) { runWebhooks(t, open) })
 
 	t.Run("NodeIdentityIsUnique", func(t *testing.T) {
 		s := open(t)
