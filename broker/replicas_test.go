@@ -4,6 +4,8 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 
@@ -137,4 +139,27 @@ func BenchmarkUnwrapThroughputPostgres(bm *testing.B) {
 		}
 	})
 	bm.ReportMetric(float64(bm.N)/bm.Elapsed().Seconds(), "unwraps/s")
+}
+
+// TestStoreSetting: broker.yaml's store names PostgreSQL by URL; anything
+// else, or a URL carrying a password, keeps the broker from starting, with
+// the setting redacted.
+func TestStoreSetting(t *testing.T) {
+	dir := t.TempDir()
+	_, err := broker.Init(broker.InitOptions{DataDir: filepath.Join(dir, "broker"), CADir: filepath.Join(dir, "ca"), ID: "broker-test",
+		Listen: "127.0.0.1:0", AdmitUncertifiedTPMs: true})
+	require.NoError(t, err)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	for _, tc := range []struct{ store, want string }{
+		{"mysql://broker:hunter2-secret@db/attested", `store "mysql://broker:xxxxx@db/attested" is not a PostgreSQL URL`},
+		{"/var/lib/attested/broker.db", "is not a PostgreSQL URL"},
+		{"postgres://broker:hunter2-secret@db/attested", "no place for secrets"},
+	} {
+		_, err := broker.Open(filepath.Join(dir, "broker"), log, func(c *broker.Config) { c.Store = tc.store })
+		require.Error(t, err, tc.store)
+		assert.Contains(t, err.Error(), tc.want)
+		assert.NotContains(t, err.Error(), "hunter2-secret")
+	}
+	_, err = os.Stat(filepath.Join(dir, "broker", broker.DatabaseFile))
+	assert.ErrorIs(t, err, os.ErrNotExist, "no embedded store was created on the way")
 }

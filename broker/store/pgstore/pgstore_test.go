@@ -165,6 +165,7 @@ func TestURLSecretsRefusedAndRedacted(t *testing.T) {
 	assert.Equal(t, "postgres://broker:xxxxx@db.example/attested?sslmode=verify-full&password=xxxxx",
 		pgstore.Redact("postgres://broker:pw@db.example/attested?sslmode=verify-full&password=pw"))
 	assert.Equal(t, "postgres://db.example/attested", pgstore.Redact("postgres://db.example/attested"))
+	assert.Equal(t, "mysql://u:xxxxx@db/x", pgstore.Redact("mysql://u:pw@db/x"))
 
 	_, err := pgstore.Open(context.Background(), "mysql://db.example/attested", pgstore.Options{})
 	assert.ErrorContains(t, err, "is not a PostgreSQL URL")

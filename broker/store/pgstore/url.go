@@ -21,11 +21,10 @@ const mask = "xxxxx"
 // userinfo is what precedes the first '@' found before any '/', so a URL
 // with several hosts (which net/url refuses) splits too.
 func splitURL(s string) (scheme, user, password string, hasPassword bool, rest, query string) {
-	for _, p := range []string{"postgresql://", "postgres://"} {
-		if r, ok := strings.CutPrefix(s, p); ok {
-			scheme, s = p, r
-			break
-		}
+	// Any scheme: a URL of the wrong kind is redacted in the error that
+	// refuses it, too.
+	if i := strings.Index(s, "://"); i >= 0 && !strings.ContainsAny(s[:i], "/@?") {
+		scheme, s = s[:i+3], s[i+3:]
 	}
 	if i := strings.IndexAny(s, "@/"); i >= 0 && s[i] == '@' {
 		user, password, hasPassword = strings.Cut(s[:i], ":")
@@ -35,7 +34,8 @@ func splitURL(s string) (scheme, user, password string, hasPassword bool, rest, 
 	return scheme, user, password, hasPassword, rest, query
 }
 
-// Redact returns the URL with every password masked, for logs and errors.
+// Redact returns the URL with every password masked, for logs and errors;
+// it masks the userinfo password of a URL of any scheme.
 func Redact(s string) string {
 	scheme, user, password, hasPassword, rest, query := splitURL(s)
 	var b strings.Builder

@@ -217,4 +217,40 @@ func RunReplicas(t *testing.T, open func(t *testing.T) (store.Store, store.Store
 		require.NoError(t, err)
 		assert.Equal(t, uint32(workers), p.Revision)
 	})
+
+	t.Run("OutboxAcrossReplicas", func(t *testing.T) {
+		a, b := open(t)
+		now := time.Now().UTC().Truncate(time.Millisecond)
+		require.NoError(t, a.CreateWebhook(ctx, store.Webhook{ID: "wh", Events: []string{"status"}, Created: now}))
+		race(a, b, func(i int, s store.Store) {
+			_, err := s.EnqueueEvent(ctx, store.OutboxEvent{ID: fmt.Sprint("e", i), Kind: "status", Payload: []byte("{}"), Created: now}, 0)
+			assert.NoError(t, err)
+		})
+		w, err := b.GetWebhook(ctx, "wh")
+		require.NoError(t, err)
+		assert.Equal(t, uint64(workers), w.Pending)
+		seen := map[string]bool{}
+		for i := range workers {
+			s := a
+			if i%2 == 1 {
+				s = b
+			}
+			ds, err := s.NextDeliveries(ctx)
+			require.NoError(t, err)
+			require.Len(t, ds, 1)
+			assert.False(t, seen[ds[0].EventID], "each event once")
+			seen[ds[0].EventID] = true
+			require.NoError(t, s.RecordAttempt(ctx, ds[0], store.Attempt{Outcome: store.Delivered, Time: now}))
+			// The other replica, holding the same delivery, finds it done.
+			other := b
+			if s == b {
+				other = a
+			}
+			assert.ErrorIs(t, other.RecordAttempt(ctx, ds[0], store.Attempt{Outcome: store.Delivered, Time: now}), store.ErrNotFound)
+		}
+		w, err = a.GetWebhook(ctx, "wh")
+		require.NoError(t, err)
+		assert.Zero(t, w.Pending)
+		assert.Equal(t, uint64(workers), w.Delivered)
+	})
 }
