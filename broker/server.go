@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/conn"
 	"github.com/attested-dev/attested/broker/keysig"
 	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
@@ -200,8 +201,9 @@ func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
 	var creds credentials.TransportCredentials
 	if cert != nil {
 		creds = credentials.NewTLS(&tls.Config{
-			Certificates: []tls.Certificate{*cert},
-			MinVersion:   tls.VersionTLS13,
+			Certificates:     []tls.Certificate{*cert},
+			MinVersion:       tls.VersionTLS13,
+			CurvePreferences: conn.KeyExchange,
 		})
 	}
 	return s.grpcServer(creds)
