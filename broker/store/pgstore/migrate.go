@@ -80,6 +80,11 @@ func (s *Store) migrate(ctx context.Context) error {
 	var applied []string
 	var at int
 	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		// Waiting for another replica's migration, and a long migration,
+		// are bounded by ctx rather than by the per-statement timeout.
+		if _, err := tx.Exec(ctx, "SET LOCAL statement_timeout = 0"); err != nil {
+			return err
+		}
 		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", migrateLock); err != nil {
 			return err
 		}
