@@ -2,6 +2,7 @@ package pgstore_test
 
 import (
 	"bytes"
+	"errors"
 	"context"
 	"fmt"
 	"log/slog"
@@ -213,4 +214,45 @@ func TestUnauthenticatedRemoteDatabaseWarns(t *testing.T) {
 	_, err = pgstore.Open(ctx2, "postgres://broker@192.0.2.1:1/attested?sslmode=verify-full&connect_timeout=1", pgstore.Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	require.Error(t, err)
 	assert.NotContains(t, logs.String(), "SECURITY")
+}
+
+// BenchmarkReleaseReads is the store's share of one unwrap: the four reads
+// of the release path, then its audit record, from 8 parallel callers.
+func BenchmarkReleaseReads(bm *testing.B) {
+	c := pgtest.Need(bm)
+	ctx := context.Background()
+	s, err := pgstore.Open(ctx, c.NewDatabase(bm), pgstore.Options{})
+	require.NoError(bm, err)
+	defer s.Close()
+	require.NoError(bm, s.CreateNode(ctx, store.Node{Name: "n", EKFingerprint: "ek", State: store.NodeActive}))
+	_, err = s.Appraise(ctx, "n", store.SpentNonce{Nonce: []byte("x"), Expires: time.Now().Add(time.Hour)}, time.Now(),
+		func(*store.Node, []store.Session) (store.Outcome, error) {
+			return store.Outcome{Open: &store.Session{TokenHash: []byte("tok"), Node: "n", Facts: []byte(`{"a":1}`), Expires: time.Now().Add(time.Hour)}}, nil
+		})
+	require.NoError(bm, err)
+	require.NoError(bm, s.CreateKey(ctx, store.Key{Name: "k", Version: 1, Policy: "p", PublicKey: make([]byte, 1200), SealedPrivate: make([]byte, 2500)}))
+	_, err = s.PutPolicy(ctx, store.Policy{Name: "p", YAML: strings.Repeat("x", 400)})
+	require.NoError(bm, err)
+	for _, audit := range []bool{false, true} {
+		bm.Run(fmt.Sprintf("audit=%v", audit), func(bm *testing.B) {
+			bm.SetParallelism(4)
+			bm.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					_, err1 := s.GetSession(ctx, []byte("tok"))
+					_, err2 := s.GetNode(ctx, "n")
+					_, err3 := s.GetKey(ctx, "k", 1)
+					_, err4 := s.GetPolicy(ctx, "p")
+					var err5 error
+					if audit {
+						err5 = s.AppendAudit(ctx, store.AuditEvent{Time: time.Now(), Kind: "release", Node: "n", Key: "k", Allowed: true})
+					}
+					if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+						bm.Error(err)
+						return
+					}
+				}
+			})
+			bm.ReportMetric(float64(bm.N)/bm.Elapsed().Seconds(), "releases/s")
+		})
+	}
 }
