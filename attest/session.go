@@ -214,7 +214,7 @@ const quoteAttempts = 3
 
 // evidence is one consistent set of session key and quote.
 type evidence struct {
-	seed, public            []byte
+	public                  []byte
 	key                     *SessionKey
 	keyCertInfo, keyCertSig []byte
 	qualifying              []byte
