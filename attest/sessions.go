@@ -35,6 +35,12 @@ type Sessions struct {
 	// Observe, when set, is told of every attestation: the new session's
 	// expiry, or why it failed (metrics).
 	Observe func(expires time.Time, err error)
+	// Linger keeps the TPM open this long after its last use, so the
+	// layers of a pull share one connection and one loaded session key
+	// (a long-running agent sets it). Zero closes the TPM after each use.
+	// swtpm serves one connection at a time: other processes on the node
+	// wait up to this long for it.
+	Linger time.Duration
 
 	// turn admits one caller at a time; a channel rather than a mutex so a
 	// caller gives up when its context ends instead of queueing forever
@@ -42,6 +48,10 @@ type Sessions struct {
 	turnOnce sync.Once
 	turn     chan struct{}
 	cur      *Session
+	// open is the TPM kept between uses while lingering; idle closes it.
+	// Both belong to whoever holds turn.
+	open *TPM
+	idle *time.Timer
 	// checked is when the last TPM check that found cur valid (or the
 	// attestation that made it) began.
 	checked time.Time
@@ -58,6 +68,50 @@ func (m *Sessions) acquire(ctx context.Context) error {
 }
 
 func (m *Sessions) release() { <-m.turn }
+
+// useTPM returns the TPM for one use by the holder of turn: the lingering
+// one, now bounded by ctx, or a new one.
+func (m *Sessions) useTPM(ctx context.Context) (*TPM, error) {
+	if t := m.open; t != nil {
+		m.open = nil
+		m.idle.Stop()
+		t.bound(ctx)
+		return t, nil
+	}
+	return m.TPM(ctx)
+}
+
+// doneTPM ends the holder of turn's use of t: it lingers if the use went
+// well, and is closed otherwise, so a TPM that failed is dialled afresh.
+func (m *Sessions) doneTPM(t *TPM, err error) {
+	if m.Linger <= 0 || (err != nil && !errors.Is(err, ErrSessionKeyLocked)) {
+		t.Close()
+		return
+	}
+	m.open = t
+	var idle *time.Timer
+	idle = time.AfterFunc(m.Linger, func() {
+		m.turn <- struct{}{}
+		if m.idle == idle && m.open == t {
+			m.open = nil
+			t.Close()
+		}
+		m.release()
+	})
+	m.idle = idle
+}
+
+// Close closes a TPM kept open by Linger.
+func (m *Sessions) Close() {
+	m.turnOnce.Do(func() { m.turn = make(chan struct{}, 1) })
+	m.turn <- struct{}{}
+	if m.open != nil {
+		m.idle.Stop()
+		m.open.Close()
+		m.open = nil
+	}
+	m.release()
+}
 
 // Get returns a session valid for this node's current state.
 func (m *Sessions) Get(ctx context.Context) (*Session, error) {
@@ -96,13 +150,14 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		m.cur = m.Store.Load()
 	}
 	checkStart := time.Now()
-	t, err := m.TPM(ctx)
+	t, err := m.useTPM(ctx)
 	if err != nil {
 		return nil, err
 	}
-	defer t.Close()
+	defer func() { m.doneTPM(t, err) }()
 	if m.cur != nil && m.cur.Broker == m.State.Broker && m.cur.Node == m.State.Name {
-		plat, err := t.ReadPlatform()
+		var plat Platform
+		plat, err = t.ReadPlatform()
 		if err != nil {
 			return nil, err
 		}
@@ -178,13 +233,13 @@ func (m *Sessions) openWith(ctx context.Context, s *Session, open func(*TPM) ([]
 	if err := m.acquire(ctx); err != nil {
 		return nil, err
 	}
-	t, err := m.TPM(ctx)
+	t, err := m.useTPM(ctx)
 	if err != nil {
 		m.release()
 		return nil, err
 	}
 	out, err := open(t)
-	t.Close()
+	m.doneTPM(t, err)
 	m.release()
 	if errors.Is(err, ErrSessionKeyLocked) {
 		if ierr := m.Invalidate(ctx, s); ierr != nil {

@@ -25,6 +25,10 @@ const DefaultTPMTimeout = 30 * time.Second
 type TPM struct {
 	ch  channel
 	dev *attest.TPM
+	// session is the session key last loaded, kept until Close so that
+	// the layers of one pull on a lingering TPM load it once. Loading
+	// grants nothing: each use still needs its PCR policy.
+	session *loaded
 }
 
 // channel is a TPM command channel (go-attestation's CommandChannelTPM20).
@@ -75,8 +79,19 @@ func OpenTPM(ctx context.Context, spec string) (*TPM, error) {
 	return &TPM{ch: ch, dev: dev}, nil
 }
 
-// Close releases the TPM connection.
-func (t *TPM) Close() error { return t.dev.Close() }
+// Close releases the TPM connection, flushing the session key it kept.
+func (t *TPM) Close() error {
+	t.flushSessionKey()
+	return t.dev.Close()
+}
+
+// bound makes ctx's deadline bound each command from now on, for a TPM
+// kept open across calls.
+func (t *TPM) bound(ctx context.Context) {
+	if b, ok := t.ch.(interface{ setTimeout(time.Duration) }); ok {
+		b.setTimeout(commandTimeout(ctx))
+	}
+}
 
 // device is a TPM character device; each read returns one whole response.
 // A character device has no deadlines, so each read and write runs aside
@@ -87,7 +102,9 @@ type device struct {
 	timeout time.Duration
 }
 
-func (d device) bounded(op func() (int, error)) (int, error) {
+func (d *device) setTimeout(t time.Duration) { d.timeout = t }
+
+func (d *device) bounded(op func() (int, error)) (int, error) {
 	type result struct {
 		n   int
 		err error
@@ -102,14 +119,14 @@ func (d device) bounded(op func() (int, error)) (int, error) {
 	}
 }
 
-func (d device) Write(p []byte) (int, error) {
+func (d *device) Write(p []byte) (int, error) {
 	return d.bounded(func() (int, error) { return d.f.Write(p) })
 }
-func (d device) Read(p []byte) (int, error) {
+func (d *device) Read(p []byte) (int, error) {
 	return d.bounded(func() (int, error) { return d.f.Read(p) })
 }
-func (d device) Close() error                  { return d.f.Close() }
-func (device) MeasurementLog() ([]byte, error) { return nil, errNoLog }
+func (d *device) Close() error                  { return d.f.Close() }
+func (*device) MeasurementLog() ([]byte, error) { return nil, errNoLog }
 
 var errNoLog = errors.New("attest: no event log configured")
 
@@ -118,7 +135,7 @@ func openDevice(ctx context.Context, path string) (channel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attest: open TPM device: %w", err)
 	}
-	return device{f: f, timeout: commandTimeout(ctx)}, nil
+	return &device{f: f, timeout: commandTimeout(ctx)}, nil
 }
 
 // commandTimeout bounds one TPM command by ctx's deadline, or the default.
@@ -154,6 +171,8 @@ func dialSwtpm(ctx context.Context, addr string) (*swtpmConn, error) {
 	}
 	return &swtpmConn{c: c, timeout: commandTimeout(ctx)}, nil
 }
+
+func (s *swtpmConn) setTimeout(t time.Duration) { s.timeout = t }
 
 const maxResponse = 1 << 20
 
