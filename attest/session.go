@@ -85,7 +85,7 @@ func (t *TPM) ReadPlatform() (Platform, error) {
 // StillValid reports whether s still describes this node: not near expiry,
 // and the TPM has not rebooted or changed a PCR its key is bound to since
 // the quote. (The TPM enforces the PCRs itself at every use; checking first
-// spares the broker a release the node could not open.)
+// means the broker never releases to a session whose node moved on.)
 func (s *Session) StillValid(now time.Time, p Platform) bool {
 	if !now.Add(ExpiryMargin).Before(s.Expires) || s.ResetCount != p.ResetCount || s.RestartCount != p.RestartCount {
 		return false

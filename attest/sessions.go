@@ -70,15 +70,37 @@ func (m *Sessions) acquire(ctx context.Context) error {
 func (m *Sessions) release() { <-m.turn }
 
 // useTPM returns the TPM for one use by the holder of turn: the lingering
-// one, now bounded by ctx, or a new one.
-func (m *Sessions) useTPM(ctx context.Context) (*TPM, error) {
+// one, now bounded by ctx (reused), or a new one.
+func (m *Sessions) useTPM(ctx context.Context) (t *TPM, reused bool, err error) {
 	if t := m.open; t != nil {
 		m.open = nil
 		m.idle.Stop()
 		t.bound(ctx)
-		return t, nil
+		return t, true, nil
 	}
-	return m.TPM(ctx)
+	t, err = m.TPM(ctx)
+	return t, false, err
+}
+
+// withTPM runs op, which must be safe to repeat, on the TPM for the holder
+// of turn. A lingering connection may have died while idle (swtpm
+// restarted, the node resumed): op failing on one runs once more on a new
+// connection.
+func (m *Sessions) withTPM(ctx context.Context, op func(*TPM) error) error {
+	t, reused, err := m.useTPM(ctx)
+	if err != nil {
+		return err
+	}
+	err = op(t)
+	if err != nil && reused && !errors.Is(err, ErrSessionKeyLocked) {
+		t.Close()
+		if t, err = m.TPM(ctx); err != nil {
+			return err
+		}
+		err = op(t)
+	}
+	m.doneTPM(t, err)
+	return err
 }
 
 // doneTPM ends the holder of turn's use of t: it lingers if the use went
@@ -130,6 +152,14 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		return m.cur, nil
 	}
 	if m.Store != nil {
+		// Warm path: a stored session the TPM still vouches for needs no
+		// lock (Save replaces the file whole), so the processes of one
+		// pull do not queue behind each other.
+		if cur := m.Store.Load(); m.mine(cur) {
+			if ok, err := m.stillValid(ctx, cur, now()); err == nil && ok {
+				return cur, nil
+			}
+		}
 		started := time.Now()
 		unlock, err := m.Store.Lock(ctx)
 		if err != nil {
@@ -150,18 +180,12 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		m.cur = m.Store.Load()
 	}
 	checkStart := time.Now()
-	t, err := m.useTPM(ctx)
-	if err != nil {
-		return nil, err
-	}
-	defer func() { m.doneTPM(t, err) }()
-	if m.cur != nil && m.cur.Broker == m.State.Broker && m.cur.Node == m.State.Name {
-		var plat Platform
-		plat, err = t.ReadPlatform()
+	if m.mine(m.cur) {
+		ok, err := m.stillValid(ctx, m.cur, now())
 		if err != nil {
 			return nil, err
 		}
-		if m.cur.StillValid(now(), plat) {
+		if ok {
 			m.checked = checkStart
 			return m.cur, nil
 		}
@@ -169,7 +193,12 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 	// The current session no longer describes this node: nobody may reuse
 	// it, whatever happens next.
 	m.cur = nil
+	t, _, err := m.useTPM(ctx)
+	if err != nil {
+		return nil, err
+	}
 	s, err := NewSession(ctx, m.Broker, t, m.State, m.Logs)
+	m.doneTPM(t, err)
 	if m.Store != nil {
 		m.Store.recordFailure(err)
 	}
@@ -190,6 +219,25 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		}
 	}
 	return s, nil
+}
+
+// mine says whether s is a session of this node with its broker.
+func (m *Sessions) mine(s *Session) bool {
+	return s != nil && s.Broker == m.State.Broker && s.Node == m.State.Name
+}
+
+// stillValid checks s against the TPM's current state, for the holder of
+// turn.
+func (m *Sessions) stillValid(ctx context.Context, s *Session, now time.Time) (bool, error) {
+	var plat Platform
+	err := m.withTPM(ctx, func(t *TPM) (err error) {
+		plat, err = t.ReadPlatform()
+		return err
+	})
+	if err != nil {
+		return false, err
+	}
+	return s.StillValid(now, plat), nil
 }
 
 // Invalidate drops s if it is still the current session, e.g. after the
@@ -233,13 +281,11 @@ func (m *Sessions) openWith(ctx context.Context, s *Session, open func(*TPM) ([]
 	if err := m.acquire(ctx); err != nil {
 		return nil, err
 	}
-	t, err := m.useTPM(ctx)
-	if err != nil {
-		m.release()
-		return nil, err
-	}
-	out, err := open(t)
-	m.doneTPM(t, err)
+	var out []byte
+	err := m.withTPM(ctx, func(t *TPM) (err error) {
+		out, err = open(t)
+		return err
+	})
 	m.release()
 	if errors.Is(err, ErrSessionKeyLocked) {
 		if ierr := m.Invalidate(ctx, s); ierr != nil {
@@ -320,21 +366,28 @@ func (f *FileStore) Lock(ctx context.Context) (func(), error) {
 	if err != nil {
 		return nil, fmt.Errorf("attest: session lock: %w", err)
 	}
-	for {
-		err := syscall.Flock(int(fd.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { syscall.Flock(int(fd.Fd()), syscall.LOCK_UN); fd.Close() }, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
+	// flock blocks until the holder lets go, and cannot be interrupted:
+	// it waits aside, and a caller whose context ends first leaves the
+	// lock to be released as soon as it is taken.
+	unlock := func() { syscall.Flock(int(fd.Fd()), syscall.LOCK_UN); fd.Close() }
+	got := make(chan error, 1)
+	go func() { got <- syscall.Flock(int(fd.Fd()), syscall.LOCK_EX) }()
+	select {
+	case err := <-got:
+		if err != nil {
 			fd.Close()
 			return nil, fmt.Errorf("attest: session lock: %w", err)
 		}
-		select {
-		case <-ctx.Done():
-			fd.Close()
-			return nil, fmt.Errorf("attest: waiting for another attestation on this node: %w", ctx.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
+		return unlock, nil
+	case <-ctx.Done():
+		go func() {
+			if <-got == nil {
+				unlock()
+			} else {
+				fd.Close()
+			}
+		}()
+		return nil, fmt.Errorf("attest: waiting for another attestation on this node: %w", ctx.Err())
 	}
 }
 

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/google/go-attestation/attest"
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
 )
 
 // DefaultTPMTimeout bounds one TPM command. Key creation on a slow TPM takes
@@ -76,7 +78,43 @@ func OpenTPM(ctx context.Context, spec string) (*TPM, error) {
 		ch.Close()
 		return nil, fmt.Errorf("attest: open TPM %s: %w", spec, err)
 	}
-	return &TPM{ch: ch, dev: dev}, nil
+	t := &TPM{ch: ch, dev: dev}
+	if _, ok := ch.(*swtpmConn); ok {
+		if err := t.flushLeftovers(); err != nil {
+			t.Close()
+			return nil, fmt.Errorf("attest: open TPM %s: %w", spec, err)
+		}
+	}
+	return t, nil
+}
+
+// flushLeftovers flushes every transient object and session in a TPM that
+// has no resource manager (swtpm): it serves one connection at a time and
+// every user of ours flushes what it loaded before letting go, so whatever
+// is loaded when a connection begins was left by a process that died
+// (a killed agent's session key), and would fill the TPM's few slots. The
+// kernel's resource manager (/dev/tpmrm0) does this itself.
+func (t *TPM) flushLeftovers() error {
+	tp := transport.FromReadWriter(t.ch)
+	for _, ht := range []tpm2.TPMHT{tpm2.TPMHTTransient, tpm2.TPMHTHMACSession, tpm2.TPMHTPolicySession} {
+		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(ht) << 24, PropertyCount: 64}.Execute(tp)
+		if err != nil {
+			return fmt.Errorf("list loaded handles: %w", err)
+		}
+		handles, err := rsp.CapabilityData.Data.Handles()
+		if err != nil {
+			return fmt.Errorf("list loaded handles: %w", err)
+		}
+		for _, h := range handles.Handle {
+			if uint32(h)>>24 != uint32(ht) {
+				break
+			}
+			if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(tp); err != nil {
+				return fmt.Errorf("flush handle %#x left by an earlier user: %w", uint32(h), err)
+			}
+		}
+	}
+	return nil
 }
 
 // Close releases the TPM connection, flushing the session key it kept.
