@@ -239,29 +239,22 @@ type Result struct {
 }
 
 // Verifier checks a trail record by record, oldest first, in the order
-// the store keeps it, against the checkpoint read in the same snapshot.
+// the store keeps it; Result then checks it against the checkpoint read in
+// the same snapshot. It keeps nothing per record, so a trail of any length
+// is verified in constant memory.
 type Verifier struct {
 	k      *Key
-	cp     *Checkpoint
 	res    Result
 	head   []byte
 	last   uint64 // seq of the last record read
-	before uint64
+	first  uint64 // seq of the first record read
+	start  uint64 // seq of the first chained record
+	before uint64 // unchained records before it
 	bad    bool
 }
 
-// NewVerifier starts verifying a trail whose checkpoint is cp (nil: the
-// store has none).
-func (k *Key) NewVerifier(cp *Checkpoint) *Verifier {
-	v := &Verifier{k: k, cp: cp, head: zeroHash}
-	if cp != nil {
-		v.res.Before, v.res.Started = cp.Before, cp.Started
-		if !hmac.Equal(cp.MAC, k.mac(checkpointDomain, cp.encode())) {
-			v.fail(0, "the audit checkpoint (count and head of the chain) does not verify under this broker's key: it was edited, or copied from another broker")
-		}
-	}
-	return v
-}
+// NewVerifier starts verifying a trail.
+func (k *Key) NewVerifier() *Verifier { return &Verifier{k: k, head: zeroHash} }
 
 func (v *Verifier) fail(seq uint64, format string, args ...any) {
 	if v.bad {
@@ -272,33 +265,31 @@ func (v *Verifier) fail(seq uint64, format string, args ...any) {
 	v.res.Problem = fmt.Sprintf(format, args...)
 }
 
+// next counts a record and checks it comes after the one before.
+func (v *Verifier) next(seq uint64) bool {
+	v.res.Records++
+	prev := v.last
+	v.last = seq
+	if v.res.Records == 1 {
+		v.first = seq
+	} else if seq <= prev {
+		v.fail(seq, "record seq %d is out of order: it comes after seq %d (records were moved)", seq, prev)
+	}
+	return !v.bad
+}
+
 // Add checks the next record.
 func (v *Verifier) Add(e Entry, l Link) {
-	v.res.Records++
-	prevSeq := v.last
-	v.last = e.Seq
-	if v.bad {
-		return
-	}
-	if v.cp == nil {
-		v.fail(e.Seq, "the store holds audit records but no audit checkpoint: the checkpoint was deleted")
-		return
-	}
-	if v.res.Records > 1 && e.Seq <= prevSeq {
-		v.fail(e.Seq, "record seq %d is out of order: it comes after seq %d (records were moved)", e.Seq, prevSeq)
-		return
-	}
-	if e.Seq < v.cp.First {
-		// Written before the chain started: not covered, only counted.
-		if l.Chained() {
-			v.fail(e.Seq, "record seq %d predates the chain (which starts at seq %d) but carries chain values: it was moved or inserted", e.Seq, v.cp.First)
-			return
-		}
-		v.before++
+	if !v.next(e.Seq) {
 		return
 	}
 	if !l.Chained() {
-		v.fail(e.Seq, "record seq %d carries no chain values: it was inserted, or its hash and MAC were stripped", e.Seq)
+		if v.res.Chained > 0 {
+			v.fail(e.Seq, "record seq %d carries no chain values: it was inserted, or its hash and MAC were stripped", e.Seq)
+		}
+		// Before the chain started: not covered, only counted (the
+		// checkpoint says how many there were).
+		v.before++
 		return
 	}
 	if !hmac.Equal(l.MAC, v.k.mac(recordMACDomain, l.Hash)) {
@@ -311,27 +302,48 @@ func (v *Verifier) Add(e Entry, l Link) {
 	}
 	if !hmac.Equal(l.Prev, v.head) {
 		if v.res.Chained == 0 {
-			v.fail(e.Seq, "record seq %d does not follow the start of the chain (seq %d): the records before it were deleted", e.Seq, v.cp.First)
+			v.fail(e.Seq, "record seq %d does not follow the start of the chain: the records before it were deleted", e.Seq)
 		} else {
 			v.fail(e.Seq, "record seq %d does not follow record seq %d: a record between them was deleted, inserted or moved", e.Seq, v.res.HeadSeq)
 		}
 		return
+	}
+	if v.res.Chained == 0 {
+		v.start = e.Seq
 	}
 	v.head = l.Hash
 	v.res.Chained++
 	v.res.HeadSeq, v.res.HeadTime, v.res.HeadHash = e.Seq, e.Time, hex.EncodeToString(l.Hash)
 }
 
-// Result ends verification: the records read must be the ones the
-// checkpoint counts, ending at its head.
-func (v *Verifier) Result() Result {
-	if !v.bad && v.cp != nil {
-		cp := v.cp
+// Unreadable counts a record the store could not decode: it does not
+// verify.
+func (v *Verifier) Unreadable(seq uint64, err error) {
+	if v.next(seq) {
+		v.fail(seq, "record seq %d does not decode (%v): it was edited", seq, err)
+	}
+}
+
+// Result ends verification against the store's checkpoint (nil if it has
+// none): the records read must be the ones it counts, ending at its head.
+func (v *Verifier) Result(cp *Checkpoint) Result {
+	switch {
+	case cp == nil:
+		if v.res.Records > 0 {
+			v.fail(v.first, "the store holds audit records but no audit checkpoint: the checkpoint was deleted")
+		}
+	case !hmac.Equal(cp.MAC, v.k.mac(checkpointDomain, cp.encode())):
+		v.fail(0, "the audit checkpoint (count and head of the chain) does not verify under this broker's key: it was edited, or copied from another broker")
+	}
+	if !v.bad && cp != nil {
+		v.res.Before, v.res.Started = cp.Before, cp.Started
 		switch {
 		case v.before != cp.Before:
-			v.fail(0, "the checkpoint counts %d records from before the chain started (seq %d), the store holds %d: records before the chain were deleted or inserted", cp.Before, cp.First, v.before)
+			v.fail(0, "the checkpoint counts %d records from before the chain started (at seq %d), the store holds %d unchained: records before the chain were deleted or inserted, or chain values stripped", cp.Before, cp.First, v.before)
+		case v.res.Chained > 0 && v.start != cp.First:
+			v.fail(v.start, "the chain starts at seq %d, the checkpoint says at seq %d: records were deleted", v.start, cp.First)
 		case v.res.Chained < cp.Count || (v.res.Chained == cp.Count && !hmac.Equal(v.head, cp.Head)):
-			v.fail(v.res.HeadSeq+1, "the trail ends at seq %d after %d chained records, but the checkpoint says %d ending at seq %d: the newest records were deleted", v.res.HeadSeq, v.res.Chained, cp.Count, cp.Last)
+			v.fail(v.last+1, "the trail ends at seq %d after %d chained records, but the checkpoint says %d ending at seq %d: the newest records were deleted", v.last, v.res.Chained, cp.Count, cp.Last)
 		case v.res.Chained > cp.Count:
 			v.fail(cp.Last+1, "the trail goes on past seq %d, where the checkpoint ends (%d records): the checkpoint was replaced by an older copy, so records may also be missing at the end", cp.Last, cp.Count)
 		}
