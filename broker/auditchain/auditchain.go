@@ -316,6 +316,14 @@ func (v *Verifier) Add(e Entry, l Link) {
 	v.res.HeadSeq, v.res.HeadTime, v.res.HeadHash = e.Seq, e.Time, hex.EncodeToString(l.Hash)
 }
 
+// Misplaced counts a record the store keeps at sequence number at whose
+// content says it is seq: it was moved or copied there.
+func (v *Verifier) Misplaced(at, seq uint64) {
+	if v.next(at) {
+		v.fail(at, "the record kept at seq %d says it is seq %d: records were moved or copied", at, seq)
+	}
+}
+
 // Unreadable counts a record the store could not decode: it does not
 // verify.
 func (v *Verifier) Unreadable(seq uint64, err error) {
@@ -338,6 +346,8 @@ func (v *Verifier) Result(cp *Checkpoint) Result {
 	if !v.bad && cp != nil {
 		v.res.Before, v.res.Started = cp.Before, cp.Started
 		switch {
+		case v.res.Chained > 0 && v.start < cp.First:
+			v.fail(v.start, "record seq %d is chained, but the checkpoint says the chain starts at seq %d: the checkpoint was deleted, and a new one started over the records", v.start, cp.First)
 		case v.before != cp.Before:
 			v.fail(0, "the checkpoint counts %d records from before the chain started (at seq %d), the store holds %d unchained: records before the chain were deleted or inserted, or chain values stripped", cp.Before, cp.First, v.before)
 		case v.res.Chained > 0 && v.start != cp.First:

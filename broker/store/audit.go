@@ -11,9 +11,12 @@ import (
 func VerifyAudit(ctx context.Context, s Store, k *auditchain.Key) (auditchain.Result, error) {
 	v := k.NewVerifier()
 	cp, err := s.ScanAudit(ctx, func(seq uint64, ev AuditEvent, derr error) error {
-		if derr != nil {
+		switch {
+		case derr != nil:
 			v.Unreadable(seq, derr)
-		} else {
+		case seq != ev.Seq:
+			v.Misplaced(seq, ev.Seq)
+		default:
 			v.Add(ev.Entry(), ev.Chain)
 		}
 		return nil
