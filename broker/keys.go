@@ -122,21 +122,23 @@ func (a adminServer) RotateKey(ctx context.Context, req *apiv1.KeyRequest) (*api
 		return nil, err
 	}
 	reason := fmt.Sprintf("rotated: version %d (%s) with policy %s wraps new layers", k.Version, k.Suite, k.Policy)
-	if enabled := enabledVersions(vs); len(enabled) > 0 {
-		reason += "; versions " + enabled + " still unwrap"
+	if enabled := enabledVersions(vs); len(enabled) == 1 {
+		reason += "; layers wrapped under version " + enabled[0] + " still unwrap"
+	} else if len(enabled) > 1 {
+		reason += "; layers wrapped under versions " + strings.Join(enabled, ", ") + " still unwrap"
 	}
 	a.s.audit(ctx, store.AuditEvent{Kind: "key", Key: k.Name, KeyVersion: k.Version, Policy: k.Policy, Allowed: true, Actor: "admin", Reason: reason})
 	return keyToAPI(k), nil
 }
 
-func enabledVersions(vs []store.KeyVersion) string {
+func enabledVersions(vs []store.KeyVersion) []string {
 	var out []string
 	for _, v := range vs {
 		if v.Disabled.IsZero() {
 			out = append(out, fmt.Sprint(v.Version))
 		}
 	}
-	return strings.Join(out, ", ")
+	return out
 }
 
 // DisableKey stops releases of a key version (0: every version) at once:

@@ -146,7 +146,7 @@ func TestRotationKeepsOldImagesDecrypting(t *testing.T) {
 
 	keys := auditKind(t, b, "key")
 	assert.Contains(t, keys[len(keys)-1].GetReason(), "rotated: version 2")
-	assert.Contains(t, keys[len(keys)-1].GetReason(), "versions 1 still unwrap")
+	assert.Contains(t, keys[len(keys)-1].GetReason(), "layers wrapped under version 1 still unwrap")
 }
 
 // TestDisableStopsReleasesAtOnce: disabling a version refuses its layers
