@@ -5,8 +5,10 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,4 +103,41 @@ func TestAuditChainOverOlderRecords(t *testing.T) {
 	require.NoError(t, err)
 	assert.False(t, res.OK)
 	assert.Contains(t, res.Problem, "records before the chain were deleted or inserted")
+}
+
+// BenchmarkAppendAudit measures an audit append on the release path: a
+// release record (chained, and counted against its key version in the
+// same transaction) against a record that is only chained, from one
+// caller and from many (group commit).
+func BenchmarkAppendAudit(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		ev   store.AuditEvent
+	}{
+		{"counted", store.AuditEvent{Kind: "release", Node: "node1", Key: "app", KeyVersion: 1, Allowed: true, LayerDigest: "sha256:" + strings.Repeat("ab", 32), Policy: "prod", PolicyRevision: 3, Reason: "policy satisfied (key app v1)"}},
+		{"uncounted", store.AuditEvent{Kind: "attest", Node: "node1", Key: "app", Allowed: true, LayerDigest: "sha256:" + strings.Repeat("ab", 32), Policy: "prod", PolicyRevision: 3, Reason: "policy satisfied (key app v1)"}},
+	} {
+		for _, par := range []int{1, 16} {
+			b.Run(fmt.Sprintf("%s/callers=%d", c.name, par), func(b *testing.B) {
+				ctx := context.Background()
+				s, err := store.OpenBolt(filepath.Join(b.TempDir(), "broker.db"))
+				require.NoError(b, err)
+				defer s.Close()
+				k, err := auditchain.NewKey(bytes.Repeat([]byte{1}, auditchain.KeySize))
+				require.NoError(b, err)
+				require.NoError(b, s.StartAuditChain(ctx, k, time.Now()))
+				require.NoError(b, s.CreateKey(ctx, store.Key{Name: "app", Version: 1, Policy: "prod"}))
+				b.SetParallelism(par)
+				b.ResetTimer()
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						if err := s.AppendAudit(ctx, c.ev); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			})
+		}
+	}
 }
