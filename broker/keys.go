@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -306,4 +307,10 @@ func (s *Server) wrappingVersion(ctx context.Context, name string) (store.Key, e
 	latest := vs[len(vs)-1]
 	return store.Key{}, status.Errorf(codes.FailedPrecondition, "every version of key %q on broker %s is disabled (the latest, version %d, since %s), so nothing can be wrapped for it; an admin adds a version with 'attested key rotate %s'",
 		name, s.cfg.ID, latest.Version, latest.Disabled.UTC().Format(time.RFC3339), name)
+}
+
+// allDisabled reports whether every version of key name among keys is
+// disabled.
+func allDisabled(keys []store.Key, name string) bool {
+	return !slices.ContainsFunc(keys, func(k store.Key) bool { return k.Name == name && k.Disabled.IsZero() })
 }

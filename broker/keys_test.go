@@ -191,6 +191,10 @@ func TestDisableStopsReleasesAtOnce(t *testing.T) {
 	assert.Equal(t, codes.FailedPrecondition, status.Code(err))
 	assert.Contains(t, err.Error(), `every version of key "app" on broker broker-test is disabled`)
 	assert.Contains(t, err.Error(), "attested key rotate app")
+	ex := explain(t, b, s)
+	require.Len(t, ex.GetKeys(), 1)
+	assert.False(t, ex.GetKeys()[0].GetAllowed(), "--explain says the key would be refused")
+	assert.Contains(t, ex.GetKeys()[0].String(), "every version of key app is disabled")
 
 	// Rotating gives the key a version that releases again; the disabled
 	// ones stay disabled.

@@ -257,6 +257,10 @@ func (s *Server) Explain(ctx context.Context, req *apiv1.ExplainRequest) (*apiv1
 				ka.Clauses = append(ka.Clauses, &apiv1.Clause{Name: c.Name, Ok: c.OK, Detail: c.Detail})
 			}
 		}
+		if allDisabled(keys, k.Name) {
+			ka.Allowed = false
+			ka.Clauses = append(ka.Clauses, &apiv1.Clause{Name: "key", Detail: "every version of key " + k.Name + " is disabled: nothing wrapped under it is released"})
+		}
 		out.Keys = append(out.Keys, ka)
 	}
 	sealed, err := s.sealToSession(sess, binding.ExplainInfo(n.Name, sess.PublicKey), out)
@@ -287,6 +291,7 @@ func (s *Server) sealToSession(sess store.Session, info []byte, m proto.Message)
 // layer key. Errors are refusal reasons for the operator; rel receives
 // what is known of the release either way, for its audit record.
 func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotation.Recipient, claims policy.Claims, rel *released) ([]byte, error) {
+	rel.keyVersion = r.KeyVersion
 	k, err := s.store.GetKey(ctx, r.Key, r.KeyVersion)
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("key %s version %d does not exist on this broker", r.Key, r.KeyVersion)
@@ -294,7 +299,7 @@ func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotat
 	if err != nil {
 		return nil, fmt.Errorf("key %s: store: %v", r.Key, err)
 	}
-	rel.keyVersion, rel.policy = k.Version, k.Policy
+	rel.policy = k.Policy
 	if !k.Disabled.IsZero() {
 		return nil, disabledError(k)
 	}
