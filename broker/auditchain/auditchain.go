@@ -221,9 +221,9 @@ type Result struct {
 	OK bool
 	// Records counts every record read; Chained those the chain covers.
 	Records, Chained uint64
-	// FirstBad is the first record that does not verify (0 with OK, or
-	// when what fails is the checkpoint or a record that is missing at the
-	// end).
+	// FirstBad is the first record that does not verify: for records
+	// missing at the end, the sequence number after the last one read; 0
+	// with OK, or when what fails is the checkpoint itself.
 	FirstBad uint64
 	// Problem says what is wrong, for an operator; empty with OK.
 	Problem string
