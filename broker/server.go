@@ -143,6 +143,9 @@ func New(o Options) (*Server, error) {
 		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{},
 		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}
 	s.registerOpsMetrics()
+	if err := s.store.StartAuditChain(context.Background(), mk.audit, now()); err != nil {
+		return nil, fmt.Errorf("broker: audit chain: %w", err)
+	}
 	if err := s.initWebhooks(); err != nil {
 		return nil, err
 	}
