@@ -113,12 +113,12 @@ func appendAudit(tx *bolt.Tx, key *auditchain.Key, batch []auditReq) error {
 	chain := key.Resume(cp)
 	b := tx.Bucket(bucketAudit)
 	for _, r := range batch {
-		ev := r.ev
+		ev := r.ev.Stored() // JSON would change invalid UTF-8 after it was hashed
 		seq, err := b.NextSequence()
 		if err != nil {
 			return err
 		}
-		ev.Seq, ev.Time = seq, auditchain.Time(ev.Time)
+		ev.Seq = seq
 		if ev.Chain, err = chain.Append(ev.Entry()); err != nil {
 			return err
 		}

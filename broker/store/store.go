@@ -241,10 +241,19 @@ type AuditFilter struct {
 	Limit        int
 }
 
-// Matches reports whether ev passes the filter (Limit aside).
+// Matches reports whether ev passes the filter (Limit aside). Text is
+// compared as records keep it (AuditEvent.Stored).
 func (f AuditFilter) Matches(ev AuditEvent) bool {
+	f = f.Stored()
 	return (f.Node == "" || ev.Node == f.Node) && (f.Kind == "" || ev.Kind == f.Kind) && (f.Key == "" || ev.Key == f.Key) &&
 		(f.Since.IsZero() || !ev.Time.Before(f.Since)) && (f.Until.IsZero() || !ev.Time.After(f.Until))
+}
+
+// Stored is the filter with its text as records keep it (see
+// AuditEvent.Stored), so that it finds what it names.
+func (f AuditFilter) Stored() AuditFilter {
+	f.Node, f.Kind, f.Key = storedText(f.Node), storedText(f.Kind), storedText(f.Key)
+	return f
 }
 
 // CountsRelease reports whether an audit record counts as a release or a
