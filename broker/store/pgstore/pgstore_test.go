@@ -127,6 +127,7 @@ func TestCallsWithoutDeadlineAreBounded(t *testing.T) {
 	require.NoError(t, err)
 	defer s.Close()
 	require.NoError(t, s.CreateNode(ctx, store.Node{Name: "n", EKFingerprint: "ek"}))
+	require.NoError(t, s.StartAuditChain(ctx, auditKey(t), time.Now()))
 	// Another client holds the node's row and the audit head.
 	conn, err := pgx.Connect(ctx, url)
 	require.NoError(t, err)
