@@ -167,6 +167,10 @@ func (a adminServer) DisableKey(ctx context.Context, req *apiv1.KeyRequest) (*ap
 	}
 	s.mu.Unlock()
 	if len(disabled) > 0 {
+		// Layer keys of other versions go too; they are opened again.
+		s.layerKeys.Purge()
+	}
+	if len(disabled) > 0 {
 		var vs []string
 		for _, v := range disabled {
 			vs = append(vs, fmt.Sprint(v))

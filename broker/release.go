@@ -1,8 +1,11 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"crypto/hpke"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +23,7 @@ import (
 	"github.com/attested-dev/attested/broker/store"
 	"github.com/attested-dev/attested/broker/suite"
 	"github.com/attested-dev/attested/keyprovider/annotation"
+	"github.com/hashicorp/golang-lru/v2/expirable"
 )
 
 // GetWrappingKey implements apiv1.BrokerServer. Public parts need no
@@ -317,6 +321,39 @@ func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotat
 		}
 		return nil, fmt.Errorf("key %s: %s", r.Key, res.Error())
 	}
+	optsdata, err := s.openLayerKey(k, annotation.Info(a.Broker, r), r.Ciphertext)
+	if err != nil {
+		return nil, err
+	}
+	rel.layerDigest = layerDigest(optsdata)
+	return optsdata, nil
+}
+
+// Layer keys opened recently are kept, so that a fleet pulling one image
+// opens each layer's key once (an ML-KEM-768 and an X25519 decapsulation,
+// about a quarter of a release) rather than once per node. Only the
+// decryption is skipped: every release still reads the key version, its
+// state and its policy from the store and evaluates the node's claims, so a
+// disabled key or a changed policy takes effect at once, at every replica.
+// The broker already holds, in memory, the private keys that open every
+// layer; these are no more than what those keys would give. Bounded in
+// count and age, dropped when a key is disabled, zeroed when dropped.
+const (
+	layerKeysMax = 4096
+	layerKeysTTL = 10 * time.Minute
+)
+
+func newLayerKeys() *expirable.LRU[[sha256.Size]byte, []byte] {
+	return expirable.NewLRU(layerKeysMax, func(_ [sha256.Size]byte, v []byte) { clear(v) }, layerKeysTTL)
+}
+
+// openLayerKey opens a layer key sealed to key version k under info. The
+// caller owns (and clears) what it gets.
+func (s *Server) openLayerKey(k store.Key, info, ciphertext []byte) ([]byte, error) {
+	id := layerKeyID(k, info, ciphertext)
+	if v, ok := s.layerKeys.Get(id); ok {
+		return bytes.Clone(v), nil
+	}
 	priv, err := s.privateKey(k)
 	if err != nil {
 		return nil, err
@@ -325,12 +362,23 @@ func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotat
 	if err != nil {
 		return nil, err
 	}
-	optsdata, err := st.OpenWith(priv, annotation.Info(a.Broker, r), r.Ciphertext)
+	optsdata, err := st.OpenWith(priv, info, ciphertext)
 	if err != nil {
-		return nil, fmt.Errorf("key %s v%d: the layer key does not open (corrupt or altered annotation)", r.Key, r.KeyVersion)
+		return nil, fmt.Errorf("key %s v%d: the layer key does not open (corrupt or altered annotation)", k.Name, k.Version)
 	}
-	rel.layerDigest = layerDigest(optsdata)
+	s.layerKeys.Add(id, bytes.Clone(optsdata))
 	return optsdata, nil
+}
+
+// layerKeyID names a sealed layer key: the key version, the suite, the
+// HPKE info and the ciphertext, each length-prefixed.
+func layerKeyID(k store.Key, info, ciphertext []byte) [sha256.Size]byte {
+	h := sha256.New()
+	for _, f := range [][]byte{[]byte(k.Name), binary.BigEndian.AppendUint32(nil, k.Version), []byte(k.Suite), info, ciphertext} {
+		h.Write(binary.BigEndian.AppendUint64(nil, uint64(len(f))))
+		h.Write(f)
+	}
+	return [sha256.Size]byte(h.Sum(nil))
 }
 
 // policy returns the parsed policy, reparsing only when its revision moved.
