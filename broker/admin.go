@@ -11,9 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
-	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
-	"github.com/attested-dev/attested/broker/suite"
 	"github.com/attested-dev/attested/keyprovider/annotation"
 )
 
@@ -31,88 +29,6 @@ type adminServer struct {
 }
 
 var _ apiv1.AdminServer = adminServer{}
-
-func (a adminServer) CreateKey(ctx context.Context, req *apiv1.CreateKeyRequest) (*apiv1.Key, error) {
-	s := a.s
-	if !annotation.ValidKeyName(req.GetName()) {
-		return nil, status.Errorf(codes.InvalidArgument, "key name %q must be 1-63 letters, digits, '.', '_' or '-' (no ',' ':' or '=': clients split on them)", req.GetName())
-	}
-	if req.GetPolicy() == "" {
-		return nil, status.Error(codes.InvalidArgument, "a key needs a policy (--policy); nothing is released without one")
-	}
-	if _, err := s.store.GetPolicy(ctx, req.GetPolicy()); errors.Is(err, store.ErrNotFound) {
-		return nil, status.Errorf(codes.FailedPrecondition, "policy %q does not exist; apply it first with 'attested policy apply -f FILE'", req.GetPolicy())
-	} else if err != nil {
-		return nil, storeErr("policy", err)
-	}
-	if _, err := s.store.GetKey(ctx, req.GetName(), 0); err == nil {
-		return nil, status.Errorf(codes.AlreadyExists, "key %s already exists", req.GetName())
-	}
-	st := suite.Default()
-	priv, pub, err := st.GenerateKey()
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
-	}
-	k := store.Key{Name: req.GetName(), Version: 1, Policy: req.GetPolicy(), Suite: st.Name,
-		PublicKey: pub, SealedPrivate: s.master.seal(priv, keyAAD(req.GetName(), 1)), Created: s.now()}
-	clear(priv)
-	if err := s.store.CreateKey(ctx, k); err != nil {
-		if errors.Is(err, store.ErrExists) {
-			return nil, status.Error(codes.AlreadyExists, err.Error())
-		}
-		return nil, storeErr("key", err)
-	}
-	s.audit(ctx, store.AuditEvent{Kind: "key", Key: k.Name, Allowed: true, Actor: "admin",
-		Reason: fmt.Sprintf("created version %d with policy %s", k.Version, k.Policy)})
-	return keyToAPI(k), nil
-}
-
-func keyToAPI(k store.Key) *apiv1.Key {
-	return &apiv1.Key{Name: k.Name, Version: k.Version, Policy: k.Policy, Suite: k.Suite,
-		PublicKey: k.PublicKey, CreatedUnix: k.Created.Unix()}
-}
-
-func (a adminServer) ListKeys(ctx context.Context, _ *apiv1.ListKeysRequest) (*apiv1.ListKeysResponse, error) {
-	keys, err := a.s.store.ListKeys(ctx)
-	if err != nil {
-		return nil, storeErr("keys", err)
-	}
-	out := &apiv1.ListKeysResponse{}
-	for _, k := range keys {
-		out.Keys = append(out.Keys, keyToAPI(k))
-	}
-	return out, nil
-}
-
-func (a adminServer) ApplyPolicy(ctx context.Context, req *apiv1.ApplyPolicyRequest) (*apiv1.Policy, error) {
-	p, err := policy.Parse([]byte(req.GetYaml()))
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	rec, err := a.s.store.PutPolicy(ctx, store.Policy{Name: p.Name, YAML: req.GetYaml(), Updated: a.s.now()})
-	if err != nil {
-		return nil, storeErr("policy", err)
-	}
-	a.s.audit(ctx, store.AuditEvent{Kind: "policy", Allowed: true, Actor: "admin",
-		Reason: fmt.Sprintf("applied policy %s revision %d", rec.Name, rec.Revision)})
-	return policyToAPI(rec), nil
-}
-
-func policyToAPI(p store.Policy) *apiv1.Policy {
-	return &apiv1.Policy{Name: p.Name, Yaml: p.YAML, Revision: p.Revision, UpdatedUnix: p.Updated.Unix()}
-}
-
-func (a adminServer) ListPolicies(ctx context.Context, _ *apiv1.ListPoliciesRequest) (*apiv1.ListPoliciesResponse, error) {
-	ps, err := a.s.store.ListPolicies(ctx)
-	if err != nil {
-		return nil, storeErr("policies", err)
-	}
-	out := &apiv1.ListPoliciesResponse{}
-	for _, p := range ps {
-		out.Policies = append(out.Policies, policyToAPI(p))
-	}
-	return out, nil
-}
 
 func (a adminServer) CreateJoinToken(ctx context.Context, req *apiv1.CreateJoinTokenRequest) (*apiv1.CreateJoinTokenResponse, error) {
 	ttl := time.Duration(req.GetTtlSeconds()) * time.Second
@@ -287,19 +203,6 @@ func (a adminServer) ListNodes(ctx context.Context, _ *apiv1.ListNodesRequest) (
 		n := a.s.nodeToAPI(p.Node)
 		n.PendingExpiresUnix = p.Expires.Unix()
 		out.Pending = append(out.Pending, n)
-	}
-	return out, nil
-}
-
-func (a adminServer) ListAudit(ctx context.Context, req *apiv1.ListAuditRequest) (*apiv1.ListAuditResponse, error) {
-	evs, err := a.s.store.ListAudit(ctx, store.AuditFilter{Node: req.GetNode(), Kind: req.GetKind(), Limit: int(req.GetLimit())})
-	if err != nil {
-		return nil, storeErr("audit", err)
-	}
-	out := &apiv1.ListAuditResponse{}
-	for _, e := range evs {
-		out.Events = append(out.Events, &apiv1.AuditEvent{Seq: e.Seq, TimeUnixNano: e.Time.UnixNano(), Kind: e.Kind,
-			Node: e.Node, Key: e.Key, Allowed: e.Allowed, Reason: e.Reason, Actor: e.Actor})
 	}
 	return out, nil
 }

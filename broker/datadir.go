@@ -21,6 +21,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/attested-dev/attested/broker/auditchain"
 	"github.com/attested-dev/attested/broker/fsperm"
 	"github.com/attested-dev/attested/broker/settings"
 	"github.com/attested-dev/attested/keyprovider/annotation"
@@ -671,6 +672,8 @@ type masterKey struct {
 	aead cipher.AEAD
 	// nonceKey authenticates challenges (see nonce.go).
 	nonceKey []byte
+	// audit MACs the audit chain (see audit.go).
+	audit *auditchain.Key
 }
 
 func loadMasterKey(path string) (*masterKey, error) {
@@ -693,7 +696,15 @@ func loadMasterKey(path string) (*masterKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &masterKey{aead: aead, nonceKey: nonceKey}, nil
+	auditSecret, err := hkdf.Key(sha256.New, key, nil, auditchain.KeyLabel, auditchain.KeySize)
+	if err != nil {
+		return nil, err
+	}
+	audit, err := auditchain.NewKey(auditSecret)
+	if err != nil {
+		return nil, err
+	}
+	return &masterKey{aead: aead, nonceKey: nonceKey, audit: audit}, nil
 }
 
 func (m *masterKey) seal(plaintext, aad []byte) []byte {

@@ -1,8 +1,11 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"crypto/hpke"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +23,7 @@ import (
 	"github.com/attested-dev/attested/broker/store"
 	"github.com/attested-dev/attested/broker/suite"
 	"github.com/attested-dev/attested/keyprovider/annotation"
+	"github.com/hashicorp/golang-lru/v2/expirable"
 )
 
 // GetWrappingKey implements apiv1.BrokerServer. Public parts need no
@@ -28,12 +32,9 @@ func (s *Server) GetWrappingKey(ctx context.Context, req *apiv1.GetWrappingKeyRe
 	if !annotation.ValidKeyName(req.GetName()) {
 		return nil, status.Errorf(codes.InvalidArgument, "invalid key name %q", req.GetName())
 	}
-	k, err := s.store.GetKey(ctx, req.GetName(), 0)
-	if errors.Is(err, store.ErrNotFound) {
-		return nil, status.Errorf(codes.NotFound, "broker %s has no key %q; an admin creates it with 'attested key create %s --policy POLICY'", s.cfg.ID, req.GetName(), req.GetName())
-	}
+	k, err := s.wrappingVersion(ctx, req.GetName())
 	if err != nil {
-		return nil, storeErr("key", err)
+		return nil, err
 	}
 	wk := &apiv1.WrappingKey{Name: k.Name, Version: k.Version, Suite: k.Suite, PublicKey: k.PublicKey, BrokerId: s.cfg.ID}
 	// A pipeline verifies this signature each time it seals to the key, so
@@ -94,11 +95,12 @@ func (s *Server) unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 	var reasons []string
 	stale := false
 	for _, r := range a.Recipients {
-		optsdata, err := s.release(ctx, a, r, claims)
+		var rel released
+		optsdata, err := s.release(ctx, a, r, claims, &rel)
 		if err != nil {
 			stale = stale || errors.Is(err, errStaleClaims)
 			reasons = append(reasons, err.Error())
-			s.audit(ctx, store.AuditEvent{Kind: "refuse", Node: n.Name, Key: r.Key, Reason: err.Error()})
+			s.audit(ctx, rel.audit(store.AuditEvent{Kind: "refuse", Node: n.Name, Key: r.Key, Reason: err.Error()}))
 			continue
 		}
 		st, err := suite.Lookup(sess.Suite)
@@ -110,8 +112,8 @@ func (s *Server) unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "sealing to session: %v", err)
 		}
-		s.audit(ctx, store.AuditEvent{Kind: "release", Node: n.Name, Key: r.Key, Allowed: true,
-			Reason: fmt.Sprintf("policy satisfied (key %s v%d)", r.Key, r.KeyVersion)})
+		s.audit(ctx, rel.audit(store.AuditEvent{Kind: "release", Node: n.Name, Key: r.Key, Allowed: true,
+			Reason: fmt.Sprintf("policy satisfied (key %s v%d)", r.Key, r.KeyVersion)}))
 		return &apiv1.UnwrapResponse{Sealed: sealed, Key: r.Key, KeyVersion: r.KeyVersion}, nil
 	}
 	reason := strings.Join(reasons, "; ")
@@ -259,6 +261,10 @@ func (s *Server) Explain(ctx context.Context, req *apiv1.ExplainRequest) (*apiv1
 				ka.Clauses = append(ka.Clauses, &apiv1.Clause{Name: c.Name, Ok: c.OK, Detail: c.Detail})
 			}
 		}
+		if allDisabled(keys, k.Name) {
+			ka.Allowed = false
+			ka.Clauses = append(ka.Clauses, &apiv1.Clause{Name: "key", Detail: "every version of key " + k.Name + " is disabled: nothing wrapped under it is released"})
+		}
 		out.Keys = append(out.Keys, ka)
 	}
 	sealed, err := s.sealToSession(sess, binding.ExplainInfo(n.Name, sess.PublicKey), out)
@@ -286,8 +292,10 @@ func (s *Server) sealToSession(sess store.Session, info []byte, m proto.Message)
 }
 
 // release evaluates one recipient's policy and, if it holds, opens the
-// layer key. Errors are refusal reasons for the operator.
-func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotation.Recipient, claims policy.Claims) ([]byte, error) {
+// layer key. Errors are refusal reasons for the operator; rel receives
+// what is known of the release either way, for its audit record.
+func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotation.Recipient, claims policy.Claims, rel *released) ([]byte, error) {
+	rel.keyVersion = r.KeyVersion
 	k, err := s.store.GetKey(ctx, r.Key, r.KeyVersion)
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("key %s version %d does not exist on this broker", r.Key, r.KeyVersion)
@@ -295,10 +303,15 @@ func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotat
 	if err != nil {
 		return nil, fmt.Errorf("key %s: store: %v", r.Key, err)
 	}
+	rel.policy = k.Policy
+	if !k.Disabled.IsZero() {
+		return nil, disabledError(k)
+	}
 	if k.Suite != r.Suite {
 		return nil, fmt.Errorf("key %s v%d uses suite %s, the layer says %s", r.Key, r.KeyVersion, k.Suite, r.Suite)
 	}
-	p, err := s.policy(ctx, k.Policy)
+	rec, p, err := s.policyRecord(ctx, k.Policy)
+	rel.policyRevision = rec.Revision
 	if err != nil {
 		return nil, fmt.Errorf("key %s: %v", r.Key, err)
 	}
@@ -308,6 +321,39 @@ func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotat
 		}
 		return nil, fmt.Errorf("key %s: %s", r.Key, res.Error())
 	}
+	optsdata, err := s.openLayerKey(k, annotation.Info(a.Broker, r), r.Ciphertext)
+	if err != nil {
+		return nil, err
+	}
+	rel.layerDigest = layerDigest(optsdata)
+	return optsdata, nil
+}
+
+// Layer keys opened recently are kept, so that a fleet pulling one image
+// opens each layer's key once (an ML-KEM-768 and an X25519 decapsulation,
+// about a quarter of a release) rather than once per node. Only the
+// decryption is skipped: every release still reads the key version, its
+// state and its policy from the store and evaluates the node's claims, so a
+// disabled key or a changed policy takes effect at once, at every replica.
+// The broker already holds, in memory, the private keys that open every
+// layer; these are no more than what those keys would give. Bounded in
+// count and age, dropped when a key is disabled, zeroed when dropped.
+const (
+	layerKeysMax = 4096
+	layerKeysTTL = 10 * time.Minute
+)
+
+func newLayerKeys() *expirable.LRU[[sha256.Size]byte, []byte] {
+	return expirable.NewLRU(layerKeysMax, func(_ [sha256.Size]byte, v []byte) { clear(v) }, layerKeysTTL)
+}
+
+// openLayerKey opens a layer key sealed to key version k under info. The
+// caller owns (and clears) what it gets.
+func (s *Server) openLayerKey(k store.Key, info, ciphertext []byte) ([]byte, error) {
+	id := layerKeyID(k, info, ciphertext)
+	if v, ok := s.layerKeys.Get(id); ok {
+		return bytes.Clone(v), nil
+	}
 	priv, err := s.privateKey(k)
 	if err != nil {
 		return nil, err
@@ -316,11 +362,23 @@ func (s *Server) release(ctx context.Context, a annotation.Annotation, r annotat
 	if err != nil {
 		return nil, err
 	}
-	optsdata, err := st.OpenWith(priv, annotation.Info(a.Broker, r), r.Ciphertext)
+	optsdata, err := st.OpenWith(priv, info, ciphertext)
 	if err != nil {
-		return nil, fmt.Errorf("key %s v%d: the layer key does not open (corrupt or altered annotation)", r.Key, r.KeyVersion)
+		return nil, fmt.Errorf("key %s v%d: the layer key does not open (corrupt or altered annotation)", k.Name, k.Version)
 	}
+	s.layerKeys.Add(id, bytes.Clone(optsdata))
 	return optsdata, nil
+}
+
+// layerKeyID names a sealed layer key: the key version, the suite, the
+// HPKE info and the ciphertext, each length-prefixed.
+func layerKeyID(k store.Key, info, ciphertext []byte) [sha256.Size]byte {
+	h := sha256.New()
+	for _, f := range [][]byte{[]byte(k.Name), binary.BigEndian.AppendUint32(nil, k.Version), []byte(k.Suite), info, ciphertext} {
+		h.Write(binary.BigEndian.AppendUint64(nil, uint64(len(f))))
+		h.Write(f)
+	}
+	return [sha256.Size]byte(h.Sum(nil))
 }
 
 // policy returns the parsed policy, reparsing only when its revision moved.

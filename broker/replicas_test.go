@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -106,6 +107,86 @@ func TestReplicasOnPostgres(t *testing.T) {
 	_, err = (&node{b: other, state: n.state}).session(t)
 	require.Error(t, err, "nor does the other appraise it")
 	assert.Contains(t, err.Error(), "revoked")
+}
+
+// TestReplicasAuditChainOnPostgres: two broker servers on one database
+// append audit records at once (releases, refusals and admin records,
+// each replica group-committing its own): the trail is one gap-free
+// sequence, chained in commit order, that verifies at either replica, and
+// each key version's counts add up the releases and refusals of both.
+func TestReplicasAuditChainOnPostgres(t *testing.T) {
+	c := pgtest.Need(t)
+	ctx := context.Background()
+	a, b := replicas(t, c)
+	n := enroll(t, a, "node1")
+	policyPinning(t, b, "prod", debugPCR)
+	_, err := a.Admin.ApplyPolicy(ctx, &apiv1.ApplyPolicyRequest{Yaml: "name: deny\npcrs:\n  16: [\"" + strings.Repeat("ff", 32) + "\"]\n"})
+	require.NoError(t, err)
+	for key, policy := range map[string]string{"app": "prod", "locked": "deny"} {
+		_, err := a.Admin.CreateKey(ctx, &apiv1.CreateKeyRequest{Name: key, Policy: policy})
+		require.NoError(t, err)
+	}
+	optsdata := []byte(`{"symkey":"c2VjcmV0LWxheWVyLWtleS0zMi1ieXRlcy1sb25nIQ==","digest":"sha256:00","cipheroptions":{"nonce":"AAAA"}}`)
+	release, refuse := wrap(t, a, "app", optsdata), wrap(t, b, "locked", optsdata)
+	sess, err := n.session(t)
+	require.NoError(t, err)
+
+	const workers, each = 8, 10
+	var mu sync.Mutex
+	releases, refusals := 0, 0
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range workers {
+		r := a
+		if i%2 == 1 {
+			r = b
+		}
+		wg.Go(func() {
+			<-start
+			_, err := r.Admin.CreateJoinToken(ctx, &apiv1.CreateJoinTokenRequest{})
+			assert.NoError(t, err)
+			for j := range each {
+				ann := release
+				if j%5 == 4 {
+					ann = refuse
+				}
+				_, err := r.Node.Unwrap(ctx, &apiv1.UnwrapRequest{SessionToken: sess.Token, Annotation: ann})
+				mu.Lock()
+				if j%5 != 4 {
+					assert.NoError(t, err)
+					releases++
+				} else {
+					assert.Equal(t, codes.PermissionDenied, status.Code(err), "%v", err)
+					refusals++
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+
+	evs, err := b.Admin.ListAudit(ctx, &apiv1.ListAuditRequest{})
+	require.NoError(t, err)
+	kinds := map[string]int{}
+	for i, e := range evs.GetEvents() {
+		require.Equal(t, uint64(i+1), e.GetSeq(), "sequence numbers are 1, 2, 3... across both replicas")
+		assert.Len(t, e.GetHash(), 32, "seq %d is chained", e.GetSeq())
+		kinds[e.GetKind()]++
+	}
+	assert.Equal(t, releases, kinds["release"])
+	assert.Equal(t, refusals, kinds["refuse"])
+	for _, r := range []*brokertest.Broker{a, b} {
+		res := verifyAudit(t, r)
+		require.True(t, res.GetOk(), res.GetDetail())
+		assert.EqualValues(t, len(evs.GetEvents()), res.GetRecords())
+	}
+	for key, want := range map[string][2]uint64{"app": {uint64(releases), 0}, "locked": {0, uint64(refusals)}} {
+		k, err := b.Admin.GetKey(ctx, &apiv1.KeyRequest{Name: key})
+		require.NoError(t, err)
+		require.Len(t, k.GetCounts(), 1)
+		assert.Equal(t, want, [2]uint64{k.GetCounts()[0].GetReleases(), k.GetCounts()[0].GetRefusals()}, key)
+	}
 }
 
 // BenchmarkUnwrapThroughputPostgres is BenchmarkUnwrapThroughput with the

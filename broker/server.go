@@ -28,6 +28,7 @@ import (
 	"github.com/attested-dev/attested/broker/keysig"
 	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
+	"github.com/hashicorp/golang-lru/v2/expirable"
 )
 
 // Version is reported by Info.
@@ -84,11 +85,13 @@ type Server struct {
 	sampler *auditSampler
 	hooks   *hooks // webhooks and their delivery (webhook.go)
 
-	mu       sync.Mutex
-	keys     map[string]hpke.PrivateKey // "name/version" -> parsed private key
-	policies map[string]cachedPolicy    // name -> parsed at revision
-	claims   map[string]claimsRecord    // session token hash -> decoded claims
-	ops      *opsMetrics
+	mu   sync.Mutex
+	keys map[string]hpke.PrivateKey // "name/version" -> parsed private key
+	// layerKeys keeps layer keys opened recently (see openLayerKey).
+	layerKeys *expirable.LRU[[sha256.Size]byte, []byte]
+	policies  map[string]cachedPolicy // name -> parsed at revision
+	claims    map[string]claimsRecord // session token hash -> decoded claims
+	ops       *opsMetrics
 }
 
 type cachedPolicy struct {
@@ -140,9 +143,12 @@ func New(o Options) (*Server, error) {
 	}
 	g := newGuard(limits)
 	s := &Server{cfg: o.Config, store: o.Store, master: mk, log: log, now: now,
-		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{},
+		adminHash: adminHash, ekRoots: roots, keys: map[string]hpke.PrivateKey{}, layerKeys: newLayerKeys(), policies: map[string]cachedPolicy{}, claims: map[string]claimsRecord{},
 		limits: limits, methods: limits.methods(), guard: g, metrics: newMetrics(g), sampler: newAuditSampler(limits.AuditSampleInterval)}
 	s.registerOpsMetrics()
+	if err := s.store.StartAuditChain(context.Background(), mk.audit, now()); err != nil {
+		return nil, fmt.Errorf("broker: audit chain: %w", err)
+	}
 	if err := s.initWebhooks(); err != nil {
 		return nil, err
 	}

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -38,7 +39,14 @@ type Broker struct {
 	// Dashboard is the dashboard served on Addr to browsers (ALPN
 	// http/1.1), as 'broker serve' serves it.
 	Dashboard *dashboard.Dashboard
+
+	stop func()
 }
+
+// Stop stops the broker as a shutdown does (pending sampled audit records
+// written, the store closed), so a test can change its data directory and
+// Serve it again; the test's cleanup stops it otherwise.
+func (b *Broker) Stop() { b.stop() }
 
 // Start runs a broker until the test ends; configure adjusts broker.yaml
 // before the broker opens.
@@ -87,8 +95,9 @@ func serve(t testing.TB, dir string, lis net.Listener, log *slog.Logger) *Broker
 	go front.Serve(lis)
 	ca, err := conn.CAPool(filepath.Join(dir, broker.CACertFile))
 	require.NoError(t, err)
-	b := &Broker{Server: srv, DataDir: dir, Addr: lis.Addr().String(), CA: ca, Dashboard: dash}
-	t.Cleanup(func() { front.Stop(); srv.Close() })
+	b := &Broker{Server: srv, DataDir: dir, Addr: lis.Addr().String(), CA: ca, Dashboard: dash,
+		stop: sync.OnceFunc(func() { front.Stop(); srv.Close() })}
+	t.Cleanup(b.Stop)
 
 	dial := func(admin bool) *grpc.ClientConn {
 		o := conn.Options{Addr: b.Addr, CAFile: filepath.Join(dir, broker.CACertFile)}

@@ -3,7 +3,6 @@ package store
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +10,8 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/attested-dev/attested/broker/auditchain"
 	bolterrors "go.etcd.io/bbolt/errors"
 )
 
@@ -37,6 +38,7 @@ type Bolt struct {
 	auditMu    sync.Mutex
 	auditQueue []auditReq
 	auditBusy  bool
+	auditKey   *auditchain.Key // set by StartAuditChain, under auditMu
 }
 
 // OpenBolt opens (creating if needed) the database at path with mode 0600.
@@ -445,190 +447,4 @@ func expireBucket(tx *bolt.Tx, name []byte, now time.Time) error {
 		}
 	}
 	return nil
-}
-
-func keyID(name string, version uint32) []byte {
-	k := append([]byte(name), 0, 0, 0, 0, 0)
-	binary.BigEndian.PutUint32(k[len(name)+1:], version)
-	return k
-}
-
-// CreateKey implements Store.
-func (s *Bolt) CreateKey(ctx context.Context, k Key) error {
-	return s.update(ctx, func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketKeys)
-		id := keyID(k.Name, k.Version)
-		if b.Get(id) != nil {
-			return fmt.Errorf("key %s version %d: %w", k.Name, k.Version, ErrExists)
-		}
-		return put(b, id, k)
-	})
-}
-
-// GetKey implements Store.
-func (s *Bolt) GetKey(ctx context.Context, name string, version uint32) (Key, error) {
-	var k Key
-	err := s.view(ctx, func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketKeys)
-		if version != 0 {
-			return get(b, keyID(name, version), &k)
-		}
-		prefix := append([]byte(name), 0)
-		c := b.Cursor()
-		var last []byte
-		for kk, v := c.Seek(prefix); kk != nil && bytes.HasPrefix(kk, prefix) && len(kk) == len(prefix)+4; kk, v = c.Next() {
-			last = v
-		}
-		if last == nil {
-			return ErrNotFound
-		}
-		return json.Unmarshal(last, &k)
-	})
-	return k, err
-}
-
-// ListKeys implements Store.
-func (s *Bolt) ListKeys(ctx context.Context) ([]Key, error) {
-	var out []Key
-	err := s.view(ctx, func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketKeys).ForEach(func(_, v []byte) error {
-			var k Key
-			if err := json.Unmarshal(v, &k); err != nil {
-				return err
-			}
-			out = append(out, k)
-			return nil
-		})
-	})
-	return out, err
-}
-
-// PutPolicy implements Store.
-func (s *Bolt) PutPolicy(ctx context.Context, p Policy) (Policy, error) {
-	err := s.update(ctx, func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketPolicies)
-		var old Policy
-		switch err := get(b, []byte(p.Name), &old); err {
-		case nil:
-			p.Revision = old.Revision + 1
-		case ErrNotFound:
-			p.Revision = 1
-		default:
-			return err
-		}
-		return put(b, []byte(p.Name), p)
-	})
-	return p, err
-}
-
-// GetPolicy implements Store.
-func (s *Bolt) GetPolicy(ctx context.Context, name string) (Policy, error) {
-	var p Policy
-	err := s.view(ctx, func(tx *bolt.Tx) error {
-		return get(tx.Bucket(bucketPolicies), []byte(name), &p)
-	})
-	return p, err
-}
-
-// ListPolicies implements Store.
-func (s *Bolt) ListPolicies(ctx context.Context) ([]Policy, error) {
-	var out []Policy
-	err := s.view(ctx, func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketPolicies).ForEach(func(_, v []byte) error {
-			var p Policy
-			if err := json.Unmarshal(v, &p); err != nil {
-				return err
-			}
-			out = append(out, p)
-			return nil
-		})
-	})
-	return out, err
-}
-
-// AppendAudit implements Store. It returns once the event is committed.
-// Events from concurrent callers are group-committed: one writer takes
-// everything queued, commits it in one transaction (one fsync), and starts
-// over, so a lone call pays one commit and a burst does not queue for one
-// fsync each. (bbolt's own Batch waits up to 10 ms to gather a batch, which
-// is what every sequential release would pay.)
-func (s *Bolt) AppendAudit(ctx context.Context, ev AuditEvent) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	req := auditReq{ev: ev, done: make(chan error, 1)}
-	s.auditMu.Lock()
-	s.auditQueue = append(s.auditQueue, req)
-	start := !s.auditBusy
-	s.auditBusy = true
-	s.auditMu.Unlock()
-	if start {
-		go s.commitAudit()
-	}
-	return <-req.done
-}
-
-type auditReq struct {
-	ev   AuditEvent
-	done chan error
-}
-
-func (s *Bolt) commitAudit() {
-	for {
-		s.auditMu.Lock()
-		batch := s.auditQueue
-		s.auditQueue = nil
-		if len(batch) == 0 {
-			s.auditBusy = false
-			s.auditMu.Unlock()
-			return
-		}
-		s.auditMu.Unlock()
-		err := s.db.Update(func(tx *bolt.Tx) error {
-			b := tx.Bucket(bucketAudit)
-			for _, r := range batch {
-				seq, err := b.NextSequence()
-				if err != nil {
-					return err
-				}
-				r.ev.Seq = seq
-				k := make([]byte, 8)
-				binary.BigEndian.PutUint64(k, seq)
-				if err := put(b, k, r.ev); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		for _, r := range batch {
-			r.done <- err
-		}
-	}
-}
-
-// ListAudit implements Store.
-func (s *Bolt) ListAudit(ctx context.Context, f AuditFilter) ([]AuditEvent, error) {
-	var out []AuditEvent
-	err := s.view(ctx, func(tx *bolt.Tx) error {
-		c := tx.Bucket(bucketAudit).Cursor()
-		for k, v := c.Last(); k != nil; k, v = c.Prev() {
-			var ev AuditEvent
-			if err := json.Unmarshal(v, &ev); err != nil {
-				return err
-			}
-			if (f.Node != "" && ev.Node != f.Node) || (f.Kind != "" && ev.Kind != f.Kind) {
-				continue
-			}
-			out = append(out, ev)
-			if f.Limit > 0 && len(out) >= f.Limit {
-				break
-			}
-		}
-		return nil
-	})
-	// Collected newest first; callers read oldest first.
-	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
-		out[i], out[j] = out[j], out[i]
-	}
-	return out, err
 }

@@ -11,6 +11,8 @@ import (
 	"encoding/json"
 	"errors"
 	"time"
+
+	"github.com/attested-dev/attested/broker/auditchain"
 )
 
 // Errors callers branch on.
@@ -175,6 +177,18 @@ type Key struct {
 	PublicKey     []byte    `json:"publicKey"`
 	SealedPrivate []byte    `json:"sealedPrivate"`
 	Created       time.Time `json:"created"`
+	// Disabled is when the version was disabled (zero while it releases):
+	// nothing is released under it again, and no new wrap uses it.
+	Disabled time.Time `json:"disabled,omitzero"`
+}
+
+// KeyVersion is a key version with the number of releases and refusals
+// of its layer keys, counted in the transaction that appends their audit
+// records.
+type KeyVersion struct {
+	Key
+	Releases uint64
+	Refusals uint64
 }
 
 // Policy is an applied policy document.
@@ -186,6 +200,7 @@ type Policy struct {
 }
 
 // AuditEvent is one entry of the audit trail. It never holds key material.
+// Every field but Chain is covered by the audit chain (see Entry).
 type AuditEvent struct {
 	Seq     uint64    `json:"seq"`
 	Time    time.Time `json:"time"`
@@ -195,13 +210,59 @@ type AuditEvent struct {
 	Allowed bool      `json:"allowed"`
 	Reason  string    `json:"reason,omitempty"`
 	Actor   string    `json:"actor,omitempty"`
+	// KeyVersion, LayerDigest, Policy and PolicyRevision say what a
+	// release or a refusal of a layer key was about: the key version, the
+	// digest of the layer whose key it opened (never the key), and the
+	// policy revision that decided.
+	KeyVersion     uint32 `json:"keyVersion,omitempty"`
+	LayerDigest    string `json:"layerDigest,omitempty"`
+	Policy         string `json:"policy,omitempty"`
+	PolicyRevision uint32 `json:"policyRevision,omitempty"`
+	// Chain is the record's place in the audit chain, set by the store
+	// when it appends the record.
+	Chain auditchain.Link `json:"chain,omitzero"`
+}
+
+// Entry is what the audit chain covers of the record: every field but
+// Chain, named one by one.
+func (e AuditEvent) Entry() auditchain.Entry {
+	return auditchain.Entry{Seq: e.Seq, Time: e.Time, Kind: e.Kind, Node: e.Node, Key: e.Key, Allowed: e.Allowed,
+		Reason: e.Reason, Actor: e.Actor, KeyVersion: e.KeyVersion, LayerDigest: e.LayerDigest,
+		Policy: e.Policy, PolicyRevision: e.PolicyRevision}
 }
 
 // AuditFilter selects audit events; zero fields match everything.
 type AuditFilter struct {
-	Node  string
-	Kind  string
-	Limit int
+	Node string
+	Kind string
+	Key  string
+	// Since and Until bound the record's time (both inclusive).
+	Since, Until time.Time
+	Limit        int
+}
+
+// Matches reports whether ev passes the filter (Limit aside). Text is
+// compared as records keep it (AuditEvent.Stored).
+func (f AuditFilter) Matches(ev AuditEvent) bool {
+	f = f.Stored()
+	return (f.Node == "" || ev.Node == f.Node) && (f.Kind == "" || ev.Kind == f.Kind) && (f.Key == "" || ev.Key == f.Key) &&
+		(f.Since.IsZero() || !ev.Time.Before(f.Since)) && (f.Until.IsZero() || !ev.Time.After(f.Until))
+}
+
+// Stored is the filter with its text as records keep it (see
+// AuditEvent.Stored), so that it finds what it names.
+func (f AuditFilter) Stored() AuditFilter {
+	f.Node, f.Kind, f.Key = storedText(f.Node), storedText(f.Kind), storedText(f.Key)
+	return f
+}
+
+// CountsRelease reports whether an audit record counts as a release or a
+// refusal of its key version (KeyVersion.Releases and Refusals).
+func CountsRelease(ev AuditEvent) (release, refusal bool) {
+	if ev.Key == "" || ev.KeyVersion == 0 {
+		return false, false
+	}
+	return ev.Kind == "release", ev.Kind == "refuse"
 }
 
 // Store is the broker's persistence. Implementations must be safe for
@@ -279,13 +340,20 @@ type Store interface {
 	GetKey(ctx context.Context, name string, version uint32) (Key, error)
 	ListKeys(ctx context.Context) ([]Key, error)
 
-	// PutPolicy stores a policy, bumping its revision.
+	// PutPolicy stores a policy as its next revision (kept, see
+	// PolicyRevisions). A YAML identical to the current revision's changes
+	// nothing: the current revision is returned.
 	PutPolicy(ctx context.Context, p Policy) (Policy, error)
 	GetPolicy(ctx context.Context, name string) (Policy, error)
 	ListPolicies(ctx context.Context) ([]Policy, error)
 
+	// AppendAudit appends ev to the audit chain (see the block below),
+	// setting its Seq, Chain and Time (as auditchain.Time keeps it), in
+	// one transaction with the chain's checkpoint and, for a release or a
+	// refusal (CountsRelease) of a key version that exists, its count.
 	AppendAudit(ctx context.Context, ev AuditEvent) error
-	// ListAudit returns matching events, newest last.
+	// ListAudit returns matching events, newest last; with a Limit, the
+	// newest that many.
 	ListAudit(ctx context.Context, f AuditFilter) ([]AuditEvent, error)
 
 	// Webhooks and their durable outbox (webhook.go). An event is queued
@@ -316,6 +384,31 @@ type Store interface {
 	// before, counting it as failed with reason as the webhook's last error
 	// (at now), and returns how many each webhook lost.
 	ExpireDeliveries(ctx context.Context, before, now time.Time, reason string) (map[string]uint64, error)
+
+	// Key lifecycle, policy history and the audit chain (issue 7).
+	//
+	// KeyVersions returns every version of a key, oldest first, with its
+	// release and refusal counts; ErrNotFound if the key has none.
+	KeyVersions(ctx context.Context, name string) ([]KeyVersion, error)
+	// DisableKey marks a version of a key (0: every version) disabled at
+	// at, in one transaction; versions already disabled keep their time.
+	// It returns every version as it now is and the versions it disabled;
+	// ErrNotFound if there is no such key or version.
+	DisableKey(ctx context.Context, name string, version uint32, at time.Time) (all []Key, disabled []uint32, err error)
+	// PolicyRevisions returns every kept revision of a policy, oldest
+	// first; ErrNotFound if there is no such policy.
+	PolicyRevisions(ctx context.Context, name string) ([]Policy, error)
+	// StartAuditChain gives the store the key that MACs audit records; it
+	// must be called before AppendAudit. On a store without a chain
+	// checkpoint it writes the first one, counting the records already
+	// there (written before audit chaining) as not covered.
+	StartAuditChain(ctx context.Context, k *auditchain.Key, now time.Time) error
+	// ScanAudit calls fn with every audit record, oldest first (in the
+	// order of their sequence numbers), and returns the chain's checkpoint
+	// (nil if there is none), all from one consistent snapshot. A record
+	// that does not decode is passed as its sequence number with the
+	// decode error. An error from fn ends the scan.
+	ScanAudit(ctx context.Context, fn func(seq uint64, ev AuditEvent, decodeErr error) error) (*auditchain.Checkpoint, error)
 
 	Close() error
 }

@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -183,6 +184,54 @@ func TestPostgresReplicas(t *testing.T) {
 		require.Error(t, r.err)
 		assert.Contains(t, r.msg(), "no place for secrets")
 		assert.Contains(t, r.msg(), "PGPASSFILE")
+	})
+
+	t.Run("the audit trail verifies across replicas, and an edit in the database is detected", func(t *testing.T) {
+		// Both replicas appended to one chain: releases at each, the
+		// refusals of the replayed evidence, the revocation.
+		var heads []string
+		for _, cfg := range []string{cfgA, cfgB} {
+			n.cfg = cfg
+			out := w.admin("audit", "verify")
+			assert.Contains(t, out, "ok: ")
+			anchor := anchorLineRe.FindStringSubmatch(out)
+			require.NotNil(t, anchor, out)
+			heads = append(heads, anchor[1])
+		}
+		assert.Equal(t, heads[0], heads[1], "one trail, one head, whichever replica reads it")
+		releases := 0
+		lines := strings.Split(strings.TrimSpace(w.admin("audit", "list", "--json")), "\n")
+		for i, line := range lines {
+			var rec struct {
+				Seq  uint64 `json:"seq"`
+				Kind string `json:"kind"`
+				Hash string `json:"hash"`
+			}
+			require.NoError(t, json.Unmarshal([]byte(line), &rec), line)
+			require.Equal(t, uint64(i+1), rec.Seq, "sequence numbers are gap-free across the replicas")
+			assert.NotEmpty(t, rec.Hash, "seq %d is chained", rec.Seq)
+			if rec.Kind == "release" {
+				releases++
+			}
+		}
+		assert.Positive(t, releases)
+		assert.Contains(t, heads[0], fmt.Sprintf("%d:", len(lines)), "the head is the newest record")
+
+		// Someone with the database's credentials, not the broker's key,
+		// makes a release look like another node's.
+		c, err := pgx.Connect(ctx, pg.URL(db))
+		require.NoError(t, err)
+		defer c.Close(ctx)
+		var victim int64
+		require.NoError(t, c.QueryRow(ctx, `UPDATE audit SET node = 'node7'
+			WHERE seq = (SELECT min(seq) FROM audit WHERE kind = 'release') RETURNING seq`).Scan(&victim))
+		for _, cfg := range []string{cfgA, cfgB} {
+			n.cfg = cfg
+			r := w.attested(n, "audit", "verify")
+			require.Error(t, r.err, "the edit went unnoticed: %s", r.stdout)
+			assert.Contains(t, r.msg(), fmt.Sprintf("the audit trail does NOT verify: record seq %d: its content does not match its hash: the record was edited", victim))
+			assert.NotContains(t, r.msg(), "rpc error")
+		}
 	})
 
 	w.assertNoSecrets([]secret{{what: "the PostgreSQL password", raw: []byte(pg.Password)}})

@@ -5,8 +5,9 @@
 // with the locks that make it atomic across replicas too: a spent nonce is
 // a primary key, an appraisal holds its node's row lock, enrollment
 // bookkeeping (which counts rows to enforce caps) takes one advisory lock,
-// and audit records take their sequence numbers under the lock of a single
-// head row, so their order is the commit order on every replica.
+// and audit records take their sequence numbers and their place in the
+// audit chain under the lock of a single head row, so their order is the
+// commit order on every replica.
 // Transactions run at READ COMMITTED and hold nothing but database work;
 // the few whose own statements can race (a first insert of a policy) are
 // retried. Every call is bounded by its context's deadline, or by
@@ -29,6 +30,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/attested-dev/attested/broker/auditchain"
 	"github.com/attested-dev/attested/broker/store"
 )
 
@@ -62,6 +64,7 @@ type Store struct {
 	log     *slog.Logger
 
 	auditMu    sync.Mutex
+	auditKey   *auditchain.Key
 	auditQueue []auditReq
 	auditBusy  bool
 	auditIdle  *sync.Cond

@@ -123,10 +123,14 @@ func TestCallsWithoutDeadlineAreBounded(t *testing.T) {
 	c := pgtest.Need(t)
 	url := c.NewDatabase(t)
 	ctx := context.Background()
-	s, err := pgstore.Open(ctx, url, pgstore.Options{Timeout: 300 * time.Millisecond})
+	// Migrations are bounded by the start-up deadline, not the timeout.
+	startup, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	s, err := pgstore.Open(startup, url, pgstore.Options{Timeout: 300 * time.Millisecond})
 	require.NoError(t, err)
 	defer s.Close()
 	require.NoError(t, s.CreateNode(ctx, store.Node{Name: "n", EKFingerprint: "ek"}))
+	require.NoError(t, s.StartAuditChain(ctx, auditKey(t), time.Now()))
 	// Another client holds the node's row and the audit head.
 	conn, err := pgx.Connect(ctx, url)
 	require.NoError(t, err)

@@ -188,7 +188,8 @@ func runRecords(t *testing.T, open func(t *testing.T) store.Store) {
 		p.Node.State = store.NodeActive
 		assertSame(t, p.Node, approved)
 
-		k := store.Key{Name: "k", Version: 7, Policy: "pol", Suite: "suite", PublicKey: []byte("pub"), SealedPrivate: []byte("sealed"), Created: at}
+		k := store.Key{Name: "k", Version: 7, Policy: "pol", Suite: "suite", PublicKey: []byte("pub"), SealedPrivate: []byte("sealed"), Created: at,
+			Disabled: at.Add(time.Hour)}
 		checkFilled(t, k)
 		require.NoError(t, s.CreateKey(ctx, k))
 		gotK, err := s.GetKey(ctx, "k", 7)
@@ -212,24 +213,54 @@ func runRecords(t *testing.T, open func(t *testing.T) store.Store) {
 		require.Len(t, pols, 1)
 		assertSame(t, pol, pols[0])
 
-		ev := store.AuditEvent{Seq: 1, Time: at, Kind: "release", Node: "n", Key: "k", Allowed: true, Reason: "ok", Actor: "admin"}
-		checkFilled(t, ev)
+		require.NoError(t, s.StartAuditChain(ctx, testAuditKey(t), time.Now()))
+		ev := store.AuditEvent{Seq: 1, Time: at, Kind: "release", Node: "n", Key: "k", Allowed: true, Reason: "ok", Actor: "admin",
+			KeyVersion: 7, LayerDigest: "sha256:ab", Policy: "pol", PolicyRevision: 1}
 		require.NoError(t, s.AppendAudit(ctx, ev))
 		evs, err := s.ListAudit(ctx, store.AuditFilter{})
 		require.NoError(t, err)
 		require.Len(t, evs, 1)
+		// The store sets the chain values; everything else is as written.
+		ev.Chain = evs[0].Chain
+		checkFilled(t, ev)
 		assertSame(t, ev, evs[0])
+		var scanned []store.AuditEvent
+		_, err = s.ScanAudit(ctx, func(_ uint64, ev store.AuditEvent, derr error) error {
+			require.NoError(t, derr)
+			scanned = append(scanned, ev)
+			return nil
+		})
+		require.NoError(t, err)
+		require.Len(t, scanned, 1)
+		assertSame(t, ev, scanned[0])
 	})
 
 	t.Run("AuditKeepsHostileText", func(t *testing.T) {
 		// A refusal's reason may quote what a caller sent; no bytes it
 		// chose may cost the record.
+		// The chain covers the record as the store keeps it, so the
+		// trail still verifies.
 		s := open(t)
-		require.NoError(t, s.AppendAudit(ctx, store.AuditEvent{Kind: "attest", Node: "n", Reason: "nul \x00 and invalid \xff utf-8"}))
+		k := testAuditKey(t)
+		require.NoError(t, s.StartAuditChain(ctx, k, time.Now()))
+		hostile := "nul \x00 and invalid \xff\xfe utf-8 \xe2\x82 cut"
+		require.NoError(t, s.AppendAudit(ctx, store.AuditEvent{Kind: "attest", Node: "n", Reason: hostile, Actor: hostile,
+			LayerDigest: hostile, Policy: hostile, Time: time.Now()}))
+		require.NoError(t, s.AppendAudit(ctx, store.AuditEvent{Kind: "refuse", Node: hostile, Key: hostile, KeyVersion: 1}))
 		evs, err := s.ListAudit(ctx, store.AuditFilter{Node: "n"})
 		require.NoError(t, err)
 		require.Len(t, evs, 1)
 		assert.Contains(t, evs[0].Reason, "and invalid")
+		want := store.AuditEvent{Reason: hostile}.Stored().Reason
+		assert.Equal(t, want, evs[0].Reason, "kept as Stored says")
+		assert.Equal(t, want, evs[0].LayerDigest)
+		evs, err = s.ListAudit(ctx, store.AuditFilter{Node: hostile})
+		require.NoError(t, err)
+		assert.Len(t, evs, 1, "a filter finds hostile text as the record keeps it")
+		res, err := store.VerifyAudit(ctx, s, k)
+		require.NoError(t, err)
+		assert.True(t, res.OK, res.Problem)
+		assert.EqualValues(t, 2, res.Chained)
 	})
 
 	t.Run("CallsHonourTheirContext", func(t *testing.T) {

@@ -99,6 +99,10 @@ func RunReplicas(t *testing.T, open func(t *testing.T) (store.Store, store.Store
 
 	t.Run("AuditIsOneGaplessOrder", func(t *testing.T) {
 		a, b := open(t)
+		// Each replica starts the chain, as each broker does when it
+		// starts; the first to commit writes the checkpoint.
+		k := testAuditKey(t)
+		race(a, b, func(_ int, s store.Store) { assert.NoError(t, s.StartAuditChain(ctx, k, time.Now())) })
 		const each = 5
 		race(a, b, func(i int, s store.Store) {
 			for j := range each {
@@ -117,6 +121,15 @@ func RunReplicas(t *testing.T, open func(t *testing.T) (store.Store, store.Store
 				assert.Greater(t, j, prev, "one writer's records keep their order")
 			}
 			last[e.Node] = j
+		}
+		// Chained in commit order across replicas: the trail verifies,
+		// read from either.
+		for _, s := range []store.Store{a, b} {
+			res, err := store.VerifyAudit(ctx, s, k)
+			require.NoError(t, err)
+			assert.True(t, res.OK, res.Problem)
+			assert.EqualValues(t, workers*each, res.Chained)
+			assert.EqualValues(t, workers*each, res.HeadSeq)
 		}
 	})
 

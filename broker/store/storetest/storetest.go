@@ -30,6 +30,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 	ctx := context.Background()
 	now := time.Now()
 	t.Run("Webhooks", func(t *testing.T) { runWebhooks(t, open) })
+	t.Run("Lifecycle", func(t *testing.T) { runLifecycle(t, open) })
 
 	t.Run("NodeIdentityIsUnique", func(t *testing.T) {
 		s := open(t)
@@ -251,6 +252,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 
 	t.Run("AuditOrderAndFilter", func(t *testing.T) {
 		s := open(t)
+		require.NoError(t, s.StartAuditChain(ctx, testAuditKey(t), now))
 		for i, k := range []string{"attest", "release", "attest"} {
 			require.NoError(t, s.AppendAudit(ctx, store.AuditEvent{Kind: k, Node: "n", Reason: string(rune('a' + i))}))
 		}
