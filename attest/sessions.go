@@ -95,16 +95,24 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		}
 		m.cur = m.Store.Load()
 	}
+	// A TPM failure is this pull's outcome too: processes waiting on the
+	// lock must read it rather than guess at the broker.
+	failed := func(err error) (*Session, error) {
+		if m.Store != nil {
+			m.Store.recordFailure(err)
+		}
+		return nil, err
+	}
 	checkStart := time.Now()
 	t, err := m.TPM(ctx)
 	if err != nil {
-		return nil, err
+		return failed(err)
 	}
 	defer t.Close()
 	if m.cur != nil && m.cur.Broker == m.State.Broker && m.cur.Node == m.State.Name {
 		plat, err := t.ReadPlatform()
 		if err != nil {
-			return nil, err
+			return failed(err)
 		}
 		if m.cur.StillValid(now(), plat) {
 			m.checked = checkStart

@@ -135,6 +135,7 @@ func commandTimeout(ctx context.Context) time.Duration {
 // device would. Every command carries a deadline.
 type swtpmConn struct {
 	c       net.Conn
+	addr    string
 	timeout time.Duration
 	pending []byte
 }
@@ -152,7 +153,7 @@ func dialSwtpm(ctx context.Context, addr string) (*swtpmConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attest: connect to swtpm at %s: %w", addr, err)
 	}
-	return &swtpmConn{c: c, timeout: commandTimeout(ctx)}, nil
+	return &swtpmConn{c: c, addr: addr, timeout: commandTimeout(ctx)}, nil
 }
 
 const maxResponse = 1 << 20
@@ -163,11 +164,11 @@ func (s *swtpmConn) Write(cmd []byte) (int, error) {
 		return 0, err
 	}
 	if _, err := s.c.Write(cmd); err != nil {
-		return 0, fmt.Errorf("attest: swtpm write: %w", err)
+		return 0, s.ioError("write", err)
 	}
 	var hdr [10]byte
 	if _, err := io.ReadFull(s.c, hdr[:]); err != nil {
-		return 0, fmt.Errorf("attest: swtpm response: %w", err)
+		return 0, s.ioError("response", err)
 	}
 	size := binary.BigEndian.Uint32(hdr[2:6])
 	if size < 10 || size > maxResponse {
@@ -176,10 +177,19 @@ func (s *swtpmConn) Write(cmd []byte) (int, error) {
 	resp := make([]byte, size)
 	copy(resp, hdr[:])
 	if _, err := io.ReadFull(s.c, resp[10:]); err != nil {
-		return 0, fmt.Errorf("attest: swtpm response body: %w", err)
+		return 0, s.ioError("response body", err)
 	}
 	s.pending = resp
 	return len(cmd), nil
+}
+
+// ioError says a TPM that stopped answering did so, in the words the
+// device path uses, rather than as a socket timeout.
+func (s *swtpmConn) ioError(what string, err error) error {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("attest: the TPM (swtpm at %s) did not answer within %s", s.addr, s.timeout.Round(time.Millisecond))
+	}
+	return fmt.Errorf("attest: swtpm %s: %w", what, err)
 }
 
 func (s *swtpmConn) Read(p []byte) (int, error) {
