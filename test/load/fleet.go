@@ -168,6 +168,10 @@ func (f *Fleet) Close() {
 	wg.Wait()
 }
 
+// Errors returns the failures of the run in progress (or the last one),
+// by message, and their total.
+func (f *Fleet) Errors() (map[string]int, int) { return f.rec.Errors() }
+
 // TPMPIDs are the swtpm processes' ids.
 func (f *Fleet) TPMPIDs() []int {
 	var out []int
