@@ -113,7 +113,9 @@ func silentGRPC(t *testing.T, addr string, cert tls.Certificate) {
 	t.Cleanup(srv.Stop)
 }
 
-type hangingBroker struct{ apiv1.UnimplementedBrokerServer }
+type hangingBroker struct {
+	apiv1.UnimplementedBrokerServer
+}
 
 func (hangingBroker) Info(ctx context.Context, _ *apiv1.InfoRequest) (*apiv1.InfoResponse, error) {
 	<-ctx.Done()

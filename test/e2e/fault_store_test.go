@@ -307,4 +307,3 @@ func sum(m map[string]int) int {
 	}
 	return t
 }
-
