@@ -3,6 +3,7 @@ GO        ?= go
 BIN       := $(CURDIR)/bin
 ATTESTED  := $(BIN)/attested
 LABELER   := $(BIN)/attested-labeler
+EXECKP    := $(BIN)/attested-keyprovider
 IMGCOPY   := $(BIN)/imgcopy
 # containerd for the end-to-end tests (keep in step with test/e2e/containerd_test.go).
 CONTAINERD_VERSION ?= v2.4.2
@@ -14,7 +15,7 @@ E2E_FLAGS ?= -count=1 -timeout 25m -artifacts -outputdir $(BIN)/e2e
 
 all: build
 
-build: $(ATTESTED) $(LABELER)
+build: $(ATTESTED) $(LABELER) $(EXECKP)
 
 # Go tracks the sources; always ask it, it rebuilds only what changed.
 # The Dockerfile builds with the same command (a test checks it).
@@ -25,6 +26,10 @@ $(ATTESTED): FORCE
 # attested, which runs once per image layer in exec mode.
 $(LABELER): FORCE
 	$(GO) build -o $@ ./cmd/attested-labeler
+
+# Exec mode alone, for ocicrypt's per-layer processes: starts faster.
+$(EXECKP): FORCE
+	$(GO) build -o $@ ./cmd/attested-keyprovider
 
 # The container image (Dockerfile): attested and attested-labeler on a
 # distroless base, with the few busybox tools the Kubernetes examples' init

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/hpke"
-	"crypto/mlkem"
-	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -24,18 +22,15 @@ import (
 )
 
 // Session is an appraised attestation the node can spend on unwraps. The
-// broker seals every release to its hybrid key: an ML-KEM-768 half held in
-// software (Seed) and a P-256 half that lives in the TPM (Key), usable only
-// while the PCRs the quote covered hold. Neither half opens anything alone.
+// broker seals every release to its key, a P-256 key that lives in the TPM
+// (Key), usable only while the PCRs the quote covered hold: the session
+// holds no private key a copy of it could use.
 type Session struct {
 	Broker string `json:"broker"`
 	Node   string `json:"node"`
 	Token  []byte `json:"token"`
 	Suite  string `json:"suite"`
-	// Seed is the ML-KEM-768 decapsulation key seed: the post-quantum half,
-	// useless without the TPM half.
-	Seed []byte `json:"mlkemSeed"`
-	// Key is the TPM half.
+	// Key is the session key in the TPM.
 	Key          SessionKey `json:"key"`
 	PublicKey    []byte     `json:"publicKey"`
 	Expires      time.Time  `json:"expires"`
@@ -208,7 +203,7 @@ func Collect(t *TPM, st *State, nonce []byte, logs Logs) (*Evidence, error) {
 func (e *Evidence) Session(resp *apiv1.AttestResponse) *Session {
 	return &Session{
 		Broker: e.broker, Node: e.Request.GetNode(), Token: resp.GetSessionToken(), Suite: suite.SessionName,
-		Seed: e.ev.seed, Key: *e.ev.key, PublicKey: e.ev.public, Expires: time.Unix(resp.GetExpiresUnix(), 0),
+		Key: *e.ev.key, PublicKey: e.ev.public, Expires: time.Unix(resp.GetExpiresUnix(), 0),
 		ResetCount: resp.GetResetCount(), RestartCount: resp.GetRestartCount(), EAR: resp.GetEar(),
 	}
 }
@@ -219,7 +214,7 @@ const quoteAttempts = 3
 
 // evidence is one consistent set of session key and quote.
 type evidence struct {
-	seed, public            []byte
+	public                  []byte
 	key                     *SessionKey
 	keyCertInfo, keyCertSig []byte
 	qualifying              []byte
@@ -256,14 +251,8 @@ func (t *TPM) tryEvidence(ak *akHandle, nonce []byte, node string) (*evidence, b
 	if err != nil {
 		return nil, false, err
 	}
-	seed := make([]byte, mlkem.SeedSize)
-	rand.Read(seed)
-	dk, err := mlkem.NewDecapsulationKey768(seed)
-	if err != nil {
-		return nil, false, err
-	}
-	public := append(dk.EncapsulationKey().Bytes(), point.Bytes()...)
-	ev := &evidence{seed: seed, public: public, key: key, qualifying: binding.QualifyingData(nonce, public, node)}
+	public := point.Bytes()
+	ev := &evidence{public: public, key: key, qualifying: binding.QualifyingData(nonce, public, node)}
 	l, err := t.loadSessionKey(key)
 	if err != nil {
 		return nil, false, err
@@ -328,10 +317,6 @@ func (s *Session) open(t *TPM, info, sealed []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	dk, err := mlkem.NewDecapsulationKey768(s.Seed)
-	if err != nil {
-		return nil, errors.New("attest: session key seed is corrupt")
-	}
 	pub, err := s.Key.ECDHPublic()
 	if err != nil {
 		return nil, err
@@ -342,7 +327,7 @@ func (s *Session) open(t *TPM, info, sealed []byte) ([]byte, error) {
 	}
 	defer l.flush()
 	x := &exchanger{key: l, sk: &s.Key, pub: pub}
-	priv, err := hpke.NewHybridPrivateKey(dk, x)
+	priv, err := hpke.NewDHKEMPrivateKey(x)
 	if err != nil {
 		return nil, fmt.Errorf("attest: session key: %w", err)
 	}

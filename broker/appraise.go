@@ -231,7 +231,7 @@ func (s *Server) unverified(node string) string {
 // returns the facts, or why the evidence is refused.
 func (s *Server) appraiseEvidence(req *apiv1.AttestRequest, n store.Node, pcrs map[int][]byte, qd []byte) (evidence.Facts, string) {
 	if req.GetSessionSuite() != suite.SessionName {
-		return evidence.Facts{}, fmt.Sprintf("session key suite is %q; this broker needs %s, with the P-256 half in the TPM", req.GetSessionSuite(), suite.SessionName)
+		return evidence.Facts{}, fmt.Sprintf("session key suite is %q; this broker needs %s, with the key in the TPM", req.GetSessionSuite(), suite.SessionName)
 	}
 	st, _ := suite.Lookup(suite.SessionName)
 	if _, err := st.KEM.NewPublicKey(req.GetSessionPublicKey()); err != nil {

@@ -111,6 +111,9 @@ type Config struct {
 	// DisableDashboard stops serving the admin dashboard to browsers on
 	// the TLS port (see Frontend); gRPC is served either way.
 	DisableDashboard bool `yaml:"disableDashboard,omitempty"`
+	// Store is a PostgreSQL URL (postgres://...) shared by broker replicas;
+	// empty keeps the embedded store, DatabaseFile (see storeopen.go).
+	Store string `yaml:"store,omitempty"`
 }
 
 // DefaultMetricsListen serves metrics on loopback only: expose them with

@@ -348,7 +348,7 @@ func TestNoKeyMaterialInAudit(t *testing.T) {
 	require.NoError(t, err)
 	dump, err := json.Marshal(evs)
 	require.NoError(t, err)
-	for _, secret := range [][]byte{optsdata, s.Token, s2.Token, s.Seed} {
+	for _, secret := range [][]byte{optsdata, s.Token, s2.Token, s.Key.Private} {
 		assert.NotContains(t, string(dump), base64.StdEncoding.EncodeToString(secret))
 		assert.NotContains(t, string(dump), string(secret))
 	}

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/attested-dev/attested/broker/conn"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 )
@@ -64,13 +65,17 @@ const (
 func (s *Server) Frontend(cert *tls.Certificate, dashboard http.Handler) *Frontend {
 	f := &Frontend{s: s, grpcConns: newConnQueue(), webConns: newConnQueue()}
 	base := &tls.Config{
-		Certificates: []tls.Certificate{*cert},
-		MinVersion:   tls.VersionTLS13,
-		NextProtos:   []string{protoH2},
+		Certificates:     []tls.Certificate{*cert},
+		MinVersion:       tls.VersionTLS13,
+		NextProtos:       []string{protoH2},
+		CurvePreferences: conn.KeyExchange,
 	}
 	if dashboard != nil {
 		web := base.Clone()
 		web.NextProtos = []string{protoHTTP11}
+		// Browsers get Go's default key exchanges (hybrid first): the
+		// dashboard carries no layer key.
+		web.CurvePreferences = nil
 		base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 			if slices.Contains(hello.SupportedProtos, protoHTTP11) {
 				return web, nil

@@ -134,3 +134,21 @@ func TestStalledDashboardConnectionsAreClosed(t *testing.T) {
 	assert.True(t, closedByServer(c))
 	assert.Less(t, time.Since(start), 3*time.Second)
 }
+
+// The release channel is post-quantum: a client without the hybrid key
+// exchange cannot reach the gRPC API at all.
+func TestGRPCNeedsHybridKeyExchange(t *testing.T) {
+	b := brokertest.Start(t)
+	pool := b.CA
+	for _, curves := range [][]tls.CurveID{{tls.X25519}, {tls.CurveP256}} {
+		c, err := tls.Dial("tcp", b.Addr, &tls.Config{RootCAs: pool, NextProtos: []string{"h2"}, CurvePreferences: curves, MinVersion: tls.VersionTLS13})
+		if err == nil {
+			c.Close()
+		}
+		require.Error(t, err, "key exchange %v", curves)
+	}
+	c, err := tls.Dial("tcp", b.Addr, &tls.Config{RootCAs: pool, NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13})
+	require.NoError(t, err)
+	assert.Equal(t, tls.X25519MLKEM768, c.ConnectionState().CurveID)
+	c.Close()
+}

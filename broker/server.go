@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
+	"github.com/attested-dev/attested/broker/conn"
 	"github.com/attested-dev/attested/broker/keysig"
 	"github.com/attested-dev/attested/broker/policy"
 	"github.com/attested-dev/attested/broker/store"
@@ -148,8 +149,9 @@ func New(o Options) (*Server, error) {
 	return s, nil
 }
 
-// Open opens the broker in dataDir with its embedded store; override, if
-// given, adjusts broker.yaml's settings (command-line flags).
+// Open opens the broker in dataDir with the store broker.yaml names (the
+// embedded one by default); override, if given, adjusts broker.yaml's
+// settings (command-line flags).
 func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server, error) {
 	if err := CheckDataDir(dataDir); err != nil {
 		return nil, err
@@ -164,7 +166,7 @@ func Open(dataDir string, log *slog.Logger, override ...func(*Config)) (*Server,
 	if err := checkEKPolicy(cfg); err != nil {
 		return nil, err
 	}
-	st, err := store.OpenBolt(filepath.Join(dataDir, DatabaseFile))
+	st, err := openStore(dataDir, cfg, log)
 	if err != nil {
 		return nil, err
 	}
@@ -199,8 +201,9 @@ func (s *Server) GRPCServer(cert *tls.Certificate) *grpc.Server {
 	var creds credentials.TransportCredentials
 	if cert != nil {
 		creds = credentials.NewTLS(&tls.Config{
-			Certificates: []tls.Certificate{*cert},
-			MinVersion:   tls.VersionTLS13,
+			Certificates:     []tls.Certificate{*cert},
+			MinVersion:       tls.VersionTLS13,
+			CurvePreferences: conn.KeyExchange,
 		})
 	}
 	return s.grpcServer(creds)

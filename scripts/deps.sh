@@ -3,8 +3,9 @@
 # node TPM in end-to-end tests), docker-registry (a local registry),
 # tpm2-tools with its swtpm TCTI (the demo reads and extends PCRs like an
 # operator would), libssl-dev (the go-tpm-tools simulator is cgo),
-# chromium (the dashboard's end-to-end test drives it headless), and
-# staticcheck.
+# chromium (the dashboard's end-to-end test drives it headless),
+# postgresql (the PostgreSQL store's tests run its server binaries as a
+# throwaway cluster; its own service is not used), and staticcheck.
 # Upstream skopeo cannot be used from Debian (its ocicrypt predates
 # keyprovider support); the tests build test/imgcopy, which runs the same
 # containers/image copy engine, from the Go module proxy instead.
@@ -12,7 +13,7 @@
 # containerd` builds them from the Go module proxy into bin/ (see Makefile).
 set -euo pipefail
 
-packages=(swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 docker-registry libssl-dev gcc make python3 chromium)
+packages=(swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 docker-registry libssl-dev gcc make python3 chromium postgresql)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

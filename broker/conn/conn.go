@@ -17,6 +17,13 @@ import (
 	"google.golang.org/grpc/status"
 )
 
+// KeyExchange is the only TLS key exchange between nodes, pipelines and the
+// broker: hybrid X25519 + ML-KEM-768. Releases sealed to a session travel
+// inside it, so a recorded connection stays safe against
+// harvest-now-decrypt-later even though the session key itself is a TPM's
+// P-256 key.
+var KeyExchange = []tls.CurveID{tls.X25519MLKEM768}
+
 // DefaultTimeout bounds a broker call when the caller set no deadline.
 const DefaultTimeout = 10 * time.Second
 
@@ -51,7 +58,7 @@ func Dial(o Options) (*grpc.ClientConn, error) {
 		timeout = DefaultTimeout
 	}
 	opts := []grpc.DialOption{
-		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13})),
+		grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13, CurvePreferences: KeyExchange})),
 		grpc.WithChainUnaryInterceptor(deadline(timeout), explain(o.Addr)),
 	}
 	if o.AdminTokenFile != "" {

@@ -12,9 +12,6 @@ import (
 	"github.com/attested-dev/attested/attest/binding"
 )
 
-// P-256 point size, uncompressed; the hybrid session public key ends with it.
-const p256PointSize = 65
-
 // SessionKey is what the broker needs to accept a session key's TPM half.
 type SessionKey struct {
 	// Public is the key's TPMT_PUBLIC; CertifyInfo and Signature are the
@@ -24,8 +21,8 @@ type SessionKey struct {
 	PCRs []int
 }
 
-// VerifySessionKey checks that the classical half of the session's hybrid
-// public key is a key the node's TPM created (certified by the enrolled AK
+// VerifySessionKey checks that the session public key is a key the node's
+// TPM created (certified by the enrolled AK
 // over this attestation's qualifying data), that can never leave that TPM,
 // and that only TPM2_PolicyPCR over the quoted values of at least the
 // required PCRs unlocks: so whatever the broker seals to the session opens
@@ -84,8 +81,8 @@ func VerifySessionKey(akPublic []byte, k SessionKey, sessionPublic, qualifying [
 	if err != nil {
 		return err
 	}
-	if len(sessionPublic) < p256PointSize || !bytes.Equal(sessionPublic[len(sessionPublic)-p256PointSize:], point.Bytes()) {
-		return errors.New("the session public key's P-256 half is not the TPM-certified session key")
+	if !bytes.Equal(sessionPublic, point.Bytes()) {
+		return errors.New("the session public key is not the TPM-certified session key")
 	}
 	for _, need := range binding.SessionKeyPCRs() {
 		if !slices.Contains(k.PCRs, need) {

@@ -1,7 +1,6 @@
 package evidence_test
 
 import (
-	"crypto/mlkem"
 	"crypto/sha256"
 	"testing"
 
@@ -84,10 +83,8 @@ func (l *keyLab) sessionKey(tmpl tpm2.TPMTPublic, signer *tpm2.CreateResponse, q
 	require.NoError(l.t, err)
 	point, err := binding.SessionKeyPoint(p)
 	require.NoError(l.t, err)
-	dk, err := mlkem.GenerateKey768()
-	require.NoError(l.t, err)
 	return evidence.SessionKey{Public: pub, CertifyInfo: cert.CertifyInfo.Bytes(), Signature: tpm2.Marshal(cert.Signature), PCRs: binding.SessionKeyPCRs()},
-		append(dk.EncapsulationKey().Bytes(), point.Bytes()...)
+		point.Bytes()
 }
 
 // template is a node's session key template bound to values.
@@ -151,7 +148,7 @@ func TestSessionKeyChecks(t *testing.T) {
 			k, pub := l.sessionKey(good, rogue, qd[:])
 			return k, pub, qd[:]
 		}},
-		{"a software key in the session public key", "P-256 half is not the TPM-certified session key", func() (evidence.SessionKey, []byte, []byte) {
+		{"a software key in the session public key", "session public key is not the TPM-certified session key", func() (evidence.SessionKey, []byte, []byte) {
 			k, _ := l.sessionKey(good, l.ak, qd[:])
 			_, pub := l.sessionKey(good, l.ak, qd[:])
 			return k, pub, qd[:]

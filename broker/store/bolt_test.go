@@ -18,3 +18,15 @@ func TestBoltConformance(t *testing.T) {
 		return s
 	})
 }
+
+// TestBoltReplicas races one handle against itself: bbolt is not shared by
+// replicas, but what RunReplicas checks holds of one broker's concurrent
+// calls too.
+func TestBoltReplicas(t *testing.T) {
+	storetest.RunReplicas(t, func(t *testing.T) (store.Store, store.Store) {
+		s, err := store.OpenBolt(filepath.Join(t.TempDir(), "broker.db"))
+		require.NoError(t, err)
+		t.Cleanup(func() { s.Close() })
+		return s, s
+	})
+}

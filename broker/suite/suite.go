@@ -20,13 +20,17 @@ type Suite struct {
 // public registries stay safe against harvest-now-decrypt-later.
 const DefaultName = "MLKEM768X25519-HKDFSHA256-AES256GCM"
 
-// SessionName is the suite of session keys: hybrid ML-KEM-768 + P-256,
-// because the classical half lives in the node's TPM (TPMs do P-256 ECDH,
-// not X25519) and the ML-KEM half keeps releases post-quantum safe.
-const SessionName = "MLKEM768P256-HKDFSHA256-AES256GCM"
+// SessionName is the suite of session keys: DHKEM(P-256), because the
+// session key lives in the node's TPM (TPMs do P-256 ECDH, not X25519 or
+// ML-KEM). Releases sealed to it travel only inside the broker's TLS, whose
+// key exchange is hybrid X25519MLKEM768 (enforced on both ends, see
+// broker/conn), so a recorded release stays safe against
+// harvest-now-decrypt-later without ML-KEM in the seal; ML-KEM stays where
+// ciphertext is stored in public, on the layer key.
+const SessionName = "DHKEMP256-HKDFSHA256-AES256GCM"
 
 var suites = map[string]Suite{
-	SessionName: {Name: SessionName, KEM: hpke.MLKEM768P256(), KDF: hpke.HKDFSHA256(), AEAD: hpke.AES256GCM()},
+	SessionName: {Name: SessionName, KEM: hpke.DHKEM(ecdh.P256()), KDF: hpke.HKDFSHA256(), AEAD: hpke.AES256GCM()},
 	DefaultName: {Name: DefaultName, KEM: hpke.MLKEM768X25519(), KDF: hpke.HKDFSHA256(), AEAD: hpke.AES256GCM()},
 	"X25519-HKDFSHA256-AES256GCM": {
 		Name: "X25519-HKDFSHA256-AES256GCM",

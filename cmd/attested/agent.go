@@ -20,7 +20,9 @@ import (
 
 	"github.com/attested-dev/attested/attest"
 	"github.com/attested-dev/attested/attest/localfile"
+	"github.com/attested-dev/attested/cmd/internal/execmode"
 	"github.com/attested-dev/attested/keyprovider"
+	"github.com/attested-dev/attested/keyprovider/agentmetrics"
 )
 
 func agentCmd(c *config) *cobra.Command {
@@ -49,7 +51,7 @@ func runAgent(c *config, listen string) error {
 		return fmt.Errorf("agent: --listen must be unix:///ABSOLUTE/PATH, got %q", listen)
 	}
 	// In-memory sessions: the agent is the one process holding them.
-	h, closeFn, err := newHandler(c, nil)
+	h, closeFn, err := execmode.NewHandler(c, nil)
 	if err != nil {
 		return err
 	}
@@ -74,7 +76,7 @@ func runAgent(c *config, listen string) error {
 	opts := []grpc.ServerOption{grpc.MaxRecvMsgSize(keyprovider.MaxRequest)}
 	if c.MetricsListen != "" {
 		reg := prometheus.NewRegistry()
-		m := keyprovider.NewMetrics(reg)
+		m := agentmetrics.NewMetrics(reg)
 		opts = append(opts, grpc.UnaryInterceptor(m.Interceptor()))
 		attest.QuoteHook = m.Quoted
 		if nu, ok := h.Unwrapper.(*keyprovider.NodeUnwrapper); ok {
@@ -117,8 +119,8 @@ func reattest(ctx context.Context, log *slog.Logger, nu *keyprovider.NodeUnwrapp
 }
 
 func errString(u keyprovider.Unwrapper) string {
-	if f, ok := u.(failing); ok {
-		return f.err.Error()
+	if f, ok := u.(execmode.Failing); ok {
+		return f.Err.Error()
 	}
 	return ""
 }

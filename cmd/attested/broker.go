@@ -114,20 +114,26 @@ directory. Restart 'broker serve' afterwards, then move ca-key.pem offline.`,
 	var requireEK, serveDashboard bool
 	var sessionTTL, nonceTTL, staleAfter, pendingTTL time.Duration
 	var maxPending, maxPendingPerName, maxInFlight int
-	var metricsListen string
+	var metricsListen, storeURL string
 	var approveCertified bool
 	var applyLimits func(*broker.Config)
 	serveCmd := &cobra.Command{
 		Use: "serve",
 		Example: `  attested broker serve --data-dir /var/lib/attested-broker
-  attested broker serve --data-dir /var/lib/attested-broker --metrics-listen 0.0.0.0:9464 --stale-after 10m`,
+  attested broker serve --data-dir /var/lib/attested-broker --metrics-listen 0.0.0.0:9464 --stale-after 10m
+  PGPASSFILE=/etc/attested/pgpass attested broker serve --data-dir /var/lib/attested-broker \
+    --store 'postgres://attested@db.internal/attested?sslmode=verify-full&sslrootcert=/etc/attested/db-ca.pem'`,
 		Short: "Serve the broker API over TLS",
 		Long: `Serve the broker API over TLS. Settings come from DATA-DIR/broker.yaml; a flag
 given on the command line wins over the file.
 
 Like ssh, serve refuses a data directory that another user owns or that group or
 others may enter, and broker files that others may read (master.key, admin.token,
-private keys, broker.db) or change (the rest), naming the chmod or chown that fixes it.`,
+private keys, broker.db) or change (the rest), naming the chmod or chown that fixes it.
+
+Several replicas behind one address share a PostgreSQL database (--store, or store:
+in broker.yaml): init one broker, then give every replica a copy of its data
+directory, so that all hold the same master key, certificates and admin credential.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			fl := cmd.Flags()
@@ -171,6 +177,9 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 				if fl.Changed("approve-certified-eks") {
 					c.ApproveCertifiedEKs = approveCertified
 				}
+				if fl.Changed("store") {
+					c.Store = storeURL
+				}
 				applyLimits(c)
 			})
 		},
@@ -186,6 +195,8 @@ private keys, broker.db) or change (the rest), naming the chmod or chown that fi
 	serveCmd.Flags().IntVar(&maxPendingPerName, "max-pending-per-name", broker.DefaultMaxPendingPerName, "enrollments waiting for approval under one name, at most (broker.yaml: maxPendingPerName)")
 	serveCmd.Flags().IntVar(&maxInFlight, "max-enrollments-in-flight", broker.DefaultMaxEnrollmentsInFlight, "credential activation challenges open at once, at most (broker.yaml: maxEnrollmentsInFlight)")
 	serveCmd.Flags().BoolVar(&approveCertified, "approve-certified-eks", false, "admit TPMs whose EK certificate chains to ekRoots without approval; only when ekRoots is your own provisioning CA (broker.yaml: approveCertifiedEKs)")
+	serveCmd.Flags().StringVar(&storeURL, "store", "", "PostgreSQL URL shared by broker replicas, e.g. postgres://attested@db/attested?sslmode=verify-full&sslrootcert=/etc/attested/db-ca.pem; "+
+		"no password in it (PGPASSFILE, ?passfile= or PGPASSWORD); empty: the embedded store in DATA-DIR (broker.yaml: store)")
 	serveCmd.Flags().BoolVar(&serveDashboard, "dashboard", true, "serve the admin dashboard to browsers on the TLS port (broker.yaml: disableDashboard)")
 	applyLimits = limitFlags(serveCmd.Flags())
 	for _, c := range []*cobra.Command{initCmd, serveCmd, issueSignerCmd} {

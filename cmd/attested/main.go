@@ -5,10 +5,10 @@ package main
 import (
 	"fmt"
 	"os"
-	"regexp"
 	"runtime/debug"
 
 	"github.com/attested-dev/attested/broker"
+	"github.com/attested-dev/attested/cmd/internal/execmode"
 	"github.com/spf13/cobra"
 )
 
@@ -19,13 +19,8 @@ func main() {
 	}
 }
 
-// rpcPrefix is how grpc-go prints a status; operators need its message.
-var rpcPrefix = regexp.MustCompile(`rpc error: code = \w+ desc = `)
-
 // plainError is err's text without gRPC's status framing.
-func plainError(err error) string {
-	return rpcPrefix.ReplaceAllString(err.Error(), "")
-}
+func plainError(err error) string { return execmode.PlainError(err) }
 
 // version is the binary's version: the broker's API version, and the VCS
 // revision the binary was built from when Go recorded one.

@@ -89,7 +89,7 @@ policy evaluated clause by clause, pass or fail; nothing is released.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return withEnrolledNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM, st *attest.State) error {
-				s, err := attest.NewSession(ctx, b, t, st, c.logs())
+				s, err := attest.NewSession(ctx, b, t, st, c.Logs())
 				if err != nil {
 					return err
 				}
@@ -327,7 +327,7 @@ certifiedTags: true accepts tags only as this TPM attests them.`,
 			return withEnrolledNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM, st *attest.State) error {
 				// The broker tells a node its tags only through a session,
 				// sealed to the node's TPM.
-				s, err := attest.NewSession(ctx, b, t, st, c.logs())
+				s, err := attest.NewSession(ctx, b, t, st, c.Logs())
 				if err != nil {
 					return err
 				}
@@ -437,7 +437,7 @@ func withEnrolledNode(c *config, fn func(ctx context.Context, b apiv1.BrokerClie
 	if err != nil {
 		return err
 	}
-	if c.nameSet && c.Name != st.Name {
+	if c.NameSet && c.Name != st.Name {
 		return fmt.Errorf("this node is enrolled as %q (state in %s), not %q: drop --name, or enroll under the new name", st.Name, c.StateDir, c.Name)
 	}
 	return withNode(c, func(ctx context.Context, b apiv1.BrokerClient, t *attest.TPM) error { return fn(ctx, b, t, st) })

@@ -403,7 +403,7 @@ func TestContainerdPull(t *testing.T) {
 		}
 		if m == execMode {
 			s := n.session()
-			secrets = append(secrets, secret{"session token", s.Token}, secret{"session ML-KEM seed", s.Seed})
+			secrets = append(secrets, secret{"session token", s.Token}, secret{"session TPM key blob", s.Key.Private})
 		}
 		released := w.releases(n)
 

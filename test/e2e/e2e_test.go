@@ -399,7 +399,6 @@ func TestRebootEndsSession(t *testing.T) {
 // session is the exec-mode session file of the node.
 type sessionFile struct {
 	Token []byte `json:"token"`
-	Seed  []byte `json:"mlkemSeed"`
 	Key   struct {
 		Private []byte `json:"private"`
 	} `json:"key"`
@@ -426,7 +425,7 @@ func TestNoSecretsInOutput(t *testing.T) {
 	// Pulls in both modes; the exec one leaves a session file.
 	w.mustPull(n, execMode)
 	s1 := n.session()
-	secrets = append(secrets, secret{"session token", s1.Token}, secret{"session ML-KEM seed", s1.Seed}, secret{"session TPM key blob", s1.Key.Private})
+	secrets = append(secrets, secret{"session token", s1.Token}, secret{"session TPM key blob", s1.Key.Private})
 	w.mustPull(n, grpcMode)
 
 	// A layer key we choose, wrapped and unwrapped directly in both modes.
@@ -501,7 +500,7 @@ func TestNoSecretsInOutput(t *testing.T) {
 	w.refusedPull(n, grpcMode)
 	s2 := n.session()
 	require.NotEqual(t, s1.Token, s2.Token, "the exec pull after the PCR change attested again")
-	secrets = append(secrets, secret{"second session token", s2.Token}, secret{"second session ML-KEM seed", s2.Seed})
+	secrets = append(secrets, secret{"second session token", s2.Token}, secret{"second session TPM key blob", s2.Key.Private})
 
 	// What an admin reads.
 	w.admin("audit", "list", "--json")

@@ -192,6 +192,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 	})
 
 	runEnrollment(t, open)
+	runRecords(t, open)
 
 	t.Run("SessionsEndPerNodeAndExpire", func(t *testing.T) {
 		s := open(t)

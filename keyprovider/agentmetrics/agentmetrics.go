@@ -1,4 +1,6 @@
-package keyprovider
+// Package agentmetrics holds the agent's Prometheus metrics, apart from the
+// keyprovider so exec mode never links the metrics library.
+package agentmetrics
 
 import (
 	"context"
