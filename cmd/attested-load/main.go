@@ -20,11 +20,15 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	apiv1 "github.com/attested-dev/attested/broker/api/v1"
 	"github.com/attested-dev/attested/broker/conn"
+	"github.com/attested-dev/attested/broker/store/pgstore"
+	"github.com/attested-dev/attested/broker/store/pgstore/pgtest"
 	"github.com/attested-dev/attested/test/load"
 	"github.com/attested-dev/attested/test/swtpm"
 )
@@ -42,6 +46,8 @@ type options struct {
 	dir         string
 	keep        bool
 	jsonOut     string
+	replicas    int
+	store       string
 }
 
 func main() {
@@ -58,17 +64,21 @@ func main() {
 	flag.StringVar(&o.dir, "dir", "", "working directory for the broker and the TPMs (default: a new temporary directory, removed at the end)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the working directory (broker log, TPM states)")
 	flag.StringVar(&o.jsonOut, "json", "", "also write the results as JSON to this file")
+	flag.IntVar(&o.replicas, "replicas", 1, "broker replicas; more than one share a PostgreSQL database behind a round-robin TCP proxy (one address), and each node attests and unwraps over two connections, often landing on different replicas")
+	flag.StringVar(&o.store, "store", "", "the replicas' PostgreSQL database (postgres://...; its password in PGPASSFILE or PGPASSWORD, never in the URL); default with --replicas > 1: a throwaway cluster from Debian's postgresql server binaries")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), `Usage: attested-load [flags]
 
-Runs --nodes simulated nodes against one 'attested broker serve' for --duration:
+Runs --nodes simulated nodes against 'attested broker serve' for --duration:
 each node is its own swtpm, enrolled with a join token, and runs the node code
 of attested (attestation sessions, keyprovider keyunwrap) in this process.
 A fraction (--failing) has PCR 16 extended and must be refused every key.
 Prints latency percentiles per operation, throughput, memory and processor use;
 exits 1 on any error or any key released to a failing node.
 
-Needs swtpm and swtpm_setup (make deps). Every node connects from 127.0.0.1,
+With --replicas 2 the brokers share a PostgreSQL database behind one address.
+
+Needs swtpm and swtpm_setup (make deps), and for replicas postgresql. Every node connects from 127.0.0.1,
 so the broker's per-source limits are raised in its broker.yaml (printed).
 
 Flags:
@@ -139,17 +149,69 @@ func run(o options, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	b, err := load.InitBroker(bin, dir, roots, limYAML, "metricsListen: \"off\"\n")
+	settings := []string{limYAML, "metricsListen: \"off\"\n"}
+	storeText := "embedded store"
+	var env []string
+	var pgPIDs func() []int
+	if o.replicas > 1 || o.store != "" {
+		url := o.store
+		if url == "" {
+			pg, err := pgtest.Start()
+			if err != nil {
+				return fmt.Errorf("PostgreSQL for the replicas: %w", err)
+			}
+			defer pg.Stop()
+			db, err := pg.CreateDatabase(ctx)
+			if err != nil {
+				return err
+			}
+			passfile, err := pg.Passfile(dir)
+			if err != nil {
+				return err
+			}
+			url, env = pg.TCPURL(db), []string{"PGPASSFILE=" + passfile}
+			pgPIDs = func() []int { return postgresPIDs(pg.Dir) }
+			storeText = "a throwaway PostgreSQL cluster (" + pg.String() + ")"
+		} else {
+			storeText = "PostgreSQL " + pgstore.Redact(url)
+		}
+		settings = append(settings, "store: "+url+"\n")
+	}
+	b, err := load.InitBroker(bin, dir, roots, settings...)
 	if err != nil {
 		return err
 	}
-	say("broker %s (%s) on %s, embedded store", b.ID, bin, b.Addr)
-	say("every node connects from 127.0.0.1, so broker.yaml raises the limits per source: %s", load.LimitsText(lim, o.nodes))
-	if err := b.Start(); err != nil {
-		return err
+	b.Env = env
+	brokers := []*load.Broker{b}
+	for i := 1; i < o.replicas; i++ {
+		r, err := b.Replica(dir, fmt.Sprintf("broker-%d", i+1))
+		if err != nil {
+			return err
+		}
+		brokers = append(brokers, r)
 	}
-	defer b.Stop()
-	cc, err := conn.Dial(conn.Options{Addr: b.Addr, CAFile: b.CAFile, AdminTokenFile: b.AdminTokenFile, Timeout: o.timeout})
+	var addrs []string
+	for _, r := range brokers {
+		if err := r.Start(); err != nil {
+			return err
+		}
+		defer r.Stop()
+		addrs = append(addrs, r.Addr)
+	}
+	addr := b.Addr
+	if len(brokers) > 1 {
+		proxy, err := load.NewProxy(addrs...)
+		if err != nil {
+			return err
+		}
+		defer proxy.Close()
+		addr = proxy.Addr()
+		say("%d broker replicas %s (%s) on %s behind a round-robin TCP proxy on %s; store: %s", len(brokers), b.ID, bin, strings.Join(addrs, ", "), addr, storeText)
+	} else {
+		say("broker %s (%s) on %s, %s", b.ID, bin, b.Addr, storeText)
+	}
+	say("every node connects from 127.0.0.1, so broker.yaml raises the limits per source: %s", load.LimitsText(lim, o.nodes))
+	cc, err := conn.Dial(conn.Options{Addr: addr, CAFile: b.CAFile, AdminTokenFile: b.AdminTokenFile, Timeout: o.timeout})
 	if err != nil {
 		return err
 	}
@@ -157,8 +219,8 @@ func run(o options, out io.Writer) error {
 	admin := apiv1.NewAdminClient(cc)
 
 	fleet, err := load.NewFleet(ctx, load.FleetOptions{Dir: dir, CA: ca, Nodes: o.nodes, Failing: failing,
-		Addrs: []string{b.Addr}, CAFile: b.CAFile, BrokerID: b.ID, Admin: admin, Timeout: o.timeout,
-		Parallel: o.parallel, Progress: say})
+		Addrs: []string{addr}, CAFile: b.CAFile, BrokerID: b.ID, Admin: admin, Timeout: o.timeout,
+		Parallel: o.parallel, Progress: say, SplitConns: len(brokers) > 1})
 	if err != nil {
 		return err
 	}
@@ -170,14 +232,22 @@ func run(o options, out io.Writer) error {
 			return err
 		}
 	}
-	img, err := load.Setup(ctx, admin, cc, b.CAFile, b.Addr, "load", pcrs, o.layers)
+	img, err := load.Setup(ctx, admin, cc, b.CAFile, addr, "load", pcrs, o.layers)
 	if err != nil {
 		return err
 	}
 	say("policy load pins PCRs 0 and %d; key load wraps a %d-layer image; %d of %d nodes fail the policy", load.FailingPCR, o.layers, failing, o.nodes)
 	say("pulling for %s: each node pulls again at once%s, attesting afresh %s", o.duration, pauseText(o.pause), attestText(o.attestEvery))
 
-	usage := load.StartUsage(map[string][]int{"broker": {b.PID()}, "swtpm": fleet.TPMPIDs(), "load generator": {os.Getpid()}})
+	var brokerPIDs []int
+	for _, r := range brokers {
+		brokerPIDs = append(brokerPIDs, r.PID())
+	}
+	groups := map[string][]int{"broker": brokerPIDs, "swtpm": fleet.TPMPIDs(), "load generator": {os.Getpid()}}
+	if pgPIDs != nil {
+		groups["postgres"] = pgPIDs()
+	}
+	usage := load.StartUsage(groups)
 	stop := make(chan struct{})
 	timer := time.AfterFunc(o.duration, func() { close(stop) })
 	go func() {
@@ -188,7 +258,16 @@ func run(o options, out io.Writer) error {
 	}()
 	res := fleet.Run(stop, load.Workload{Image: img, AttestEvery: o.attestEvery, Pause: o.pause, Timeout: o.timeout})
 	cores, machine, cpus := usage.Cores()
-	brokerMem := load.Mem(b.PID())
+	var brokerMem []load.ProcMem
+	for _, r := range brokers {
+		brokerMem = append(brokerMem, load.Mem(r.PID()))
+	}
+	var pgPSS int64
+	if pgPIDs != nil {
+		for _, p := range pgPIDs() {
+			pgPSS += load.Mem(p).PSS
+		}
+	}
 	var tpmPSS, tpmRSS int64
 	pids := fleet.TPMPIDs()
 	for _, p := range pids {
@@ -217,16 +296,41 @@ func run(o options, out io.Writer) error {
 		totalAudited += n
 	}
 
-	fmt.Fprintf(out, "\nattested-load: %d nodes (%d failing policy), %d layers per pull, %s, one broker, embedded store\n\n", o.nodes, failing, o.layers, res.Elapsed.Round(time.Millisecond))
+	where := "one broker, embedded store"
+	if len(brokers) > 1 {
+		where = fmt.Sprintf("%d broker replicas on PostgreSQL behind one address", len(brokers))
+	} else if pgPIDs != nil || o.store != "" {
+		where = "one broker on PostgreSQL"
+	}
+	fmt.Fprintf(out, "\nattested-load: %d nodes (%d failing policy), %d layers per pull, %s, %s\n\n", o.nodes, failing, o.layers, res.Elapsed.Round(time.Millisecond), where)
 	load.WriteTable(out, res.Stats)
 	fmt.Fprintf(out, "\npulls %d; layer keys released %d (%.1f/s); refusals of failing nodes %d (%.1f/s)\n",
 		res.Pulls, totalSeen, float64(totalSeen)/res.Elapsed.Seconds(), res.Refusals, float64(res.Refusals)/res.Elapsed.Seconds())
 	fmt.Fprintf(out, "audit: %d release records for the %d releases nodes received\n", totalAudited, totalSeen)
-	fmt.Fprintf(out, "memory: broker RSS %s (peak %s); swtpm %d processes, PSS %s in all (%s each, RSS %s each); load generator RSS %s\n",
-		load.MiB(brokerMem.RSS), load.MiB(brokerMem.HWM), len(pids), load.MiB(tpmPSS), load.MiB(tpmPSS/int64(max(len(pids), 1))),
+	var mems []string
+	for i, m := range brokerMem {
+		name := ""
+		if len(brokerMem) > 1 {
+			name = fmt.Sprintf("replica %d ", i+1)
+		}
+		mems = append(mems, fmt.Sprintf("%sRSS %s (peak %s)", name, load.MiB(m.RSS), load.MiB(m.HWM)))
+	}
+	fmt.Fprintf(out, "memory: broker %s; swtpm %d processes, PSS %s in all (%s each, RSS %s each); load generator RSS %s",
+		strings.Join(mems, ", "), len(pids), load.MiB(tpmPSS), load.MiB(tpmPSS/int64(max(len(pids), 1))),
 		load.MiB(tpmRSS/int64(max(len(pids), 1))), load.MiB(self.RSS))
-	fmt.Fprintf(out, "processors busy (of %d): broker %.2f, swtpm %.2f, load generator %.2f, everything else on the machine %.2f\n",
-		cpus, cores["broker"], cores["swtpm"], cores["load generator"], max(0, machine-cores["broker"]-cores["swtpm"]-cores["load generator"]))
+	if pgPIDs != nil {
+		fmt.Fprintf(out, "; postgres PSS %s", load.MiB(pgPSS))
+	}
+	fmt.Fprintln(out)
+	var busy float64
+	fmt.Fprintf(out, "processors busy (of %d):", cpus)
+	for _, g := range []string{"broker", "postgres", "swtpm", "load generator"} {
+		if c, ok := cores[g]; ok {
+			busy += c
+			fmt.Fprintf(out, " %s %.2f,", g, c)
+		}
+	}
+	fmt.Fprintf(out, " everything else on the machine %.2f\n", max(0, machine-busy))
 	fmt.Fprintf(out, "errors: %d; keys released to failing nodes: %d; audit problems: %d\n", res.ErrorCount, res.WrongReleases, len(auditProblems))
 	for i, e := range load.SortedErrors(res.Errors) {
 		if i == 20 {
@@ -243,7 +347,7 @@ func run(o options, out io.Writer) error {
 			"nodes": o.nodes, "failing": failing, "layers": o.layers, "attestEvery": o.attestEvery, "elapsedSeconds": res.Elapsed.Seconds(),
 			"stats": res.Stats, "pulls": res.Pulls, "releases": totalSeen, "auditedReleases": totalAudited, "refusals": res.Refusals,
 			"errors": res.Errors, "wrongReleases": res.WrongReleases, "auditProblems": auditProblems,
-			"brokerRSS": brokerMem.RSS, "brokerPeakRSS": brokerMem.HWM, "swtpmPSS": tpmPSS, "swtpmRSS": tpmRSS, "loadRSS": self.RSS,
+			"replicas": len(brokers), "brokerMemory": brokerMem, "postgresPSS": pgPSS, "swtpmPSS": tpmPSS, "swtpmRSS": tpmRSS, "loadRSS": self.RSS,
 			"cores": cores, "machineCores": machine, "cpus": cpus,
 		}, "", "  ")
 		if err != nil {
@@ -253,8 +357,10 @@ func run(o options, out io.Writer) error {
 			return err
 		}
 	}
-	if !b.Running() {
-		return fmt.Errorf("the broker exited during the run (%s); its log: %s", b.ExitState(), b.Log)
+	for _, r := range brokers {
+		if !r.Running() {
+			return fmt.Errorf("broker %s exited during the run (%s); its log: %s", r.Addr, r.ExitState(), r.Log)
+		}
 	}
 	if res.ErrorCount > 0 || res.WrongReleases > 0 || len(auditProblems) > 0 {
 		return fmt.Errorf("FAILED: %d errors, %d keys released to failing nodes, %d audit problems", res.ErrorCount, res.WrongReleases, len(auditProblems))
@@ -263,6 +369,20 @@ func run(o options, out io.Writer) error {
 		return errors.New("FAILED: no layer key was released")
 	}
 	return nil
+}
+
+// postgresPIDs are the cluster's server processes: the postmaster (its
+// pid file's first line) and its children.
+func postgresPIDs(clusterDir string) []int {
+	b, err := os.ReadFile(filepath.Join(clusterDir, "data", "postmaster.pid"))
+	if err != nil {
+		return nil
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0]))
+	if err != nil {
+		return nil
+	}
+	return append([]int{pid}, load.Children(pid)...)
 }
 
 func pauseText(d time.Duration) string {

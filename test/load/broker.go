@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"maps"
 	"net"
 	"os"
@@ -77,6 +78,54 @@ func InitBroker(bin, dir string, ekRoots []string, settings ...string) (*Broker,
 		return nil, err
 	}
 	return b, nil
+}
+
+// Replica copies the broker's data directory (master key, CA, server
+// certificate, broker.yaml and its store setting) into dir/name for another
+// replica serving on a free loopback port. Replicas share a store only
+// when broker.yaml names a PostgreSQL database.
+func (b *Broker) Replica(dir, name string) (*Broker, error) {
+	port, err := FreePort()
+	if err != nil {
+		return nil, err
+	}
+	r := *b
+	r.DataDir = filepath.Join(dir, name)
+	r.Addr = fmt.Sprintf("127.0.0.1:%d", port)
+	r.Log = filepath.Join(dir, name+".log")
+	r.cmd, r.done = nil, nil
+	r.CAFile = filepath.Join(r.DataDir, broker.CACertFile)
+	r.AdminTokenFile = filepath.Join(r.DataDir, broker.AdminTokenFile)
+	if err := copyDir(b.DataDir, r.DataDir); err != nil {
+		return nil, fmt.Errorf("replica %s: %w", name, err)
+	}
+	return &r, nil
+}
+
+// copyDir copies a directory tree, modes included.
+func copyDir(from, to string) error {
+	return filepath.WalkDir(from, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(from, p)
+		if err != nil {
+			return err
+		}
+		dst := filepath.Join(to, rel)
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			return os.Mkdir(dst, fi.Mode().Perm())
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(dst, data, fi.Mode().Perm())
+	})
 }
 
 // MergeYAML sets the top-level settings of the YAML documents in docs in

@@ -31,10 +31,10 @@ type Node struct {
 	Failing bool
 	State   *attest.State
 
-	cc       *grpc.ClientConn
-	broker   *timedBroker
-	Sessions *attest.Sessions
-	Handler  *keyprovider.Handler
+	cc, attestCC *grpc.ClientConn
+	broker       *timedBroker
+	Sessions     *attest.Sessions
+	Handler      *keyprovider.Handler
 }
 
 // Fleet is a set of nodes enrolled with one broker (or one address in
@@ -67,6 +67,10 @@ type FleetOptions struct {
 	Progress func(format string, args ...any)
 	// NamePrefix names the nodes (default "load-").
 	NamePrefix string
+	// SplitConns gives each node a second broker connection for its
+	// attestations: through a round-robin balancer in front of replicas,
+	// a node then often attests at one replica and unwraps at another.
+	SplitConns bool
 }
 
 // NewFleet manufactures and starts a TPM per node, enrolls each node with
@@ -124,6 +128,13 @@ func (f *Fleet) enroll(ctx context.Context, o FleetOptions, n *Node, addr string
 	}
 	n.cc = cc
 	n.broker = &timedBroker{BrokerClient: apiv1.NewBrokerClient(cc), rec: f.rec, node: n}
+	n.broker.attest = n.broker.BrokerClient
+	if o.SplitConns {
+		if n.attestCC, err = conn.Dial(conn.Options{Addr: addr, CAFile: o.CAFile, Timeout: o.Timeout}); err != nil {
+			return err
+		}
+		n.broker.attest = apiv1.NewBrokerClient(n.attestCC)
+	}
 	ctx, cancel := context.WithTimeout(ctx, 4*o.Timeout)
 	defer cancel()
 	tok, err := o.Admin.CreateJoinToken(ctx, &apiv1.CreateJoinTokenRequest{TtlSeconds: 3600})
@@ -158,8 +169,10 @@ func (f *Fleet) enroll(ctx context.Context, o FleetOptions, n *Node, addr string
 func (f *Fleet) Close() {
 	var wg sync.WaitGroup
 	for _, n := range f.Nodes {
-		if n.cc != nil {
-			n.cc.Close()
+		for _, cc := range []*grpc.ClientConn{n.cc, n.attestCC} {
+			if cc != nil {
+				cc.Close()
+			}
 		}
 		if n.TPM != nil {
 			wg.Go(n.TPM.Stop)

@@ -55,6 +55,28 @@ func kbField(path, name string) int64 {
 	return 0
 }
 
+// Children returns the ids of pid's child processes.
+func Children(pid int) []int {
+	dirs, _ := os.ReadDir("/proc")
+	var out []int
+	for _, d := range dirs {
+		child, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", child))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if fs := strings.Fields(s[i+1:]); i >= 0 && len(fs) > 1 && fs[1] == strconv.Itoa(pid) {
+			out = append(out, child)
+		}
+	}
+	return out
+}
+
 // CPU is the processor time pid has used (user and system), zero when it
 // is gone.
 func CPU(pid int) time.Duration {
@@ -70,12 +92,17 @@ func CPU(pid int) time.Duration {
 		return 0
 	}
 	fs := strings.Fields(s[i+1:])
-	if len(fs) < 13 {
+	if len(fs) < 15 {
 		return 0
 	}
-	utime, _ := strconv.ParseInt(fs[11], 10, 64)
-	stime, _ := strconv.ParseInt(fs[12], 10, 64)
-	return time.Duration(utime+stime) * time.Second / clockTicks
+	// utime, stime, and the same of children it waited for (a server's
+	// exited workers).
+	var ticks int64
+	for _, f := range fs[11:15] {
+		n, _ := strconv.ParseInt(f, 10, 64)
+		ticks += n
+	}
+	return time.Duration(ticks) * time.Second / clockTicks
 }
 
 // MachineCPU is the processor time every process on the machine has used

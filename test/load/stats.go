@@ -181,8 +181,10 @@ func SortedErrors(errs map[string]int) []string {
 // code makes through it.
 type timedBroker struct {
 	apiv1.BrokerClient
-	rec  *Recorder
-	node *Node
+	// attest carries Challenge and Attest (see FleetOptions.SplitConns).
+	attest apiv1.BrokerClient
+	rec    *Recorder
+	node   *Node
 	// challenge is when the node's last Challenge started and how long it
 	// took; a node attests one at a time (attest.Sessions), so one field
 	// suffices.
@@ -192,7 +194,7 @@ type timedBroker struct {
 
 func (t *timedBroker) Challenge(ctx context.Context, in *apiv1.ChallengeRequest, opts ...grpc.CallOption) (*apiv1.ChallengeResponse, error) {
 	start := time.Now()
-	r, err := t.BrokerClient.Challenge(ctx, in, opts...)
+	r, err := t.attest.Challenge(ctx, in, opts...)
 	if err == nil {
 		t.challenge, t.challengeDur = start, time.Since(start)
 		t.rec.Add(OpChallengeRPC, start, t.challengeDur)
@@ -202,7 +204,7 @@ func (t *timedBroker) Challenge(ctx context.Context, in *apiv1.ChallengeRequest,
 
 func (t *timedBroker) Attest(ctx context.Context, in *apiv1.AttestRequest, opts ...grpc.CallOption) (*apiv1.AttestResponse, error) {
 	start := time.Now()
-	r, err := t.BrokerClient.Attest(ctx, in, opts...)
+	r, err := t.attest.Attest(ctx, in, opts...)
 	if err == nil {
 		d := time.Since(start)
 		t.rec.Add(OpAttestRPC, start, d)
