@@ -114,7 +114,7 @@ func (s *Server) unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 		// (a full disk, a lost database) is a refusal.
 		if err := s.audit(ctx, store.AuditEvent{Kind: "release", Node: n.Name, Key: r.Key, Allowed: true,
 			Reason: fmt.Sprintf("policy satisfied (key %s v%d)", r.Key, r.KeyVersion)}); err != nil {
-			return nil, status.Errorf(codes.Internal, "broker %s could not write the audit record of this release, so it released nothing: %v", s.cfg.ID, err)
+			return nil, status.Errorf(codes.Internal, "broker %s could not write the audit record of this release to its store, so it released nothing: %v", s.cfg.ID, err)
 		}
 		return &apiv1.UnwrapResponse{Sealed: sealed, Key: r.Key, KeyVersion: r.KeyVersion}, nil
 	}

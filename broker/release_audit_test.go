@@ -70,7 +70,7 @@ func TestReleaseWithoutAuditRecordIsRefused(t *testing.T) {
 	require.Error(t, err, "a key was released without its audit record")
 	assert.Nil(t, resp)
 	assert.Equal(t, codes.Internal, status.Code(err))
-	assert.Contains(t, err.Error(), "could not write the audit record of this release, so it released nothing")
+	assert.Contains(t, err.Error(), "could not write the audit record of this release to its store, so it released nothing")
 	assert.Contains(t, err.Error(), "no space left on device")
 
 	fa.fail.Store(false)

@@ -45,8 +45,9 @@ func stormLimits(t *testing.T, nodes int) string {
 
 // newStorm enrolls nodes nodes with w's broker, the first failing of
 // which fail policy "storm" (PCR 16 extended), and wraps the image for
-// key "storm" under that policy.
-func newStorm(t *testing.T, w *world, nodes, failing int) *storm {
+// key "storm" under that policy. With split, each node attests over a
+// connection of its own (see load.FleetOptions.SplitConns).
+func newStorm(t *testing.T, w *world, nodes, failing int, split bool) *storm {
 	cc, err := conn.Dial(conn.Options{Addr: w.brokerAddr, CAFile: filepath.Join(w.brokerDir, "ca.pem"),
 		AdminTokenFile: filepath.Join(w.brokerDir, "admin.token"), Timeout: 20 * time.Second})
 	require.NoError(t, err)
@@ -55,7 +56,7 @@ func newStorm(t *testing.T, w *world, nodes, failing int) *storm {
 	ctx := context.Background()
 	s.fleet, err = load.NewFleet(ctx, load.FleetOptions{Dir: filepath.Join(w.dir, "storm"), CA: shared.ca, Nodes: nodes, Failing: failing,
 		Addrs: []string{w.brokerAddr}, CAFile: filepath.Join(w.brokerDir, "ca.pem"), BrokerID: w.brokerID, Admin: s.admin,
-		Timeout: 10 * time.Second, NamePrefix: "storm-", Progress: t.Logf})
+		Timeout: 10 * time.Second, NamePrefix: "storm-", Progress: t.Logf, SplitConns: split})
 	require.NoError(t, err)
 	t.Cleanup(s.fleet.Close)
 	good := s.fleet.Nodes[nodes-1]
@@ -171,7 +172,7 @@ func (w *world) auditIntact() {
 func TestBrokerKilledDuringReleaseStorm(t *testing.T) {
 	const nodes, failing = 12, 2
 	w := newWorld(t, worldOptions{noImage: true, brokerConfig: stormLimits(t, nodes)})
-	s := newStorm(t, w, nodes, failing)
+	s := newStorm(t, w, nodes, failing, false)
 
 	stop := s.start()
 	s.waitReleases(300)
@@ -205,7 +206,7 @@ func TestBrokerDiskFull(t *testing.T) {
 	}
 	const nodes, failing = 6, 1
 	w := newWorld(t, worldOptions{brokerConfig: stormLimits(t, nodes)})
-	s := newStorm(t, w, nodes, failing)
+	s := newStorm(t, w, nodes, failing, false)
 	n := w.node1
 	n.ocicryptConfig(grpcMode) // node1's agent is up and warm
 	w.mustPull(n, grpcMode)
