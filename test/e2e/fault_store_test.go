@@ -291,16 +291,6 @@ func fill(t *testing.T, path string) {
 	}
 }
 
-func merge(a, b map[string]int) map[string]int {
-	out := map[string]int{}
-	for _, m := range []map[string]int{a, b} {
-		for k, v := range m {
-			out[k] += v
-		}
-	}
-	return out
-}
-
 func sum(m map[string]int) int {
 	t := 0
 	for _, v := range m {
