@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -110,8 +111,15 @@ func NewFleet(ctx context.Context, o FleetOptions) (*Fleet, error) {
 	}
 	progress("%d TPMs manufactured and running in %s", len(f.Nodes), time.Since(start).Round(time.Millisecond))
 	start = time.Now()
+	var done atomic.Int64
 	err = each(o.Parallel, f.Nodes, func(i int, n *Node) error {
-		return f.enroll(ctx, o, n, o.Addrs[i%len(o.Addrs)])
+		if err := f.enroll(ctx, o, n, o.Addrs[i%len(o.Addrs)]); err != nil {
+			return err
+		}
+		if d := done.Add(1); len(f.Nodes) >= 500 && d%int64(len(f.Nodes)/5) == 0 && int(d) < len(f.Nodes) {
+			progress("%d of %d nodes enrolled (%s)", d, len(f.Nodes), time.Since(start).Round(time.Second))
+		}
+		return nil
 	})
 	if err != nil {
 		f.Close()

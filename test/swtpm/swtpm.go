@@ -17,7 +17,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -225,7 +227,14 @@ func (s *TPM) start() error {
 		}
 		if c, err := net.DialTimeout("tcp", ctrl, time.Second); err == nil {
 			c.Close()
-			return nil
+			// Another process may have taken one of the ports between
+			// freePort and swtpm's bind (hundreds of TPMs start at once
+			// in a load test): the probe then reached it, not this swtpm.
+			if listensOn(cmd.Process.Pid, s.Port, s.CtrlPort) {
+				return nil
+			}
+			s.Stop()
+			return fmt.Errorf("swtpm did not get ports %d and %d (another process took one)", s.Port, s.CtrlPort)
 		}
 		if time.Now().After(deadline) {
 			s.Stop()
@@ -233,6 +242,48 @@ func (s *TPM) start() error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// listensOn reports whether process pid holds listening TCP sockets on
+// every one of ports (from /proc; true where /proc cannot tell).
+func listensOn(pid int, ports ...int) bool {
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return true
+	}
+	inodes := map[string]bool{}
+	for _, fd := range fds {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err == nil {
+			if ino, ok := strings.CutPrefix(l, "socket:["); ok {
+				inodes[strings.TrimSuffix(ino, "]")] = true
+			}
+		}
+	}
+	var found []int
+	for _, table := range []string{"tcp", "tcp6"} {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, table))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n")[1:] {
+			// sl local_address rem_address st ... inode
+			f := strings.Fields(line)
+			if len(f) < 10 || f[3] != "0A" || !inodes[f[9]] {
+				continue
+			}
+			if i := strings.LastIndexByte(f[1], ':'); i >= 0 {
+				if port, err := strconv.ParseUint(f[1][i+1:], 16, 16); err == nil {
+					found = append(found, int(port))
+				}
+			}
+		}
+	}
+	for _, p := range ports {
+		if !slices.Contains(found, p) {
+			return false
+		}
+	}
+	return true
 }
 
 // Stop ends swtpm (its state stays in StateDir).
