@@ -245,11 +245,13 @@ func (s *TPM) start() error {
 }
 
 // listensOn reports whether process pid holds listening TCP sockets on
-// every one of ports (from /proc; true where /proc cannot tell).
+// every one of ports (from /proc). A process that has exited holds none:
+// one that bound its control port and then failed on its data port (taken
+// by another swtpm) may still answer the probe as it dies.
 func listensOn(pid int, ports ...int) bool {
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	if err != nil {
-		return true
+		return false
 	}
 	inodes := map[string]bool{}
 	for _, fd := range fds {
