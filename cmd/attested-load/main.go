@@ -58,7 +58,7 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 60*time.Second, "how long the nodes pull")
 	flag.IntVar(&o.layers, "layers", 4, "layers per image; a pull unwraps them in parallel, as ocicrypt does")
 	flag.IntVar(&o.attestEvery, "attest-every", 4, "each node attests afresh before every Nth pull (0: once, at start)")
-	flag.DurationVar(&o.pause, "pause", 0, "each node's rest between pulls (0: pull again at once)")
+	flag.DurationVar(&o.pause, "pause", 0, "each node's mean rest between pulls, drawn from 0.5x to 1.5x (0: pull again at once, the fleet saturates the machine)")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Second, "deadline of each node operation (node.yaml: timeout)")
 	flag.IntVar(&o.parallel, "parallel", 32, "TPMs manufactured and nodes enrolled at once during set-up")
 	flag.StringVar(&o.dir, "dir", "", "working directory for the broker and the TPMs (default: a new temporary directory, removed at the end)")
@@ -237,7 +237,7 @@ func run(o options, out io.Writer) error {
 		return err
 	}
 	say("policy load pins PCRs 0 and %d; key load wraps a %d-layer image; %d of %d nodes fail the policy", load.FailingPCR, o.layers, failing, o.nodes)
-	say("pulling for %s: each node pulls again at once%s, attesting afresh %s", o.duration, pauseText(o.pause), attestText(o.attestEvery))
+	say("pulling for %s: each node pulls%s, attesting afresh %s", o.duration, pauseText(o.pause), attestText(o.attestEvery))
 
 	var brokerPIDs []int
 	for _, r := range brokers {
@@ -387,9 +387,9 @@ func postgresPIDs(clusterDir string) []int {
 
 func pauseText(d time.Duration) string {
 	if d == 0 {
-		return ""
+		return " again at once"
 	}
-	return fmt.Sprintf(" after a %s pause", d)
+	return fmt.Sprintf(" after a pause of %s on average", d)
 }
 
 func attestText(n int) string {

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -90,7 +91,9 @@ type Workload struct {
 	// pull (as an agent's periodic re-attestation or a reboot would); 0
 	// attests once, before the first pull.
 	AttestEvery int
-	// Pause is each node's rest between pulls.
+	// Pause is each node's mean rest between pulls (drawn uniformly from
+	// half to one and a half times it, and a node's first pull waits a
+	// random part of it, so nodes do not pull in lockstep).
 	Pause time.Duration
 	// Timeout bounds each operation (the node's configured deadline).
 	Timeout time.Duration
@@ -130,6 +133,9 @@ func (f *Fleet) Run(stop <-chan struct{}, w Workload) *Result {
 	var wg sync.WaitGroup
 	for _, n := range f.Nodes {
 		wg.Go(func() {
+			if w.Pause > 0 && !sleep(stop, mrand.N(w.Pause)) {
+				return
+			}
 			for pull := 0; ; pull++ {
 				select {
 				case <-stop:
@@ -150,12 +156,8 @@ func (f *Fleet) Run(stop <-chan struct{}, w Workload) *Result {
 					res.Releases[n.Name] += released
 					mu.Unlock()
 				}
-				if w.Pause > 0 {
-					select {
-					case <-stop:
-						return
-					case <-time.After(w.Pause):
-					}
+				if w.Pause > 0 && !sleep(stop, w.Pause/2+mrand.N(w.Pause)) {
+					return
 				}
 			}
 		})
@@ -166,6 +168,18 @@ func (f *Fleet) Run(stop <-chan struct{}, w Workload) *Result {
 	res.Errors, res.ErrorCount = f.rec.Errors()
 	res.Pulls, res.Refusals, res.WrongReleases = int(pulls.Load()), int(refusals.Load()), int(wrong.Load())
 	return res
+}
+
+// sleep waits d, or until stop closes (then it returns false).
+func sleep(stop <-chan struct{}, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-stop:
+		return false
+	case <-t.C:
+		return true
+	}
 }
 
 // attest has the node attest afresh, as the agent's periodic
