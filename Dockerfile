@@ -1,4 +1,5 @@
-# The attested image: attested (broker, agent, keyprovider, admin CLI) and
+# The attested image: attested (broker, agent, keyprovider, admin CLI),
+# attested-keyprovider (exec mode's lighter entry point) and
 # attested-labeler, static, on distroless, as the Kubernetes examples run
 # them (examples/kubernetes). Build: make image (IMAGE=..., ENGINE=docker or
 # podman). Push it, then pin its digest in examples/kubernetes.
@@ -19,6 +20,7 @@ COPY . .
 # The Makefile's build commands (a test holds them equal); static, as the
 # distroless base has no C library.
 RUN CGO_ENABLED=0 go build -o /out/attested ./cmd/attested
+RUN CGO_ENABLED=0 go build -o /out/attested-keyprovider ./cmd/attested-keyprovider
 RUN CGO_ENABLED=0 go build -o /out/attested-labeler ./cmd/attested-labeler
 
 # busybox:1.37.0-musl (statically linked): the few tools the Kubernetes
@@ -32,6 +34,6 @@ RUN mkdir -p /out/bin && cp /bin/busybox /out/bin/busybox && \
 # with user nonroot (65532), no shell or package manager of its own.
 FROM gcr.io/distroless/static-debian12@sha256:d093aa3e30dbadd3efe1310db061a14da60299baff8450a17fe0ccc514a16639
 COPY --from=tools /out/bin/ /bin/
-COPY --from=build /out/attested /out/attested-labeler /usr/local/bin/
+COPY --from=build /out/attested /out/attested-keyprovider /out/attested-labeler /usr/local/bin/
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/attested"]

@@ -76,7 +76,7 @@ kube-test: kube-apiserver
 # Test artifacts (the dashboard's screenshots) are kept in bin/e2e.
 e2e: deps build imgcopy containerd
 	mkdir -p $(BIN)/e2e
-	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) CONTAINERD_BIN=$(CONTAINERD) CTD_DECODER_BIN=$(BIN)/ctd-decoder \
+	ATTESTED_BIN=$(ATTESTED) KEYPROVIDER_BIN=$(EXECKP) IMGCOPY_BIN=$(IMGCOPY) CONTAINERD_BIN=$(CONTAINERD) CTD_DECODER_BIN=$(BIN)/ctd-decoder \
 		CRIPULL_BIN=$(BIN)/cripull KUBE_APISERVER_BIN=$(wildcard $(BIN)/kube-apiserver) \
 		ETCD_BIN=$(wildcard $(BIN)/etcd) $(GO) test -tags e2e $(E2E_FLAGS) ./test/e2e/
 
@@ -96,7 +96,7 @@ fuzz:
 bench: deps build imgcopy
 	$(GO) test -run '^$$' -bench . -benchtime 300x ./keyprovider/
 	$(GO) test -run '^$$' -bench . -benchtime 3000x ./broker/
-	ATTESTED_BIN=$(ATTESTED) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e -count=1 -run '^$$' -bench . -benchtime 20x -timeout 20m ./test/e2e/
+	ATTESTED_BIN=$(ATTESTED) KEYPROVIDER_BIN=$(EXECKP) IMGCOPY_BIN=$(IMGCOPY) $(GO) test -tags e2e -count=1 -run '^$$' -bench . -benchtime 20x -timeout 20m ./test/e2e/
 
 # Many simulated nodes (each its own swtpm, enrolled with a join token)
 # attesting and unwrapping against 'attested broker serve' for a bounded

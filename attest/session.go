@@ -85,7 +85,7 @@ func (t *TPM) ReadPlatform() (Platform, error) {
 // StillValid reports whether s still describes this node: not near expiry,
 // and the TPM has not rebooted or changed a PCR its key is bound to since
 // the quote. (The TPM enforces the PCRs itself at every use; checking first
-// spares the broker a release the node could not open.)
+// means the broker never releases to a session whose node moved on.)
 func (s *Session) StillValid(now time.Time, p Platform) bool {
 	if !now.Add(ExpiryMargin).Before(s.Expires) || s.ResetCount != p.ResetCount || s.RestartCount != p.RestartCount {
 		return false
@@ -156,11 +156,13 @@ type Evidence struct {
 	ev      *evidence
 }
 
-// Collect creates a session key (its ML-KEM half in software, its P-256
-// half in the TPM bound to the current PCRs), quotes the PCRs over
-// H(nonce, session key, node), has the AK certify the TPM half and the tag
-// index, and reads the event logs.
+// Collect creates a session key (a P-256 key in the TPM bound to the
+// current PCRs), quotes the PCRs over H(nonce, session key, node), has the
+// AK certify the key and the tag index, and reads the event logs.
 func Collect(t *TPM, st *State, nonce []byte, logs Logs) (*Evidence, error) {
+	// The previous session's key, kept by a lingering TPM, would take one
+	// of the few object slots attesting needs.
+	t.flushSessionKey()
 	ak, err := t.loadAK(st.AKBlob)
 	if err != nil {
 		return nil, err
@@ -257,8 +259,9 @@ func (t *TPM) tryEvidence(ak *akHandle, nonce []byte, node string) (*evidence, b
 	if err != nil {
 		return nil, false, err
 	}
+	// The key stays loaded until the TPM closes: the first release
+	// opens with it.
 	ev.keyCertInfo, ev.keyCertSig, err = t.certifyCreation(ak, l, creation, ev.qualifying)
-	l.flush()
 	if err != nil {
 		return nil, false, err
 	}
@@ -325,7 +328,6 @@ func (s *Session) open(t *TPM, info, sealed []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer l.flush()
 	x := &exchanger{key: l, sk: &s.Key, pub: pub}
 	priv, err := hpke.NewDHKEMPrivateKey(x)
 	if err != nil {

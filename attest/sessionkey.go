@@ -1,6 +1,7 @@
 package attest
 
 import (
+	"bytes"
 	"crypto/ecdh"
 	"errors"
 	"fmt"
@@ -103,11 +104,51 @@ type loaded struct {
 	tp     transport.TPM
 	handle tpm2.TPMHandle
 	name   tpm2.TPM2BName
+	// private is the blob it was loaded from, which names it.
+	private []byte
+	// policy is a policy session kept for the key's uses: the TPM resets
+	// it after each, and each use runs PolicyPCR in it again.
+	policy      tpm2.Session
+	closePolicy func() error
 }
 
-func (l *loaded) flush() { (tpm2.FlushContext{FlushHandle: l.handle}).Execute(l.tp) }
+func (l *loaded) flush() {
+	l.dropPolicy()
+	(tpm2.FlushContext{FlushHandle: l.handle}).Execute(l.tp)
+}
+
+func (l *loaded) dropPolicy() {
+	if l.closePolicy != nil {
+		l.closePolicy()
+	}
+	l.policy, l.closePolicy = nil, nil
+}
+
+// authorize returns the key's policy session satisfied for one use: its
+// PCRs must hold the values the key was created for.
+func (l *loaded) authorize(k *SessionKey) (tpm2.Session, error) {
+	if l.policy == nil {
+		sess, closer, err := tpm2.PolicySession(l.tp, tpm2.TPMAlgSHA256, 16)
+		if err != nil {
+			return nil, err
+		}
+		l.policy, l.closePolicy = sess, closer
+	}
+	_, err := tpm2.PolicyPCR{PolicySession: l.policy.Handle(), PcrDigest: tpm2.TPM2BDigest{Buffer: k.PCRDigest}, Pcrs: binding.PCRSelection(k.PCRs)}.Execute(l.tp)
+	if err != nil {
+		l.dropPolicy()
+		return nil, err
+	}
+	return l.policy, nil
+}
 
 func (t *TPM) loadSessionKey(k *SessionKey) (*loaded, error) {
+	if t.session != nil && bytes.Equal(t.session.private, k.Private) {
+		return t.session, nil
+	}
+	// A TPM without a resource manager (swtpm, the simulator) holds three
+	// transient objects: keep one session key at most.
+	t.flushSessionKey()
 	tp := transport.FromReadWriter(t.ch)
 	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](k.Public)
 	if err != nil {
@@ -122,7 +163,16 @@ func (t *TPM) loadSessionKey(k *SessionKey) (*loaded, error) {
 		// Another TPM, or this one cleared: the key is not ours to use.
 		return nil, fmt.Errorf("attest: load session key (not this TPM's, or the TPM was cleared): %w", err)
 	}
-	return &loaded{tp: tp, handle: rsp.ObjectHandle, name: rsp.Name}, nil
+	t.session = &loaded{tp: tp, handle: rsp.ObjectHandle, name: rsp.Name, private: bytes.Clone(k.Private)}
+	return t.session, nil
+}
+
+// flushSessionKey unloads the kept session key, if any.
+func (t *TPM) flushSessionKey() {
+	if t.session != nil {
+		t.session.flush()
+		t.session = nil
+	}
 }
 
 // certifyCreation has the AK certify that this TPM created the key, over
@@ -164,15 +214,18 @@ func (e *exchanger) ECDH(peer *ecdh.PublicKey) ([]byte, error) {
 		return nil, err
 	}
 	point := tpm2.TPMSECCPoint{X: coord(x), Y: coord(y)}
-	policy := func(tp transport.TPM, h tpm2.TPMISHPolicy, _ tpm2.TPM2BNonce) error {
-		_, err := tpm2.PolicyPCR{PolicySession: h, PcrDigest: tpm2.TPM2BDigest{Buffer: e.sk.PCRDigest}, Pcrs: binding.PCRSelection(e.sk.PCRs)}.Execute(tp)
-		return err
+	auth, err := e.key.authorize(e.sk)
+	var rsp *tpm2.ECDHZGenResponse
+	if err == nil {
+		rsp, err = tpm2.ECDHZGen{
+			KeyHandle: tpm2.AuthHandle{Handle: e.key.handle, Name: e.key.name, Auth: auth},
+			InPoint:   tpm2.New2B(point),
+		}.Execute(e.key.tp)
 	}
-	rsp, err := tpm2.ECDHZGen{
-		KeyHandle: tpm2.AuthHandle{Handle: e.key.handle, Name: e.key.name, Auth: tpm2.Policy(tpm2.TPMAlgSHA256, 16, policy)},
-		InPoint:   tpm2.New2B(point),
-	}.Execute(e.key.tp)
 	if err != nil {
+		// A refused use leaves the session's policy state behind: start
+		// the next use from a new one.
+		e.key.dropPolicy()
 		if errors.Is(err, tpm2.TPMRCValue) || errors.Is(err, tpm2.TPMRCPolicyFail) {
 			e.err = ErrSessionKeyLocked
 		} else {

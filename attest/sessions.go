@@ -35,6 +35,12 @@ type Sessions struct {
 	// Observe, when set, is told of every attestation: the new session's
 	// expiry, or why it failed (metrics).
 	Observe func(expires time.Time, err error)
+	// Linger keeps the TPM open this long after its last use, so the
+	// layers of a pull share one connection and one loaded session key
+	// (a long-running agent sets it). Zero closes the TPM after each use.
+	// swtpm serves one connection at a time: other processes on the node
+	// wait up to this long for it.
+	Linger time.Duration
 
 	// turn admits one caller at a time; a channel rather than a mutex so a
 	// caller gives up when its context ends instead of queueing forever
@@ -42,6 +48,10 @@ type Sessions struct {
 	turnOnce sync.Once
 	turn     chan struct{}
 	cur      *Session
+	// open is the TPM kept between uses while lingering; idle closes it.
+	// Both belong to whoever holds turn.
+	open *TPM
+	idle *time.Timer
 	// checked is when the last TPM check that found cur valid (or the
 	// attestation that made it) began.
 	checked time.Time
@@ -58,6 +68,72 @@ func (m *Sessions) acquire(ctx context.Context) error {
 }
 
 func (m *Sessions) release() { <-m.turn }
+
+// useTPM returns the TPM for one use by the holder of turn: the lingering
+// one, now bounded by ctx (reused), or a new one.
+func (m *Sessions) useTPM(ctx context.Context) (t *TPM, reused bool, err error) {
+	if t := m.open; t != nil {
+		m.open = nil
+		m.idle.Stop()
+		t.bound(ctx)
+		return t, true, nil
+	}
+	t, err = m.TPM(ctx)
+	return t, false, err
+}
+
+// withTPM runs op, which must be safe to repeat, on the TPM for the holder
+// of turn. A lingering connection may have died while idle (swtpm
+// restarted, the node resumed): op failing on one runs once more on a new
+// connection.
+func (m *Sessions) withTPM(ctx context.Context, op func(*TPM) error) error {
+	t, reused, err := m.useTPM(ctx)
+	if err != nil {
+		return err
+	}
+	err = op(t)
+	if err != nil && reused && !errors.Is(err, ErrSessionKeyLocked) {
+		t.Close()
+		if t, err = m.TPM(ctx); err != nil {
+			return err
+		}
+		err = op(t)
+	}
+	m.doneTPM(t, err)
+	return err
+}
+
+// doneTPM ends the holder of turn's use of t: it lingers if the use went
+// well, and is closed otherwise, so a TPM that failed is dialled afresh.
+func (m *Sessions) doneTPM(t *TPM, err error) {
+	if m.Linger <= 0 || (err != nil && !errors.Is(err, ErrSessionKeyLocked)) {
+		t.Close()
+		return
+	}
+	m.open = t
+	var idle *time.Timer
+	idle = time.AfterFunc(m.Linger, func() {
+		m.turn <- struct{}{}
+		if m.idle == idle && m.open == t {
+			m.open = nil
+			t.Close()
+		}
+		m.release()
+	})
+	m.idle = idle
+}
+
+// Close closes a TPM kept open by Linger.
+func (m *Sessions) Close() {
+	m.turnOnce.Do(func() { m.turn = make(chan struct{}, 1) })
+	m.turn <- struct{}{}
+	if m.open != nil {
+		m.idle.Stop()
+		m.open.Close()
+		m.open = nil
+	}
+	m.release()
+}
 
 // Get returns a session valid for this node's current state.
 func (m *Sessions) Get(ctx context.Context) (*Session, error) {
@@ -76,6 +152,14 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		return m.cur, nil
 	}
 	if m.Store != nil {
+		// Warm path: a stored session the TPM still vouches for needs no
+		// lock (Save replaces the file whole), so the processes of one
+		// pull do not queue behind each other.
+		if cur := m.Store.Load(); m.mine(cur) {
+			if ok, err := m.stillValid(ctx, cur, now()); err == nil && ok {
+				return cur, nil
+			}
+		}
 		started := time.Now()
 		unlock, err := m.Store.Lock(ctx)
 		if err != nil {
@@ -104,17 +188,12 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		return nil, err
 	}
 	checkStart := time.Now()
-	t, err := m.TPM(ctx)
-	if err != nil {
-		return failed(err)
-	}
-	defer t.Close()
-	if m.cur != nil && m.cur.Broker == m.State.Broker && m.cur.Node == m.State.Name {
-		plat, err := t.ReadPlatform()
+	if m.mine(m.cur) {
+		ok, err := m.stillValid(ctx, m.cur, now())
 		if err != nil {
 			return failed(err)
 		}
-		if m.cur.StillValid(now(), plat) {
+		if ok {
 			m.checked = checkStart
 			return m.cur, nil
 		}
@@ -122,7 +201,12 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 	// The current session no longer describes this node: nobody may reuse
 	// it, whatever happens next.
 	m.cur = nil
+	t, _, err := m.useTPM(ctx)
+	if err != nil {
+		return failed(err)
+	}
 	s, err := NewSession(ctx, m.Broker, t, m.State, m.Logs)
+	m.doneTPM(t, err)
 	if m.Store != nil {
 		m.Store.recordFailure(err)
 	}
@@ -143,6 +227,25 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		}
 	}
 	return s, nil
+}
+
+// mine says whether s is a session of this node with its broker.
+func (m *Sessions) mine(s *Session) bool {
+	return s != nil && s.Broker == m.State.Broker && s.Node == m.State.Name
+}
+
+// stillValid checks s against the TPM's current state, for the holder of
+// turn.
+func (m *Sessions) stillValid(ctx context.Context, s *Session, now time.Time) (bool, error) {
+	var plat Platform
+	err := m.withTPM(ctx, func(t *TPM) (err error) {
+		plat, err = t.ReadPlatform()
+		return err
+	})
+	if err != nil {
+		return false, err
+	}
+	return s.StillValid(now, plat), nil
 }
 
 // Invalidate drops s if it is still the current session, e.g. after the
@@ -186,13 +289,11 @@ func (m *Sessions) openWith(ctx context.Context, s *Session, open func(*TPM) ([]
 	if err := m.acquire(ctx); err != nil {
 		return nil, err
 	}
-	t, err := m.TPM(ctx)
-	if err != nil {
-		m.release()
-		return nil, err
-	}
-	out, err := open(t)
-	t.Close()
+	var out []byte
+	err := m.withTPM(ctx, func(t *TPM) (err error) {
+		out, err = open(t)
+		return err
+	})
 	m.release()
 	if errors.Is(err, ErrSessionKeyLocked) {
 		if ierr := m.Invalidate(ctx, s); ierr != nil {
@@ -273,21 +374,28 @@ func (f *FileStore) Lock(ctx context.Context) (func(), error) {
 	if err != nil {
 		return nil, fmt.Errorf("attest: session lock: %w", err)
 	}
-	for {
-		err := syscall.Flock(int(fd.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { syscall.Flock(int(fd.Fd()), syscall.LOCK_UN); fd.Close() }, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
+	// flock blocks until the holder lets go, and cannot be interrupted:
+	// it waits aside, and a caller whose context ends first leaves the
+	// lock to be released as soon as it is taken.
+	unlock := func() { syscall.Flock(int(fd.Fd()), syscall.LOCK_UN); fd.Close() }
+	got := make(chan error, 1)
+	go func() { got <- syscall.Flock(int(fd.Fd()), syscall.LOCK_EX) }()
+	select {
+	case err := <-got:
+		if err != nil {
 			fd.Close()
 			return nil, fmt.Errorf("attest: session lock: %w", err)
 		}
-		select {
-		case <-ctx.Done():
-			fd.Close()
-			return nil, fmt.Errorf("attest: waiting for another attestation on this node: %w", ctx.Err())
-		case <-time.After(5 * time.Millisecond):
-		}
+		return unlock, nil
+	case <-ctx.Done():
+		go func() {
+			if <-got == nil {
+				unlock()
+			} else {
+				fd.Close()
+			}
+		}()
+		return nil, fmt.Errorf("attest: waiting for another attestation on this node: %w", ctx.Err())
 	}
 }
 

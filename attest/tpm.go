@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/google/go-attestation/attest"
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
 )
 
 // DefaultTPMTimeout bounds one TPM command. Key creation on a slow TPM takes
@@ -25,6 +27,10 @@ const DefaultTPMTimeout = 30 * time.Second
 type TPM struct {
 	ch  channel
 	dev *attest.TPM
+	// session is the session key last loaded, kept until Close so that
+	// the layers of one pull on a lingering TPM load it once. Loading
+	// grants nothing: each use still needs its PCR policy.
+	session *loaded
 }
 
 // channel is a TPM command channel (go-attestation's CommandChannelTPM20).
@@ -72,11 +78,58 @@ func OpenTPM(ctx context.Context, spec string) (*TPM, error) {
 		ch.Close()
 		return nil, fmt.Errorf("attest: open TPM %s: %w", spec, err)
 	}
-	return &TPM{ch: ch, dev: dev}, nil
+	t := &TPM{ch: ch, dev: dev}
+	if _, ok := ch.(*swtpmConn); ok {
+		if err := t.flushLeftovers(); err != nil {
+			t.Close()
+			return nil, fmt.Errorf("attest: open TPM %s: %w", spec, err)
+		}
+	}
+	return t, nil
 }
 
-// Close releases the TPM connection.
-func (t *TPM) Close() error { return t.dev.Close() }
+// flushLeftovers flushes every transient object and session in a TPM that
+// has no resource manager (swtpm): it serves one connection at a time and
+// every user of ours flushes what it loaded before letting go, so whatever
+// is loaded when a connection begins was left by a process that died
+// (a killed agent's session key), and would fill the TPM's few slots. The
+// kernel's resource manager (/dev/tpmrm0) does this itself.
+func (t *TPM) flushLeftovers() error {
+	tp := transport.FromReadWriter(t.ch)
+	for _, ht := range []tpm2.TPMHT{tpm2.TPMHTTransient, tpm2.TPMHTHMACSession, tpm2.TPMHTPolicySession} {
+		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(ht) << 24, PropertyCount: 64}.Execute(tp)
+		if err != nil {
+			return fmt.Errorf("list loaded handles: %w", err)
+		}
+		handles, err := rsp.CapabilityData.Data.Handles()
+		if err != nil {
+			return fmt.Errorf("list loaded handles: %w", err)
+		}
+		for _, h := range handles.Handle {
+			if uint32(h)>>24 != uint32(ht) {
+				break
+			}
+			if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(tp); err != nil {
+				return fmt.Errorf("flush handle %#x left by an earlier user: %w", uint32(h), err)
+			}
+		}
+	}
+	return nil
+}
+
+// Close releases the TPM connection, flushing the session key it kept.
+func (t *TPM) Close() error {
+	t.flushSessionKey()
+	return t.dev.Close()
+}
+
+// bound makes ctx's deadline bound each command from now on, for a TPM
+// kept open across calls.
+func (t *TPM) bound(ctx context.Context) {
+	if b, ok := t.ch.(interface{ setTimeout(time.Duration) }); ok {
+		b.setTimeout(commandTimeout(ctx))
+	}
+}
 
 // device is a TPM character device; each read returns one whole response.
 // A character device has no deadlines, so each read and write runs aside
@@ -87,7 +140,9 @@ type device struct {
 	timeout time.Duration
 }
 
-func (d device) bounded(op func() (int, error)) (int, error) {
+func (d *device) setTimeout(t time.Duration) { d.timeout = t }
+
+func (d *device) bounded(op func() (int, error)) (int, error) {
 	type result struct {
 		n   int
 		err error
@@ -102,14 +157,14 @@ func (d device) bounded(op func() (int, error)) (int, error) {
 	}
 }
 
-func (d device) Write(p []byte) (int, error) {
+func (d *device) Write(p []byte) (int, error) {
 	return d.bounded(func() (int, error) { return d.f.Write(p) })
 }
-func (d device) Read(p []byte) (int, error) {
+func (d *device) Read(p []byte) (int, error) {
 	return d.bounded(func() (int, error) { return d.f.Read(p) })
 }
-func (d device) Close() error                  { return d.f.Close() }
-func (device) MeasurementLog() ([]byte, error) { return nil, errNoLog }
+func (d *device) Close() error                  { return d.f.Close() }
+func (*device) MeasurementLog() ([]byte, error) { return nil, errNoLog }
 
 var errNoLog = errors.New("attest: no event log configured")
 
@@ -118,7 +173,7 @@ func openDevice(ctx context.Context, path string) (channel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attest: open TPM device: %w", err)
 	}
-	return device{f: f, timeout: commandTimeout(ctx)}, nil
+	return &device{f: f, timeout: commandTimeout(ctx)}, nil
 }
 
 // commandTimeout bounds one TPM command by ctx's deadline, or the default.
@@ -155,6 +210,8 @@ func dialSwtpm(ctx context.Context, addr string) (*swtpmConn, error) {
 	}
 	return &swtpmConn{c: c, addr: addr, timeout: commandTimeout(ctx)}, nil
 }
+
+func (s *swtpmConn) setTimeout(t time.Duration) { s.timeout = t }
 
 const maxResponse = 1 << 20
 

@@ -43,11 +43,14 @@ func readPlatformWithin(t *testing.T, spec string) error {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	tpm, err := OpenTPM(ctx, spec)
-	require.NoError(t, err)
-	defer tpm.Close()
 	start := time.Now()
-	_, err = tpm.ReadPlatform()
+	// Opening an swtpm already asks it something (what an earlier user
+	// left loaded); either step may be the one that fails.
+	tpm, err := OpenTPM(ctx, spec)
+	if err == nil {
+		defer tpm.Close()
+		_, err = tpm.ReadPlatform()
+	}
 	require.Error(t, err)
 	assert.Less(t, time.Since(start), 2*time.Second)
 	return err

@@ -31,7 +31,7 @@ import (
 )
 
 // Version is reported by Info.
-const Version = "0.1.0"
+const Version = apiv1.Version
 
 // HandlerTimeout bounds every RPC, whatever deadline the caller sent: the
 // default of limits.requestTimeout.

@@ -12,14 +12,15 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/attested-dev/attested/cmd/internal/buildinfo"
 	"github.com/attested-dev/attested/cmd/internal/execmode"
 	"github.com/attested-dev/attested/cmd/internal/nodeconfig"
 )
 
 func main() {
 	c := nodeconfig.Defaults()
-	fs := pflag.NewFlagSet("attested-keyprovider", pflag.ContinueOnError)
-	nodeconfig.Flags(fs, &c)
+	fs := execmode.Flags(&c)
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprintln(os.Stderr, "attested-keyprovider: ocicrypt keyprovider, exec mode: one JSON request on stdin, one reply on stdout.")
 		fmt.Fprintln(os.Stderr, "Settings as for 'attested keyprovider' (node.yaml, --config, ATTESTED_CONFIG):")
@@ -27,6 +28,10 @@ func main() {
 	}
 	err := fs.Parse(os.Args[1:])
 	if err == pflag.ErrHelp {
+		return
+	}
+	if err == nil && *showVersion {
+		fmt.Println(buildinfo.String("attested-keyprovider"))
 		return
 	}
 	if err == nil && fs.NArg() > 0 {

@@ -44,6 +44,13 @@ always knows this node's state. Point OCICRYPT_KEYPROVIDER_CONFIG at
 	return cmd
 }
 
+// tpmLinger is how long the agent keeps the TPM open after a use: the
+// layers of one pull arrive within it and share the connection and the
+// loaded session key (about half a millisecond per layer on swtpm). Other
+// processes wait at most this long for an swtpm; a kernel resource manager
+// (/dev/tpmrm0) serves them at once.
+const tpmLinger = 250 * time.Millisecond
+
 func runAgent(c *config, listen string) error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	path, ok := strings.CutPrefix(listen, "unix://")
@@ -56,6 +63,10 @@ func runAgent(c *config, listen string) error {
 		return err
 	}
 	defer closeFn()
+	if nu, ok := h.Unwrapper.(*keyprovider.NodeUnwrapper); ok {
+		nu.Sessions.Linger = tpmLinger
+		defer nu.Sessions.Close()
+	}
 	// Whoever can write the socket's directory can swap the socket.
 	if err := localfile.EnsureDir(filepath.Dir(path)); err != nil {
 		return fmt.Errorf("agent: socket directory: %w", err)

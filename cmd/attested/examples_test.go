@@ -24,7 +24,9 @@ import (
 
 	"github.com/attested-dev/attested/attest"
 	"github.com/attested-dev/attested/broker/policy"
+	"github.com/attested-dev/attested/cmd/internal/execmode"
 	"github.com/attested-dev/attested/cmd/internal/labelercmd"
+	"github.com/attested-dev/attested/cmd/internal/nodeconfig"
 )
 
 const examples = "../../examples"
@@ -89,7 +91,15 @@ func TestExampleOcicryptConfigs(t *testing.T) {
 		require.True(t, ok, f)
 		assert.True(t, attrs.Command != nil || attrs.Grpc != "", f)
 		if attrs.Command != nil {
-			assert.Equal(t, "keyprovider", attrs.Command.Args[0])
+			// Exec mode runs the lighter binary with node.yaml's flags.
+			assert.Equal(t, "/usr/local/bin/attested-keyprovider", attrs.Command.Path, f)
+			c := nodeconfig.Defaults()
+			fs := execmode.Flags(&c)
+			require.NoError(t, fs.Parse(attrs.Command.Args), f)
+			assert.Empty(t, fs.Args(), f)
+			path, err := fs.GetString("config")
+			require.NoError(t, err)
+			assert.Equal(t, "/etc/attested/node.yaml", path, f)
 		}
 	}
 }

@@ -5,9 +5,8 @@ package main
 import (
 	"fmt"
 	"os"
-	"runtime/debug"
 
-	"github.com/attested-dev/attested/broker"
+	"github.com/attested-dev/attested/cmd/internal/buildinfo"
 	"github.com/attested-dev/attested/cmd/internal/execmode"
 	"github.com/spf13/cobra"
 )
@@ -22,32 +21,8 @@ func main() {
 // plainError is err's text without gRPC's status framing.
 func plainError(err error) string { return execmode.PlainError(err) }
 
-// version is the binary's version: the broker's API version, and the VCS
-// revision the binary was built from when Go recorded one.
-func version() string {
-	v := "attested " + broker.Version
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		var rev, dirty string
-		for _, s := range bi.Settings {
-			switch s.Key {
-			case "vcs.revision":
-				rev = s.Value
-			case "vcs.modified":
-				if s.Value == "true" {
-					dirty = "+dirty"
-				}
-			}
-		}
-		if len(rev) > 12 {
-			rev = rev[:12]
-		}
-		if rev != "" {
-			v += " (" + rev + dirty + ")"
-		}
-		v += " " + bi.GoVersion
-	}
-	return v
-}
+// version is the binary's version line.
+func version() string { return buildinfo.String("attested") }
 
 func newRoot() *cobra.Command {
 	root, _ := newRootConfig()

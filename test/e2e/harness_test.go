@@ -607,7 +607,7 @@ func (n *node) ocicryptConfig(m mode) string {
 	switch m {
 	case execMode:
 		cfg = map[string]any{"key-providers": map[string]any{"attested": map[string]any{
-			"cmd": map[string]any{"path": shared.attested, "args": []string{"keyprovider", "--config", n.cfg}}}}}
+			"cmd": map[string]any{"path": shared.keyprovider, "args": []string{"--config", n.cfg}}}}}
 	case grpcMode:
 		if n.agent == nil || n.agent.exited() {
 			n.startAgent(n.enrolled())

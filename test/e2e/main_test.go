@@ -21,7 +21,9 @@ import (
 var shared struct {
 	dir      string
 	attested string
-	imgcopy  string
+	// keyprovider is attested-keyprovider, which exec mode runs.
+	keyprovider string
+	imgcopy     string
 	// srcImage is an OCI layout with srcLayers plaintext layers.
 	srcImage   string
 	srcDiffIDs []string
@@ -67,12 +69,17 @@ func setupSuite() error {
 		return err
 	}
 	shared.attested = os.Getenv("ATTESTED_BIN")
+	shared.keyprovider = os.Getenv("KEYPROVIDER_BIN")
 	shared.imgcopy = os.Getenv("IMGCOPY_BIN")
 	var wg sync.WaitGroup
-	errs := make([]error, 2)
+	errs := make([]error, 3)
 	if shared.attested == "" {
 		shared.attested = filepath.Join(shared.dir, "attested")
 		wg.Go(func() { errs[0] = goBuild(root, nil, "-o", shared.attested, "./cmd/attested") })
+	}
+	if shared.keyprovider == "" {
+		shared.keyprovider = filepath.Join(shared.dir, "attested-keyprovider")
+		wg.Go(func() { errs[2] = goBuild(root, nil, "-o", shared.keyprovider, "./cmd/attested-keyprovider") })
 	}
 	if shared.imgcopy == "" {
 		shared.imgcopy = filepath.Join(shared.dir, "imgcopy")
@@ -85,7 +92,7 @@ func setupSuite() error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	for _, p := range []*string{&shared.attested, &shared.imgcopy} {
+	for _, p := range []*string{&shared.attested, &shared.keyprovider, &shared.imgcopy} {
 		if *p, err = filepath.Abs(*p); err != nil {
 			return err
 		}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	keyproviderpb "github.com/containers/ocicrypt/utils/keyprovider"
+	"github.com/spf13/pflag"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
@@ -38,6 +39,14 @@ var rpcPrefix = regexp.MustCompile(`rpc error: code = \w+ desc = `)
 // PlainError is err's text without gRPC's status framing.
 func PlainError(err error) string {
 	return rpcPrefix.ReplaceAllString(err.Error(), "")
+}
+
+// Flags is attested-keyprovider's command line: the settings of node.yaml,
+// as 'attested keyprovider' takes them.
+func Flags(c *nodeconfig.Config) *pflag.FlagSet {
+	fs := pflag.NewFlagSet("attested-keyprovider", pflag.ContinueOnError)
+	nodeconfig.Flags(fs, c)
+	return fs
 }
 
 // Run serves one request from in to out, bounded by c.Timeout: ocicrypt
