@@ -60,7 +60,7 @@ func TestTPMHangs(t *testing.T) {
 		assert.Less(t, r.dur, tpmTimeout+10*time.Second)
 		// In exec mode too, where the layers' processes wait for the one
 		// talking to the TPM: they report its failure, not a guess.
-		assert.Regexp(t, `the TPM \(swtpm at 127\.0\.0\.1:\d+\) did not answer within [0-9.]+s`, msg)
+		assert.Contains(t, msg, "the TPM (swtpm at "+strings.TrimPrefix(p.URI(), "swtpm://")+") did not answer before the request's deadline")
 		assert.NotContains(t, msg, "broker")
 
 		p.Set(swtpm.Pass)
