@@ -55,16 +55,54 @@ type Sessions struct {
 	// checked is when the last TPM check that found cur valid (or the
 	// attestation that made it) began.
 	checked time.Time
+	// failed is the last failure of a holder of turn (TPM or
+	// attestation), and when: a caller that gave up waiting for turn
+	// reports it rather than only that it waited.
+	failed   error
+	failedAt time.Time
+	// silentAt is when the TPM last left a command unanswered until the
+	// deadline.
+	silentAt time.Time
 }
 
 func (m *Sessions) acquire(ctx context.Context) error {
+	arrived := time.Now()
 	m.turnOnce.Do(func() { m.turn = make(chan struct{}, 1) })
 	select {
 	case m.turn <- struct{}{}:
 		return nil
 	case <-ctx.Done():
+		// The holder most likely ran into the same deadline (a TPM that
+		// stopped answering): its failure is the one to report.
+		select {
+		case m.turn <- struct{}{}:
+			err, at := m.failed, m.failedAt
+			m.release()
+			if err != nil && !at.Before(arrived) {
+				return err
+			}
+		case <-time.After(lockGrace):
+		}
 		return fmt.Errorf("attest: waiting for this node's attestation in progress: %w", ctx.Err())
 	}
+}
+
+// silence notes, for the holder of turn, whether the TPM (t, or the one
+// err came from) left a command unanswered until the deadline.
+func (m *Sessions) silence(t *TPM, err error) bool {
+	if (t != nil && t.Silent()) || isSilent(err) {
+		m.silentAt = time.Now()
+		return true
+	}
+	return false
+}
+
+// fail records the failure of the holder of turn and returns it.
+func (m *Sessions) fail(err error) error {
+	if err != nil {
+		m.failed, m.failedAt = err, time.Now()
+	}
+	return err
 }
 
 func (m *Sessions) release() { <-m.turn }
@@ -87,17 +125,28 @@ func (m *Sessions) useTPM(ctx context.Context) (t *TPM, reused bool, err error) 
 // restarted, the node resumed): op failing on one runs once more on a new
 // connection.
 func (m *Sessions) withTPM(ctx context.Context, op func(*TPM) error) error {
+	return m.fail(m.tryTPM(ctx, op))
+}
+
+func (m *Sessions) tryTPM(ctx context.Context, op func(*TPM) error) error {
 	t, reused, err := m.useTPM(ctx)
 	if err != nil {
+		m.silence(nil, err)
 		return err
 	}
 	err = op(t)
-	if err != nil && reused && !errors.Is(err, ErrSessionKeyLocked) {
+	// (Not once the deadline has passed: a TPM that used it up is the
+	// failure, not the dial that follows.)
+	if err != nil && reused && ctx.Err() == nil && !m.silence(t, err) && !errors.Is(err, ErrSessionKeyLocked) {
 		t.Close()
 		if t, err = m.TPM(ctx); err != nil {
+			m.silence(nil, err)
 			return err
 		}
 		err = op(t)
+	}
+	if err != nil {
+		m.silence(t, err)
 	}
 	m.doneTPM(t, err)
 	return err
@@ -142,6 +191,12 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		return nil, err
 	}
 	defer m.release()
+	// A TPM that stopped answering while this call waited for its turn
+	// failed this pull (its layers share one deadline); asking it again
+	// would only spend what is left of the deadline on a dial.
+	if m.failed != nil && !m.silentAt.Before(arrived) {
+		return nil, m.failed
+	}
 	now := time.Now
 	if m.Now != nil {
 		now = m.Now
@@ -156,8 +211,15 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		// lock (Save replaces the file whole), so the processes of one
 		// pull do not queue behind each other.
 		if cur := m.Store.Load(); m.mine(cur) {
-			if ok, err := m.stillValid(ctx, cur, now()); err == nil && ok {
+			checking := time.Now()
+			ok, err := m.stillValid(ctx, cur, now())
+			if err == nil && ok {
 				return cur, nil
+			}
+			if err != nil && (ctx.Err() != nil || !m.silentAt.Before(checking)) {
+				// The TPM took the whole deadline: that is this pull's
+				// failure, not the lock it no longer has time to take.
+				return nil, err
 			}
 		}
 		started := time.Now()
@@ -179,11 +241,19 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		}
 		m.cur = m.Store.Load()
 	}
+	// A TPM failure is this pull's outcome too: processes waiting on the
+	// lock must read it rather than guess at the broker.
+	failed := func(err error) (*Session, error) {
+		if m.Store != nil {
+			m.Store.recordFailure(err)
+		}
+		return nil, m.fail(err)
+	}
 	checkStart := time.Now()
 	if m.mine(m.cur) {
 		ok, err := m.stillValid(ctx, m.cur, now())
 		if err != nil {
-			return nil, err
+			return failed(err)
 		}
 		if ok {
 			m.checked = checkStart
@@ -195,9 +265,13 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 	m.cur = nil
 	t, _, err := m.useTPM(ctx)
 	if err != nil {
-		return nil, err
+		m.silence(nil, err)
+		return failed(err)
 	}
 	s, err := NewSession(ctx, m.Broker, t, m.State, m.Logs)
+	if err != nil {
+		m.silence(t, err)
+	}
 	m.doneTPM(t, err)
 	if m.Store != nil {
 		m.Store.recordFailure(err)
@@ -210,7 +284,7 @@ func (m *Sessions) Get(ctx context.Context) (*Session, error) {
 		m.Observe(expires, err)
 	}
 	if err != nil {
-		return nil, err
+		return nil, m.fail(err)
 	}
 	m.cur, m.checked = s, checkStart
 	if m.Store != nil {

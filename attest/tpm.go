@@ -76,16 +76,36 @@ func OpenTPM(ctx context.Context, spec string) (*TPM, error) {
 	dev, err := attest.OpenTPM(&attest.OpenConfig{CommandChannel: ch})
 	if err != nil {
 		ch.Close()
-		return nil, fmt.Errorf("attest: open TPM %s: %w", spec, err)
+		return nil, openError(ch, fmt.Errorf("attest: open TPM %s: %w", spec, err))
 	}
 	t := &TPM{ch: ch, dev: dev}
 	if _, ok := ch.(*swtpmConn); ok {
 		if err := t.flushLeftovers(); err != nil {
 			t.Close()
-			return nil, fmt.Errorf("attest: open TPM %s: %w", spec, err)
+			return nil, openError(ch, fmt.Errorf("attest: open TPM %s: %w", spec, err))
 		}
 	}
 	return t, nil
+}
+
+// silentError is an error of a TPM that left a command unanswered until
+// the deadline.
+type silentError struct{ error }
+
+func (e silentError) Unwrap() error { return e.error }
+
+// openError marks err silent when the TPM was.
+func openError(ch channel, err error) error {
+	if (&TPM{ch: ch}).Silent() {
+		return silentError{err}
+	}
+	return err
+}
+
+// isSilent reports whether err came from a TPM that stopped answering.
+func isSilent(err error) bool {
+	var s silentError
+	return errors.As(err, &s)
 }
 
 // flushLeftovers flushes every transient object and session in a TPM that
@@ -123,11 +143,23 @@ func (t *TPM) Close() error {
 	return t.dev.Close()
 }
 
+// Silent reports whether a command went unanswered until its deadline
+// (errors from the TPM libraries do not always wrap ours).
+func (t *TPM) Silent() bool {
+	switch c := t.ch.(type) {
+	case *swtpmConn:
+		return c.silent
+	case *device:
+		return c.silent
+	}
+	return false
+}
+
 // bound makes ctx's deadline bound each command from now on, for a TPM
 // kept open across calls.
 func (t *TPM) bound(ctx context.Context) {
-	if b, ok := t.ch.(interface{ setTimeout(time.Duration) }); ok {
-		b.setTimeout(commandTimeout(ctx))
+	if b, ok := t.ch.(interface{ setLimit(limit) }); ok {
+		b.setLimit(limitOf(ctx))
 	}
 }
 
@@ -136,24 +168,28 @@ func (t *TPM) bound(ctx context.Context) {
 // and is abandoned when it outlives the timeout: a stuck TPM fails the
 // call instead of hanging a pull.
 type device struct {
-	f       *os.File
-	timeout time.Duration
+	f     *os.File
+	limit limit
+	// silent is set once a command went unanswered.
+	silent bool
 }
 
-func (d *device) setTimeout(t time.Duration) { d.timeout = t }
+func (d *device) setLimit(l limit) { d.limit = l }
 
 func (d *device) bounded(op func() (int, error)) (int, error) {
 	type result struct {
 		n   int
 		err error
 	}
+	wait := d.limit.next()
 	done := make(chan result, 1)
 	go func() { n, err := op(); done <- result{n, err} }()
 	select {
 	case r := <-done:
 		return r.n, r.err
-	case <-time.After(d.timeout):
-		return 0, fmt.Errorf("attest: TPM device did not answer within %s", d.timeout)
+	case <-time.After(wait):
+		d.silent = true
+		return 0, fmt.Errorf("attest: TPM device did not answer %s", d.limit.exceeded(wait))
 	}
 }
 
@@ -173,15 +209,35 @@ func openDevice(ctx context.Context, path string) (channel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attest: open TPM device: %w", err)
 	}
-	return &device{f: f, timeout: commandTimeout(ctx)}, nil
+	return &device{f: f, limit: limitOf(ctx)}, nil
 }
 
-// commandTimeout bounds one TPM command by ctx's deadline, or the default.
-func commandTimeout(ctx context.Context) time.Duration {
-	if dl, ok := ctx.Deadline(); ok {
-		return time.Until(dl)
+// limit bounds the commands on one TPM connection: all of them together
+// by the deadline of the context the connection was opened (or last
+// bound) with, so a TPM that stops answering ends the call at its
+// deadline however many commands the caller goes on to send; each by
+// DefaultTPMTimeout when the context has none.
+type limit struct{ deadline time.Time }
+
+func limitOf(ctx context.Context) limit {
+	dl, _ := ctx.Deadline()
+	return limit{dl}
+}
+
+// exceeded says how a TPM that did not answer ran out of time.
+func (l limit) exceeded(wait time.Duration) string {
+	if l.deadline.IsZero() {
+		return fmt.Sprintf("within %s", wait.Round(time.Millisecond))
 	}
-	return DefaultTPMTimeout
+	return "before the request's deadline"
+}
+
+// next is how long the next command may take.
+func (l limit) next() time.Duration {
+	if l.deadline.IsZero() {
+		return DefaultTPMTimeout
+	}
+	return max(time.Until(l.deadline), 0)
 }
 
 // swtpmConn speaks swtpm's TCP data channel: raw TPM commands and
@@ -189,8 +245,13 @@ func commandTimeout(ctx context.Context) time.Duration {
 // whole response from its header's size before handing it over, as a
 // device would. Every command carries a deadline.
 type swtpmConn struct {
-	c       net.Conn
-	timeout time.Duration
+	c     net.Conn
+	addr  string
+	limit limit
+	// wait is what the command in progress was allowed.
+	wait time.Duration
+	// silent is set once a command went unanswered.
+	silent  bool
 	pending []byte
 }
 
@@ -207,24 +268,25 @@ func dialSwtpm(ctx context.Context, addr string) (*swtpmConn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("attest: connect to swtpm at %s: %w", addr, err)
 	}
-	return &swtpmConn{c: c, timeout: commandTimeout(ctx)}, nil
+	return &swtpmConn{c: c, addr: addr, limit: limitOf(ctx)}, nil
 }
 
-func (s *swtpmConn) setTimeout(t time.Duration) { s.timeout = t }
+func (s *swtpmConn) setLimit(l limit) { s.limit = l }
 
 const maxResponse = 1 << 20
 
 func (s *swtpmConn) Write(cmd []byte) (int, error) {
 	s.pending = nil
-	if err := s.c.SetDeadline(time.Now().Add(s.timeout)); err != nil {
+	s.wait = s.limit.next()
+	if err := s.c.SetDeadline(time.Now().Add(s.wait)); err != nil {
 		return 0, err
 	}
 	if _, err := s.c.Write(cmd); err != nil {
-		return 0, fmt.Errorf("attest: swtpm write: %w", err)
+		return 0, s.ioError("write", err)
 	}
 	var hdr [10]byte
 	if _, err := io.ReadFull(s.c, hdr[:]); err != nil {
-		return 0, fmt.Errorf("attest: swtpm response: %w", err)
+		return 0, s.ioError("response", err)
 	}
 	size := binary.BigEndian.Uint32(hdr[2:6])
 	if size < 10 || size > maxResponse {
@@ -233,10 +295,20 @@ func (s *swtpmConn) Write(cmd []byte) (int, error) {
 	resp := make([]byte, size)
 	copy(resp, hdr[:])
 	if _, err := io.ReadFull(s.c, resp[10:]); err != nil {
-		return 0, fmt.Errorf("attest: swtpm response body: %w", err)
+		return 0, s.ioError("response body", err)
 	}
 	s.pending = resp
 	return len(cmd), nil
+}
+
+// ioError says a TPM that stopped answering did so, in the words the
+// device path uses, rather than as a socket timeout.
+func (s *swtpmConn) ioError(what string, err error) error {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		s.silent = true
+		return fmt.Errorf("attest: the TPM (swtpm at %s) did not answer %s", s.addr, s.limit.exceeded(s.wait))
+	}
+	return fmt.Errorf("attest: swtpm %s: %w", what, err)
 }
 
 func (s *swtpmConn) Read(p []byte) (int, error) {

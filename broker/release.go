@@ -112,8 +112,12 @@ func (s *Server) unwrap(ctx context.Context, req *apiv1.UnwrapRequest) (*apiv1.U
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "sealing to session: %v", err)
 		}
-		s.audit(ctx, rel.audit(store.AuditEvent{Kind: "release", Node: n.Name, Key: r.Key, Allowed: true,
-			Reason: fmt.Sprintf("policy satisfied (key %s v%d)", r.Key, r.KeyVersion)}))
+		// No release without its audit record: one that cannot be written
+		// (a full disk, a lost database) is a refusal.
+		if err := s.audit(ctx, rel.audit(store.AuditEvent{Kind: "release", Node: n.Name, Key: r.Key, Allowed: true,
+			Reason: fmt.Sprintf("policy satisfied (key %s v%d)", r.Key, r.KeyVersion)})); err != nil {
+			return nil, status.Errorf(codes.Internal, "broker %s could not write the audit record of this release to its store, so it released nothing: %v", s.cfg.ID, err)
+		}
 		return &apiv1.UnwrapResponse{Sealed: sealed, Key: r.Key, KeyVersion: r.KeyVersion}, nil
 	}
 	reason := strings.Join(reasons, "; ")

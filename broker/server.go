@@ -325,13 +325,15 @@ func (s *Server) authorize(ctx context.Context, req any, info *grpc.UnaryServerI
 
 // audit records an event. A failure to audit is logged loudly; the
 // decision itself was already made fail-closed.
-func (s *Server) audit(ctx context.Context, ev store.AuditEvent) {
+func (s *Server) audit(ctx context.Context, ev store.AuditEvent) error {
 	ev.Time = s.now()
 	ev.Actor = actorOf(ctx, ev.Actor)
-	if err := s.store.AppendAudit(context.WithoutCancel(ctx), ev); err != nil {
+	err := s.store.AppendAudit(context.WithoutCancel(ctx), ev)
+	if err != nil {
 		s.log.Error("audit append failed", "kind", ev.Kind, "node", ev.Node, "err", err)
 	}
 	s.log.Info("audit", "kind", ev.Kind, "node", ev.Node, "key", ev.Key, "allowed", ev.Allowed, "reason", ev.Reason)
+	return err
 }
 
 // Info implements apiv1.BrokerServer.

@@ -17,7 +17,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -136,25 +138,55 @@ type TPM struct {
 // test ends.
 func Start(t testing.TB, ca *CA, stateDir string) *TPM {
 	t.Helper()
-	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+	s, err := Launch(ca, stateDir)
+	if err != nil {
 		t.Fatalf("swtpm: %v", err)
+	}
+	s.t = t
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// Launch is Start for programs that are not tests (the load generator):
+// errors are returned, and the caller stops the TPM.
+func Launch(ca *CA, stateDir string) (*TPM, error) {
+	if err := Manufacture(ca, stateDir); err != nil {
+		return nil, err
+	}
+	return Run(stateDir)
+}
+
+// Manufacture creates a TPM's state in stateDir: its EK and platform
+// certificates signed by ca.
+func Manufacture(ca *CA, stateDir string) error {
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
+		return err
 	}
 	out, err := exec.Command("swtpm_setup", "--tpm2", "--tpmstate", stateDir,
 		"--create-ek-cert", "--create-platform-cert", "--overwrite", "--config", ca.SetupConfig).CombinedOutput()
 	if err != nil {
-		t.Fatalf("swtpm_setup: %v\n%s", err, out)
+		return fmt.Errorf("swtpm_setup: %v\n%s", err, out)
 	}
-	s := &TPM{t: t, StateDir: stateDir, LogFile: filepath.Join(filepath.Dir(stateDir), filepath.Base(stateDir)+".swtpm.log")}
-	t.Cleanup(s.Stop)
+	return nil
+}
+
+// Run runs swtpm on the TPM manufactured in stateDir, on two free loopback
+// ports.
+func Run(stateDir string) (*TPM, error) {
+	s := &TPM{StateDir: stateDir, LogFile: filepath.Join(filepath.Dir(stateDir), filepath.Base(stateDir)+".swtpm.log")}
 	var lastErr error
 	for attempt := 0; attempt < 5; attempt++ {
-		s.Port, s.CtrlPort = freePort(t), freePort(t)
+		if s.Port, lastErr = freePort(); lastErr != nil {
+			continue
+		}
+		if s.CtrlPort, lastErr = freePort(); lastErr != nil {
+			continue
+		}
 		if lastErr = s.start(); lastErr == nil {
-			return s
+			return s, nil
 		}
 	}
-	t.Fatalf("swtpm: %v", lastErr)
-	return nil
+	return nil, lastErr
 }
 
 // Addr is the data channel address, host:port.
@@ -195,7 +227,14 @@ func (s *TPM) start() error {
 		}
 		if c, err := net.DialTimeout("tcp", ctrl, time.Second); err == nil {
 			c.Close()
-			return nil
+			// Another process may have taken one of the ports between
+			// freePort and swtpm's bind (hundreds of TPMs start at once
+			// in a load test): the probe then reached it, not this swtpm.
+			if listensOn(cmd.Process.Pid, s.Port, s.CtrlPort) {
+				return nil
+			}
+			s.Stop()
+			return fmt.Errorf("swtpm did not get ports %d and %d (another process took one)", s.Port, s.CtrlPort)
 		}
 		if time.Now().After(deadline) {
 			s.Stop()
@@ -203,6 +242,50 @@ func (s *TPM) start() error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// listensOn reports whether process pid holds listening TCP sockets on
+// every one of ports (from /proc). A process that has exited holds none:
+// one that bound its control port and then failed on its data port (taken
+// by another swtpm) may still answer the probe as it dies.
+func listensOn(pid int, ports ...int) bool {
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return false
+	}
+	inodes := map[string]bool{}
+	for _, fd := range fds {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err == nil {
+			if ino, ok := strings.CutPrefix(l, "socket:["); ok {
+				inodes[strings.TrimSuffix(ino, "]")] = true
+			}
+		}
+	}
+	var found []int
+	for _, table := range []string{"tcp", "tcp6"} {
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, table))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n")[1:] {
+			// sl local_address rem_address st ... inode
+			f := strings.Fields(line)
+			if len(f) < 10 || f[3] != "0A" || !inodes[f[9]] {
+				continue
+			}
+			if i := strings.LastIndexByte(f[1], ':'); i >= 0 {
+				if port, err := strconv.ParseUint(f[1][i+1:], 16, 16); err == nil {
+					found = append(found, int(port))
+				}
+			}
+		}
+	}
+	for _, p := range ports {
+		if !slices.Contains(found, p) {
+			return false
+		}
+	}
+	return true
 }
 
 // Stop ends swtpm (its state stays in StateDir).
@@ -224,45 +307,88 @@ func (s *TPM) Stop() {
 	s.cmd = nil
 }
 
+// PID is swtpm's process id (0 when it is not running).
+func (s *TPM) PID() int {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
+// Kill ends swtpm with SIGKILL, as a TPM that vanishes would: nothing of
+// its volatile state is saved.
+func (s *TPM) Kill() {
+	if s.cmd == nil {
+		return
+	}
+	_ = s.cmd.Process.Kill()
+	<-s.done
+	s.cmd = nil
+}
+
 // Reboot stops swtpm and starts it again on the same state and ports: PCRs
 // return to their reset values and the TPM's reset counter grows.
 func (s *TPM) Reboot() {
 	s.t.Helper()
 	s.Stop()
+	if err := s.Restart(); err != nil {
+		s.t.Fatalf("swtpm reboot: %v", err)
+	}
+}
+
+// Restart starts a stopped or killed swtpm again on its state and ports.
+func (s *TPM) Restart() error {
 	var err error
 	for attempt := 0; attempt < 50; attempt++ {
 		if err = s.start(); err == nil {
-			return
+			return nil
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	s.t.Fatalf("swtpm reboot: %v", err)
+	return err
 }
 
 // ExtendPCR extends the SHA-256 bank of PCR pcr with SHA-256(data), as a
 // boot component's measurement would.
 func (s *TPM) ExtendPCR(pcr int, data []byte) {
 	s.t.Helper()
+	if err := s.Extend(pcr, data); err != nil {
+		s.t.Fatalf("%v", err)
+	}
+}
+
+// Extend is ExtendPCR returning its error.
+func (s *TPM) Extend(pcr int, data []byte) error {
 	digest := sha256Sum(data)
 	if err := s.with(func(rw io.ReadWriter) error {
 		return tpm2.PCRExtend(rw, tpmutil.Handle(pcr), tpm2.AlgSHA256, digest, "")
 	}); err != nil {
-		s.t.Fatalf("swtpm: extend PCR %d: %v", pcr, err)
+		return fmt.Errorf("swtpm: extend PCR %d: %w", pcr, err)
 	}
+	return nil
 }
 
 // ReadPCR returns the SHA-256 bank value of PCR pcr.
 func (s *TPM) ReadPCR(pcr int) []byte {
 	s.t.Helper()
+	v, err := s.PCR(pcr)
+	if err != nil {
+		s.t.Fatalf("%v", err)
+	}
+	return v
+}
+
+// PCR is ReadPCR returning its error.
+func (s *TPM) PCR(pcr int) ([]byte, error) {
 	var v []byte
 	if err := s.with(func(rw io.ReadWriter) error {
 		var err error
 		v, err = tpm2.ReadPCR(rw, pcr, tpm2.AlgSHA256)
 		return err
 	}); err != nil {
-		s.t.Fatalf("swtpm: read PCR %d: %v", pcr, err)
+		return nil, fmt.Errorf("swtpm: read PCR %d: %w", pcr, err)
 	}
-	return v
+	return v, nil
 }
 
 // with runs fn over a fresh data-channel connection. If attested holds the
@@ -278,13 +404,13 @@ func (s *TPM) with(fn func(io.ReadWriter) error) error {
 	return fn(c)
 }
 
-func freePort(t testing.TB) int {
+func freePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatalf("free port: %v", err)
+		return 0, fmt.Errorf("free port: %w", err)
 	}
 	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 func sha256Sum(b []byte) []byte {
